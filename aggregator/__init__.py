@@ -1,0 +1,1 @@
+"""The coordinator side: collect uploads, aggregate, assign experts, publish plans."""

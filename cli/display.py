@@ -1,0 +1,68 @@
+"""Rich output for `fedsilo simulate`: a progress bar while silos train, a table per round."""
+
+from __future__ import annotations
+
+from rich.console import Console
+from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from fedsilo.cli.simulation import RoundSummary
+
+
+def _mb(n: int) -> str:
+    return f"{n / 1e6:.3f}"
+
+
+def round_table(summary: RoundSummary, metric_name: str) -> Table:
+    title = "final evaluation" if summary.final else f"round {summary.round}"
+    mta = "-" if summary.mta is None else f"{summary.mta:.4f}"
+    table = Table(
+        title=f"{title}  ·  mean {metric_name} {mta}  ·  aggregate {summary.aggregate_s:.2f}s"
+    )
+    for column in ("silo", metric_name, "experts min/mean/max", "up MB", "down MB",
+                   "train s", "test s"):
+        table.add_column(column, justify="left" if column == "silo" else "right")
+    for silo, row in summary.silos.items():
+        table.add_row(
+            silo,
+            "-" if row.metric is None else f"{row.metric:.4f}",
+            f"{row.experts_min}/{row.experts_mean:.1f}/{row.experts_max}",
+            _mb(row.bytes_up),
+            _mb(row.bytes_down),
+            f"{row.train_s:.2f}",
+            f"{row.test_s:.2f}",
+        )
+    return table
+
+
+class RichObserver:
+    """Renders simulation events; one progress task per silo per round."""
+
+    def __init__(self, console: Console, metric_name: str = "metric") -> None:
+        self.console = console
+        self.metric_name = metric_name
+        self.progress: Progress | None = None
+        self.task: int | None = None
+
+    def round_started(self, round: int, final: bool) -> None:
+        self.progress = Progress(
+            TextColumn("[bold]{task.description}"), BarColumn(), TextColumn("{task.fields[loss]}"),
+            TimeElapsedColumn(), console=self.console, transient=True,
+        )
+        self.progress.start()
+
+    def silo_started(self, silo_id: str, steps: int) -> None:
+        assert self.progress is not None
+        if self.task is not None:
+            self.progress.remove_task(self.task)
+        self.task = self.progress.add_task(f"{silo_id} training", total=max(steps, 1), loss="")
+
+    def train_step(self, silo_id: str, step: int, total: int, loss: float) -> None:
+        if self.progress is not None and self.task is not None:
+            self.progress.update(self.task, completed=step, loss=f"loss {loss:.3f}")
+
+    def round_finished(self, summary: RoundSummary) -> None:
+        if self.progress is not None:
+            self.progress.stop()
+        self.progress, self.task = None, None
+        self.console.print(round_table(summary, self.metric_name))

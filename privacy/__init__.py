@@ -1,0 +1,1 @@
+"""Privacy: keys, envelope crypto and differential privacy (completed by the privacy issue)."""

@@ -1,0 +1,314 @@
+"""Model-level AMoLE: inject layers, move the travelling tensors in and out, embed data.
+
+Everything here addresses layers by their dotted path in the base model, the same names
+`fedsilo.sdk.params` uses on the wire, so silo and aggregator agree without sharing objects.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from fedsilo.sdk.params import (
+    ModuleShape,
+    TensorDict,
+    client_embedding_key,
+    expert_embedding_key,
+    expert_key,
+    parse_expert_param,
+    router_key,
+    shared_key,
+)
+
+from .config import AMoLEConfig
+from .layer import AMoLELinear, EmbeddingAccumulator
+from .routing import load_balance_loss
+
+
+def inject_amole(model: nn.Module, config: AMoLEConfig) -> dict[str, AMoLELinear]:
+    """Wrap every targeted nn.Linear in an AMoLELinear and freeze everything else.
+
+    A layer is targeted when the last component of its dotted name is in
+    config.target_modules (LLaMA: q_proj/v_proj; BERT: query/value). Layers start with no
+    domain experts: call set_assignment. Returns {dotted path: layer}.
+    """
+    if amole_layers(model):
+        raise ValueError("model already has AMoLE layers; inject into a fresh model")
+    targets = set(config.target_modules)
+    linear_names = [name for name, mod in model.named_modules() if isinstance(mod, nn.Linear)]
+    chosen = [name for name in linear_names if name.rsplit(".", 1)[-1] in targets]
+    if not chosen:
+        available = sorted({name.rsplit(".", 1)[-1] for name in linear_names})
+        raise ValueError(
+            f"no nn.Linear named {sorted(targets)} in {type(model).__name__}; "
+            f"linear layer names available: {available[:12]}"
+        )
+    model.requires_grad_(False)
+    layers: dict[str, AMoLELinear] = {}
+    for name in chosen:
+        parent_name, _, attr = name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        base = getattr(parent, attr)
+        layer = AMoLELinear(base, config).train(base.training)  # keep the model's train/eval mode
+        setattr(parent, attr, layer)
+        layers[name] = layer
+    return layers
+
+
+def amole_layers(model: nn.Module) -> dict[str, AMoLELinear]:
+    """All AMoLE layers by dotted path, in named_modules order (stable across processes)."""
+    return {name: mod for name, mod in model.named_modules() if isinstance(mod, AMoLELinear)}
+
+
+def _layers_or_raise(model: nn.Module) -> dict[str, AMoLELinear]:
+    layers = amole_layers(model)
+    if not layers:
+        raise ValueError(f"{type(model).__name__} has no AMoLE layers; call inject_amole first")
+    return layers
+
+
+def module_shapes(model: nn.Module) -> dict[str, ModuleShape]:
+    """What the aggregator needs to build a module's global state, with no weights."""
+    return {
+        name: ModuleShape(in_features=layer.in_features, out_features=layer.out_features)
+        for name, layer in amole_layers(model).items()
+    }
+
+
+@contextmanager
+def routing_context(
+    model: nn.Module, attention_mask: Tensor | None, record: bool = True
+) -> Iterator[None]:
+    """Tell every layer which tokens are real and whether to keep routing stats for the LB loss.
+
+    Inside, each forward overwrites layer.last_probs / last_topk; call load_balance after the
+    forward that the loss belongs to. Everything is cleared on exit.
+    """
+    layers = list(amole_layers(model).values())
+    mask = attention_mask.bool() if attention_mask is not None else None
+    for layer in layers:
+        layer.token_mask = mask
+        layer.record_routing = record
+    try:
+        yield
+    finally:
+        for layer in layers:
+            layer.token_mask = None
+            layer.record_routing = False
+            layer.last_probs = None
+            layer.last_topk = None
+
+
+def load_balance(model: nn.Module, mask: Tensor | None) -> Tensor:
+    """Sum over routed layers of the load-balance loss of their last forward (eq. 19).
+
+    mask: the batch's attention mask (real tokens); None counts every token. Multiply by
+    config.lb_coef (beta) yourself. A 0-dim zero when no layer routed anything.
+    """
+    total: Tensor | None = None
+    for layer in amole_layers(model).values():
+        if layer.last_probs is None or layer.last_topk is None:
+            continue
+        n_tokens = layer.last_probs.shape[0]
+        flat = mask.reshape(-1) if mask is not None and mask.numel() == n_tokens else None
+        loss = load_balance_loss(layer.last_probs, layer.last_topk, flat)
+        total = loss if total is None else total + loss.to(total.device)
+    if total is None:
+        return torch.zeros((), device=_device_of(model))
+    return total
+
+
+def _device_of(model: nn.Module) -> torch.device:
+    param = next(model.parameters(), None)
+    return param.device if param is not None else torch.device("cpu")
+
+
+def set_assignment(model: nn.Module, assignment: Mapping[str, Sequence[int]]) -> None:
+    """Give each layer a fresh set of experts (modules not named get none)."""
+    layers = _layers_or_raise(model)
+    unknown = sorted(set(assignment) - set(layers))
+    if unknown:
+        raise ValueError(
+            f"assignment names modules that are not AMoLE layers: {unknown[:5]}; "
+            f"known modules include {list(layers)[:3]}"
+        )
+    for name, layer in layers.items():
+        layer.set_experts(assignment.get(name, ()))
+
+
+def assignment_of(model: nn.Module) -> dict[str, list[int]]:
+    """The expert ids each layer holds, in stacking order."""
+    return {name: list(layer.expert_ids) for name, layer in amole_layers(model).items()}
+
+
+def _layer_tensors(name: str, layer: AMoLELinear) -> dict[str, Tensor]:
+    """The travelling tensors of one layer, keyed by wire name; expert slices are views."""
+    out = {shared_key(name, "A"): layer.shared_A, shared_key(name, "B"): layer.shared_B}
+    if layer.token_proj is not None:
+        out[router_key(name)] = layer.token_proj.weight
+    for pos, expert_id in enumerate(layer.expert_ids):
+        out[expert_key(name, expert_id, "A")] = layer.expert_A[pos]
+        out[expert_key(name, expert_id, "B")] = layer.expert_B[pos]
+    return out
+
+
+def extract_trainable(model: nn.Module) -> TensorDict:
+    """Exactly what a silo uploads: shared A/B, W_t (if routed), each local expert's A/B.
+
+    Detached CPU clones, so later training does not change what was extracted.
+    """
+    out: TensorDict = {}
+    for name, layer in _layers_or_raise(model).items():
+        for key, value in _layer_tensors(name, layer).items():
+            out[key] = value.detach().to("cpu", copy=True)
+    return out
+
+
+def _describe_unexpected(key: str, layers: Mapping[str, AMoLELinear]) -> str:
+    expert = parse_expert_param(key)
+    if expert is not None and expert.module in layers:
+        assigned = layers[expert.module].expert_ids
+        return (
+            f"{key!r}: expert {expert.expert_id} is not assigned to {expert.module} "
+            f"(assigned: {assigned}); call set_assignment first"
+        )
+    return f"{key!r} is not a trainable tensor of this model"
+
+
+@torch.no_grad()
+def load_trainable(model: nn.Module, tensors: Mapping[str, Tensor], strict: bool = True) -> None:
+    """Copy received values into the layers in place (the assignment must already be set).
+
+    Raises ValueError for a key the model does not hold (e.g. a non-assigned expert), a shape
+    mismatch, or, when strict, a tensor the model holds that `tensors` lacks.
+    """
+    layers = _layers_or_raise(model)
+    targets: dict[str, Tensor] = {}
+    for name, layer in layers.items():
+        targets.update(_layer_tensors(name, layer))
+    unexpected = [key for key in tensors if key not in targets]
+    if unexpected:
+        raise ValueError(_describe_unexpected(unexpected[0], layers))
+    for key, value in tensors.items():
+        if tuple(value.shape) != tuple(targets[key].shape):
+            raise ValueError(
+                f"{key!r}: expected shape {tuple(targets[key].shape)}, got {tuple(value.shape)}"
+            )
+    if strict:
+        missing = [key for key in targets if key not in tensors]
+        if missing:
+            raise ValueError(f"missing {len(missing)} tensors, e.g. {missing[:3]}")
+    for key, value in tensors.items():
+        dest = targets[key]
+        dest.copy_(value.to(device=dest.device, dtype=dest.dtype))
+
+
+@dataclass
+class ModuleEmbedding:
+    """One module's RSEA embeddings on a silo: h_t (eq. 23) and h_e per local expert (eq. 25)."""
+
+    client: Tensor  # (r,)
+    experts: dict[int, Tensor]  # expert id -> (r,)
+
+
+@dataclass
+class _TokenSums:
+    query: Tensor  # (N, r): per-example sum over real tokens of W_t x
+    keys: Tensor  # (N, n, r): per-example sum over real tokens of A_j x
+    counts: Tensor  # (N,): real tokens per example
+
+
+def _collect_token_sums(
+    model: nn.Module, batches: Iterable[Mapping[str, Tensor]]
+) -> dict[str, tuple[AMoLELinear, _TokenSums]]:
+    """Run the model over `batches` (eval, no_grad) and gather per-example token sums per layer."""
+    layers = _layers_or_raise(model)
+    no_router = [name for name, layer in layers.items() if layer.token_proj is None]
+    if no_router:
+        raise ValueError(
+            f"embeddings need the router (W_t), but {no_router[0]} has use_router=False"
+        )
+    accumulators = {name: EmbeddingAccumulator() for name in layers}
+    device = _device_of(model)
+    was_training = model.training
+    model.eval()
+    try:
+        for name, layer in layers.items():
+            layer.embedding_accumulator = accumulators[name]
+        with torch.no_grad():
+            for batch in batches:
+                input_ids = batch["input_ids"].to(device)
+                mask = batch.get("attention_mask")
+                mask = torch.ones_like(input_ids) if mask is None else mask.to(device)
+                for layer in layers.values():
+                    layer.token_mask = mask.bool()
+                model(input_ids=input_ids, attention_mask=mask)
+    finally:
+        for layer in layers.values():
+            layer.embedding_accumulator = None
+            layer.token_mask = None
+        model.train(was_training)
+
+    out: dict[str, tuple[AMoLELinear, _TokenSums]] = {}
+    for name, layer in layers.items():
+        acc = accumulators[name]
+        r, n = layer.config.r, layer.num_experts
+        if acc.counts:
+            sums = _TokenSums(
+                query=torch.cat(acc.query_sums).cpu(),
+                keys=torch.cat(acc.key_sums).cpu(),
+                counts=torch.cat(acc.counts).cpu(),
+            )
+        else:
+            sums = _TokenSums(torch.zeros(0, r), torch.zeros(0, n, r), torch.zeros(0))
+        out[name] = (layer, sums)
+    return out
+
+
+def compute_embeddings(
+    model: nn.Module, batches: Iterable[Mapping[str, Tensor]]
+) -> dict[str, ModuleEmbedding]:
+    """Eqs. 23 and 25: per module, the mean of W_t x and of each A_j x over all real tokens.
+
+    Token-pooled (sum of token vectors / number of real tokens over the whole set), not a
+    mean of per-example means. Uses the current parameters; float32 CPU results.
+    """
+    out: dict[str, ModuleEmbedding] = {}
+    for name, (layer, sums) in _collect_token_sums(model, batches).items():
+        total = sums.counts.sum().clamp(min=1.0)
+        client = sums.query.sum(0) / total
+        experts = sums.keys.sum(0) / total  # (n, r)
+        out[name] = ModuleEmbedding(
+            client=client,
+            experts={eid: experts[pos] for pos, eid in enumerate(layer.expert_ids)},
+        )
+    return out
+
+
+def compute_embeddings_per_example(
+    model: nn.Module, batches: Iterable[Mapping[str, Tensor]]
+) -> dict[str, tuple[Tensor, Tensor]]:
+    """Per-example token means: {module: (client (N, r), experts (N, n, r))}.
+
+    Experts are in the layer's expert_ids order. Differential privacy on the embeddings clips
+    and averages these per-example vectors instead of pooling tokens.
+    """
+    out: dict[str, tuple[Tensor, Tensor]] = {}
+    for name, (_, sums) in _collect_token_sums(model, batches).items():
+        counts = sums.counts.clamp(min=1.0)
+        out[name] = (sums.query / counts[:, None], sums.keys / counts[:, None, None])
+    return out
+
+
+def embeddings_to_tensors(emb: Mapping[str, ModuleEmbedding]) -> TensorDict:
+    """Wire form: '{module}.client' and '{module}.expert.{id}' (see fedsilo.sdk.params)."""
+    out: TensorDict = {}
+    for module, embedding in emb.items():
+        out[client_embedding_key(module)] = embedding.client
+        for expert_id, value in embedding.experts.items():
+            out[expert_embedding_key(module, expert_id)] = value
+    return out

@@ -1,0 +1,117 @@
+"""The strategy interface, split by side as in Flower.
+
+The aggregator loop talks to a `ServerStrategy`, the silo loop to a `ClientStrategy`;
+neither loop nor any transport knows which algorithm runs. A `StrategySpec` ties the
+two halves of one algorithm together with the adapter architecture it needs.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Literal
+
+from fedsilo.sdk.amole.config import AMoLEConfig
+from fedsilo.sdk.messages import RoundPlan, Upload
+from fedsilo.sdk.params import ModuleShape, TensorDict
+
+if TYPE_CHECKING:
+    from fedsilo.sdk.training import LocalTrainer
+
+
+@dataclass(frozen=True)
+class StrategyConfig:
+    """Knobs of every strategy; each reads the ones it understands.
+
+    FedAMoLE: `num_experts` per module (E), `k_c` silos per expert, `b` max experts per
+    silo (k_e is the adapter's routing top-k), `assignment` ("rsea"; "random" re-draws
+    every round and "static" keeps round 0's: the paper's ablations), `solver` ("scip",
+    the reference, or "flow", the exact LP fast path).
+    All: `weighting` of FedAvg ("uniform", as the paper's code, or "samples").
+    """
+
+    name: str = "fedamole"
+    num_experts: int = 30
+    k_c: int = 2
+    b: int = 8
+    assignment: Literal["rsea", "random", "static"] = "rsea"
+    solver: Literal["scip", "flow"] = "scip"
+    weighting: Literal["uniform", "samples"] = "uniform"
+
+    def __post_init__(self) -> None:
+        allowed = {
+            "assignment": ("rsea", "random", "static"),
+            "solver": ("scip", "flow"),
+            "weighting": ("uniform", "samples"),
+        }
+        for key, values in allowed.items():
+            if getattr(self, key) not in values:
+                raise ValueError(
+                    f"strategy.{key} = {getattr(self, key)!r} is not allowed; use one of "
+                    + ", ".join(repr(v) for v in values)
+                )
+
+
+@dataclass(frozen=True)
+class SiloPlan:
+    """The strategy's part of a round plan: the architecture and the tensors to install."""
+
+    assignment: dict[str, list[int]]
+    params: TensorDict
+
+
+@dataclass
+class AggregationReport:
+    round: int
+    num_uploads: int
+    seconds: float
+    details: dict[str, float] = field(default_factory=dict)
+
+
+class ServerStrategy(ABC):
+    """Aggregator half. Uploads are folded in one at a time (`accumulate`), so memory
+    does not grow with the number of silos."""
+
+    def validate(self, num_silos: int) -> None:  # noqa: B027 - optional check
+        """Raise a clear error if the settings cannot work for `num_silos` (before any
+        expensive loading happens)."""
+
+    @abstractmethod
+    def initialize(self, shapes: Mapping[str, ModuleShape], silo_ids: Sequence[str]) -> None:
+        """Create the global state for the adapted modules and the round-0 architecture."""
+
+    @abstractmethod
+    def configure_round(self, round: int, silo_ids: Sequence[str]) -> dict[str, SiloPlan]:
+        """What each silo installs this round."""
+
+    @abstractmethod
+    def begin_round(self, round: int) -> None: ...
+
+    @abstractmethod
+    def accumulate(self, upload: Upload) -> None: ...
+
+    @abstractmethod
+    def end_round(self, round: int) -> AggregationReport:
+        """Close the round: aggregate, then decide the next round's architecture."""
+
+    @property
+    @abstractmethod
+    def global_params(self) -> TensorDict: ...
+
+
+class ClientStrategy(ABC):
+    """Silo half: what a silo does with a plan, using its `LocalTrainer`."""
+
+    @abstractmethod
+    def run_round(self, plan: RoundPlan, trainer: LocalTrainer) -> Upload:
+        """Handle one plan (a training round, or the final evaluation-only plan)."""
+
+
+@dataclass(frozen=True)
+class StrategySpec:
+    name: str
+    description: str
+    adapter: Callable[[AMoLEConfig], AMoLEConfig]
+    server: Callable[[AMoLEConfig, StrategyConfig, int], ServerStrategy]
+    client: Callable[[StrategyConfig], ClientStrategy]

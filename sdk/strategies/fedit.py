@@ -1,0 +1,111 @@
+"""FedIT and FedIT-FT: one LoRA adapter per module, averaged by FedAvg.
+
+FedIT's score is the aggregated global model's, so it is tested on receipt of a plan (the
+global of the previous round) and once more on the final, evaluation-only plan. FedIT-FT
+tests after fine-tuning that global locally: its local training *is* the fine-tuning
+after aggregation, tested before the next aggregation, exactly the point at which
+FedAMoLE is tested, so the two are compared on equal terms.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import replace
+
+import torch
+
+from fedsilo.sdk.aggregation.fedavg import RunningMean
+from fedsilo.sdk.amole.config import AMoLEConfig
+from fedsilo.sdk.messages import RoundPlan, Upload
+from fedsilo.sdk.params import ModuleShape, TensorDict
+from fedsilo.sdk.strategies.base import (
+    AggregationReport,
+    ClientStrategy,
+    ServerStrategy,
+    SiloPlan,
+    StrategyConfig,
+    StrategySpec,
+)
+from fedsilo.sdk.strategies.init import initial_params
+from fedsilo.sdk.training import LocalTrainer
+
+
+class FedITServer(ServerStrategy):
+    def __init__(self, adapter: AMoLEConfig, config: StrategyConfig, seed: int) -> None:
+        self.adapter = adapter
+        self.config = config
+        self.seed = seed
+        self._params: TensorDict = {}
+        self._sum = RunningMean()
+        self._num_uploads = 0
+
+    @property
+    def global_params(self) -> TensorDict:
+        return self._params
+
+    def initialize(self, shapes: Mapping[str, ModuleShape], silo_ids: Sequence[str]) -> None:
+        generator = torch.Generator().manual_seed(self.seed)
+        self._params = initial_params(shapes, self.adapter.r, 0, False, generator)
+
+    def configure_round(self, round: int, silo_ids: Sequence[str]) -> dict[str, SiloPlan]:
+        return {silo: SiloPlan({}, self._params) for silo in silo_ids}
+
+    def begin_round(self, round: int) -> None:
+        self._sum = RunningMean()
+        self._num_uploads = 0
+
+    def accumulate(self, upload: Upload) -> None:
+        weight = float(upload.n_samples) if self.config.weighting == "samples" else 1.0
+        self._sum.add(upload.params, weight)
+        self._num_uploads += 1
+
+    def end_round(self, round: int) -> AggregationReport:
+        start = time.perf_counter()
+        self._params = self._sum.result(previous=self._params)
+        return AggregationReport(round, self._num_uploads, time.perf_counter() - start)
+
+
+class FedITClient(ClientStrategy):
+    def __init__(self, fine_tune: bool) -> None:
+        self.fine_tune = fine_tune
+
+    def run_round(self, plan: RoundPlan, trainer: LocalTrainer) -> Upload:
+        if plan.final and self.fine_tune:
+            return trainer.empty_upload(plan)
+        trainer.install(plan.assignment, plan.params)
+        metrics: dict[str, float] = {}
+        timings: dict[str, float] = {}
+        if not self.fine_tune:
+            start = time.perf_counter()
+            metrics["metric"] = trainer.evaluate("test")
+            timings["test_s"] = time.perf_counter() - start
+            if plan.final:
+                return trainer.upload(plan, metrics=metrics, timings=timings)
+        timings["train_s"] = trainer.train(plan.local_steps, plan.lr, plan.round).seconds
+        if self.fine_tune:
+            start = time.perf_counter()
+            metrics["metric"] = trainer.evaluate("test")
+            timings["test_s"] = time.perf_counter() - start
+        return trainer.upload(plan, params=trainer.extract(), metrics=metrics, timings=timings)
+
+
+def _plain_lora(config: AMoLEConfig) -> AMoLEConfig:
+    return replace(config, use_router=False)
+
+
+FEDIT = StrategySpec(
+    name="fedit",
+    description="one LoRA adapter, FedAvg; scored with the global model",
+    adapter=_plain_lora,
+    server=FedITServer,
+    client=lambda config: FedITClient(fine_tune=False),
+)
+
+FEDIT_FT = StrategySpec(
+    name="fedit-ft",
+    description="FedIT, scored after local fine-tuning of the global model",
+    adapter=_plain_lora,
+    server=FedITServer,
+    client=lambda config: FedITClient(fine_tune=True),
+)

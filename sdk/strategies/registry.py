@@ -1,0 +1,19 @@
+"""Name -> strategy. A new strategy registers here and nowhere else."""
+
+from __future__ import annotations
+
+from fedsilo.sdk.strategies import fedamole, fedit
+from fedsilo.sdk.strategies.base import StrategySpec
+
+STRATEGIES: dict[str, StrategySpec] = {
+    spec.name: spec for spec in (fedamole.SPEC, fedit.FEDIT, fedit.FEDIT_FT)
+}
+
+
+def get_strategy(name: str) -> StrategySpec:
+    try:
+        return STRATEGIES[name]
+    except KeyError:
+        raise ValueError(
+            f"unknown strategy {name!r}; available: {', '.join(sorted(STRATEGIES))}"
+        ) from None

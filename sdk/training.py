@@ -1,0 +1,205 @@
+"""A silo's local model operations: the only place that runs the optimiser.
+
+Strategies call these verbs (install, train, evaluate, embed, extract); the agent loop
+never touches the model itself.
+"""
+
+from __future__ import annotations
+
+import time
+import zlib
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from fedsilo.sdk.amole.config import AMoLEConfig
+from fedsilo.sdk.amole.model import (
+    assignment_of,
+    compute_embeddings,
+    embeddings_to_tensors,
+    extract_trainable,
+    inject_amole,
+    load_balance,
+    load_trainable,
+    module_shapes,
+    routing_context,
+    set_assignment,
+)
+from fedsilo.sdk.data.examples import Example, SiloData
+from fedsilo.sdk.data.tokenize import TrainStream, batches, encode_example
+from fedsilo.sdk.evaluation.scoring import classification_accuracy, generation_rouge_l
+from fedsilo.sdk.messages import RoundPlan, Upload
+from fedsilo.sdk.params import ModuleShape, TensorDict
+
+
+@dataclass(frozen=True)
+class TrainingConfig:
+    batch_size: int = 8
+    max_length: int = 128
+    eval_batch_size: int = 16
+    max_new_tokens: int = 64
+    grad_clip: float | None = 1.0
+    eval_limit: int | None = None  # cap on test/val examples scored per round (None: all)
+
+
+@dataclass
+class TrainStats:
+    steps: int
+    seconds: float
+    losses: list[float] = field(default_factory=list)
+
+    @property
+    def mean_loss(self) -> float:
+        return sum(self.losses) / len(self.losses) if self.losses else float("nan")
+
+
+StepCallback = Callable[[int, int, float], None]
+
+
+def stable_seed(*parts: object) -> int:
+    """A seed that depends only on its parts, identical in every process (unlike hash())."""
+    return zlib.crc32("/".join(map(str, parts)).encode()) & 0x7FFFFFFF
+
+
+class LocalTrainer:
+    def __init__(
+        self,
+        model: nn.Module,
+        tokenizer: Any,
+        data: SiloData,
+        adapter: AMoLEConfig,
+        config: TrainingConfig | None = None,
+        seed: int = 0,
+        silo_id: str = "silo",
+    ) -> None:
+        self.model = model
+        self.tokenizer = tokenizer
+        self.data = data
+        self.adapter = adapter
+        self.config = config or TrainingConfig()
+        self.seed = seed
+        self.silo_id = silo_id
+        self.layers = inject_amole(model, adapter)
+        self.device = next(model.parameters()).device
+        self.pad_id = (
+            tokenizer.pad_token_id if tokenizer.pad_token_id is not None
+            else tokenizer.eos_token_id
+        )
+        encode = self._encode
+        self._train = [encode(e) for e in data.train]
+        self._emb = [encode(e) for e in (data.emb or data.train)]
+        self.on_step: StepCallback | None = None  # progress hook, set by the agent or CLI
+
+    def _encode(self, example: Example):
+        return encode_example(self.tokenizer, example, self.config.max_length)
+
+    @property
+    def num_train(self) -> int:
+        return len(self.data.train)
+
+    def shapes(self) -> dict[str, ModuleShape]:
+        return module_shapes(self.model)
+
+    def install(self, assignment: Mapping[str, Sequence[int]], params: TensorDict) -> None:
+        """Take the plan's architecture and global tensors (missing ones are an error)."""
+        set_assignment(self.model, {m: list(ids) for m, ids in assignment.items()})
+        load_trainable(self.model, params, strict=True)
+
+    def extract(self) -> TensorDict:
+        return extract_trainable(self.model)
+
+    def assignment(self) -> dict[str, list[int]]:
+        return assignment_of(self.model)
+
+    def _to_device(self, batch: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        return {k: v.to(self.device) for k, v in batch.items()}
+
+    def train(self, steps: int, lr: float, round: int) -> TrainStats:
+        """`steps` Adam steps with a fresh optimiser (as the paper): NLL on response tokens
+        plus beta * load balance. Batch order and dropout are seeded by (seed, silo, round)
+        alone, so a rerun of the round in another process repeats it exactly."""
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        stats = TrainStats(steps=steps, seconds=0.0)
+        if steps <= 0 or not params:
+            return stats
+        optimizer = torch.optim.Adam(params, lr=lr)
+        self.model.train()
+        start = time.perf_counter()
+        round_seed = stable_seed(self.seed, self.silo_id, "train", round)
+        stream = TrainStream(self._train, self.config.batch_size, self.pad_id, seed=round_seed)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(round_seed)
+            for step in range(steps):
+                batch = self._to_device(stream.next())
+                mask = batch["attention_mask"]
+                with routing_context(self.model, mask, record=True):
+                    out = self.model(
+                        input_ids=batch["input_ids"], attention_mask=mask, labels=batch["labels"]
+                    )
+                    loss = out.loss
+                    if self.adapter.use_router and self.adapter.lb_coef > 0:
+                        loss = loss + self.adapter.lb_coef * load_balance(self.model, mask)
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                if self.config.grad_clip:
+                    torch.nn.utils.clip_grad_norm_(params, self.config.grad_clip)
+                optimizer.step()
+                stats.losses.append(float(loss.detach()))
+                if self.on_step is not None:
+                    self.on_step(step + 1, steps, stats.losses[-1])
+        self.model.eval()
+        stats.seconds = time.perf_counter() - start
+        return stats
+
+    def evaluate(self, split: str = "test") -> float:
+        """Accuracy (candidate scoring) for classification, Rouge-L F for generation."""
+        examples: list[Example] = getattr(self.data, split)
+        if self.config.eval_limit is not None:
+            examples = examples[: self.config.eval_limit]
+        if not examples:
+            return float("nan")
+        prompts = [e.prompt for e in examples]
+        answers = [e.response for e in examples]
+        task = self.data.task
+        if task.kind == "classification":
+            return classification_accuracy(
+                self.model, self.tokenizer, prompts, answers, task.candidates,
+                batch_size=self.config.eval_batch_size, max_length=self.config.max_length,
+            )
+        return generation_rouge_l(
+            self.model, self.tokenizer, prompts, answers,
+            max_new_tokens=self.config.max_new_tokens,
+            batch_size=self.config.eval_batch_size, max_length=self.config.max_length,
+        )
+
+    def embed(self) -> TensorDict:
+        """Client and expert embeddings (eq. 23, 25) on the embedding set."""
+        loader = (
+            self._to_device(b)
+            for b in batches(self._emb, self.config.eval_batch_size, self.pad_id)
+        )
+        return embeddings_to_tensors(compute_embeddings(self.model, loader))
+
+    def upload(
+        self,
+        plan: RoundPlan,
+        params: TensorDict | None = None,
+        embeddings: TensorDict | None = None,
+        metrics: dict[str, float] | None = None,
+        timings: dict[str, float] | None = None,
+    ) -> Upload:
+        return Upload(
+            round=plan.round,
+            silo_id=plan.silo_id,
+            params=params or {},
+            embeddings=embeddings or {},
+            n_samples=self.num_train,
+            metrics=metrics or {},
+            timings=timings or {},
+        )
+
+    def empty_upload(self, plan: RoundPlan) -> Upload:
+        return self.upload(plan)

@@ -1,0 +1,6 @@
+"""Transports move encoded messages; they never know which strategy runs."""
+
+from fedsilo.sdk.transport.base import Delivery, TrafficCounter, Transport
+from fedsilo.sdk.transport.memory import MemoryTransport
+
+__all__ = ["Delivery", "MemoryTransport", "TrafficCounter", "Transport"]

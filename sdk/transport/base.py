@@ -1,0 +1,71 @@
+"""The transport interface: loops talk to this, never to a broker library.
+
+Implementations: `MemoryTransport` (one process, for `fedsilo simulate` and tests) and the
+RabbitMQ transport (deployment issue). Both move the same encoded bytes, so byte counts
+measured in simulation are the bytes a real deployment sends.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Generic, TypeVar
+
+from fedsilo.sdk.messages import RoundPlan, Upload
+
+
+@dataclass
+class TrafficCounter:
+    """Encoded bytes per silo and direction ("down" = plans, "up" = uploads)."""
+
+    down: dict[str, int] = field(default_factory=dict)
+    up: dict[str, int] = field(default_factory=dict)
+
+    def add(self, direction: str, silo_id: str, n: int) -> None:
+        table = self.down if direction == "down" else self.up
+        table[silo_id] = table.get(silo_id, 0) + n
+
+
+M = TypeVar("M", RoundPlan, Upload)
+
+
+def _nothing() -> None:
+    return None
+
+
+@dataclass
+class Delivery(Generic[M]):
+    """A received message, its size on the wire, and how to acknowledge it.
+
+    Consumers call `ack()` only once the message has been applied (and, where it
+    matters, checkpointed); a transport may redeliver anything not acknowledged."""
+
+    message: M
+    size: int
+    ack: Callable[[], None] = _nothing
+
+
+class Transport(ABC):
+    traffic: TrafficCounter
+
+    @abstractmethod
+    def send_plan(self, plan: RoundPlan) -> int:
+        """Deliver a plan to `plan.silo_id`; returns the bytes sent."""
+
+    @abstractmethod
+    def send_upload(self, upload: Upload) -> int:
+        """Deliver an upload to the aggregator; returns the bytes sent."""
+
+    @abstractmethod
+    def receive_plan(
+        self, silo_id: str, timeout: float | None = None
+    ) -> Delivery[RoundPlan] | None:
+        """Next plan for `silo_id`, or None when none arrived within `timeout` seconds."""
+
+    @abstractmethod
+    def receive_upload(self, timeout: float | None = None) -> Delivery[Upload] | None:
+        """Next upload for the aggregator, or None when none arrived in time."""
+
+    def close(self) -> None:  # noqa: B027 - optional hook
+        """Release connections; the in-memory transport has none."""

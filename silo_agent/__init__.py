@@ -1,0 +1,1 @@
+"""The silo side: receive a plan, train locally, evaluate, embed, upload."""

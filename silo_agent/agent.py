@@ -1,0 +1,63 @@
+"""The silo's loop: take a plan, let the strategy act on the local model, upload."""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+from safetensors.torch import save_file
+
+from fedsilo.sdk.messages import RoundPlan, Upload
+from fedsilo.sdk.strategies.base import ClientStrategy
+from fedsilo.sdk.training import LocalTrainer
+from fedsilo.sdk.transport.base import Transport
+
+log = logging.getLogger(__name__)
+
+ADAPTER_FILE = "adapter.safetensors"
+
+
+class SiloAgent:
+    def __init__(
+        self,
+        silo_id: str,
+        client: ClientStrategy,
+        trainer: LocalTrainer,
+        transport: Transport,
+        out_dir: Path | None = None,
+    ) -> None:
+        self.silo_id = silo_id
+        self.client = client
+        self.trainer = trainer
+        self.transport = transport
+        self.out_dir = out_dir
+
+    def poll(self, timeout: float | None = None) -> Upload | None:
+        """Handle the next plan if one is waiting; returns what was uploaded."""
+        delivery = self.transport.receive_plan(self.silo_id, timeout=timeout)
+        if delivery is None:
+            return None
+        upload = self.handle(delivery.message)
+        delivery.ack()
+        return upload
+
+    def handle(self, plan: RoundPlan) -> Upload:
+        if plan.silo_id != self.silo_id:
+            raise ValueError(f"plan for {plan.silo_id!r} reached silo {self.silo_id!r}")
+        upload = self.client.run_round(plan, self.trainer)
+        self.transport.send_upload(upload)
+        if plan.final and self.out_dir is not None:
+            self.save_adapter(self.out_dir / ADAPTER_FILE, plan)
+        return upload
+
+    def save_adapter(self, path: Path, plan: RoundPlan) -> None:
+        """The silo's personalised adapter: its trained tensors and its architecture."""
+        path.parent.mkdir(parents=True, exist_ok=True)
+        metadata = {
+            "silo_id": self.silo_id,
+            "round": str(plan.round),
+            "assignment": json.dumps(self.trainer.assignment()),
+        }
+        save_file(self.trainer.extract(), str(path), metadata=metadata)
+        log.info("saved personalised adapter of %s to %s", self.silo_id, path)

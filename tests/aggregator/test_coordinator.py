@@ -1,0 +1,67 @@
+import pytest
+import torch
+
+from fedsilo.aggregator.coordinator import Aggregator
+from fedsilo.aggregator.schedule import Schedule
+from fedsilo.sdk.amole.config import AMoLEConfig
+from fedsilo.sdk.messages import Upload
+from fedsilo.sdk.params import ModuleShape
+from fedsilo.sdk.strategies import StrategyConfig, get_strategy
+from fedsilo.sdk.transport.memory import MemoryTransport
+
+
+def _aggregator(rounds: int = 2) -> tuple[Aggregator, MemoryTransport]:
+    spec = get_strategy("fedit")
+    server = spec.server(spec.adapter(AMoLEConfig(r=2)), StrategyConfig(name="fedit"), 0)
+    transport = MemoryTransport()
+    agg = Aggregator(server, transport, ["a", "b"], {"m": ModuleShape(3, 3)},
+                     Schedule(rounds=rounds, local_steps=1, lr=0.1, lr_decay=0.5))
+    return agg, transport
+
+
+def _up(round: int, silo: str, value: float) -> Upload:
+    params = {"m.shared.A": torch.full((2, 3), value), "m.shared.B": torch.zeros(3, 2)}
+    return Upload(round, silo, params, {}, 1, metrics={"metric": value})
+
+
+def test_plans_carry_decayed_lr_and_final_round_is_evaluation_only() -> None:
+    agg, transport = _aggregator()
+    agg.publish(1)
+    plan = transport.receive_plan("a")
+    assert plan is not None and plan.message.lr == pytest.approx(0.05)
+    assert not plan.message.final and plan.message.local_steps == 1
+    agg.publish(2)
+    final = transport.receive_plan("a")
+    assert final is not None and final.message.final and final.message.local_steps == 0
+
+
+def test_duplicates_and_late_uploads_are_ignored_and_counted() -> None:
+    agg, transport = _aggregator()
+    record = agg.publish(0)
+    transport.send_upload(_up(0, "a", 1.0))
+    transport.send_upload(_up(0, "a", 100.0))  # redelivery / duplicate
+    transport.send_upload(_up(7, "b", 100.0))  # for a round that is not open
+    transport.send_upload(_up(0, "intruder", 100.0))
+    transport.send_upload(_up(0, "b", 3.0))
+    agg.close(agg.collect(record))
+    assert record.ignored == 3
+    assert record.missing == []
+    assert torch.allclose(agg.strategy.global_params["m.shared.A"], torch.full((2, 3), 2.0))
+    assert record.bytes_up["a"] > 0 and record.metrics["b"] == {"metric": 3.0}
+
+
+def test_missing_silos_are_reported_and_the_round_closes_with_who_answered() -> None:
+    agg, transport = _aggregator()
+    record = agg.publish(0)
+    transport.send_upload(_up(0, "b", 4.0))
+    agg.close(agg.collect(record))
+    assert record.missing == ["a"]
+    assert record.aggregation is not None and record.aggregation.num_uploads == 1
+    assert torch.allclose(agg.strategy.global_params["m.shared.A"], torch.full((2, 3), 4.0))
+
+
+def test_bad_roster_is_rejected() -> None:
+    spec = get_strategy("fedit")
+    server = spec.server(spec.adapter(AMoLEConfig(r=2)), StrategyConfig(name="fedit"), 0)
+    with pytest.raises(ValueError, match="unique"):
+        Aggregator(server, MemoryTransport(), ["a", "a"], {}, Schedule(1, 1, 0.1))

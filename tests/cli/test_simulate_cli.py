@@ -1,0 +1,77 @@
+"""`fedsilo simulate` end to end on the built-in model, and its errors."""
+
+import json
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from fedsilo.cli.main import app
+
+runner = CliRunner()
+QUICK = ["--silos", "3", "--rounds", "2", "--local-steps", "3", "--experts", "4",
+         "--b", "3", "--examples-per-silo", "60", "--eval-limit", "8"]
+
+
+def _invoke(args: list[str]):
+    return runner.invoke(app, ["simulate", *args], catch_exceptions=False)
+
+
+@pytest.mark.parametrize("strategy", ["fedamole", "fedit", "fedit-ft"])
+def test_simulate_records_every_silos_metric(tmp_path: Path, strategy: str) -> None:
+    result = _invoke([*QUICK, "--strategy", strategy, "--out", str(tmp_path)])
+    assert result.exit_code == 0, result.output
+    (run,) = tmp_path.iterdir()
+    lines = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [x["round"] for x in lines] == [0, 1, 2] and lines[-1]["final"]
+    scored = [x for x in lines if any(s["metric"] is not None for s in x["silos"].values())]
+    assert scored, "no round recorded a metric"
+    for line in scored:
+        assert set(line["silos"]) == {"silo-0", "silo-1", "silo-2"}
+        assert all(0.0 <= s["metric"] <= 1.0 for s in line["silos"].values())
+        assert all(s["bytes_up"] > 0 and s["bytes_down"] > 0 for s in line["silos"].values())
+    summary = json.loads((run / "summary.json").read_text())
+    assert set(summary["per_silo"]) == {"silo-0", "silo-1", "silo-2"}
+    assert (run / "config.json").exists()
+    assert len(list((run / "assignments").iterdir())) == 3
+    for silo in ("silo-0", "silo-1", "silo-2"):
+        assert (run / "silos" / silo / "adapter.safetensors").stat().st_size > 0
+    assert "MTAL" in result.output
+
+
+def test_fedamole_gives_silos_heterogeneous_architectures(tmp_path: Path) -> None:
+    result = _invoke([*QUICK, "--silos", "4", "--experts", "6", "--out", str(tmp_path)])
+    assert result.exit_code == 0, result.output
+    (run,) = tmp_path.iterdir()
+    counts = set()
+    for path in (run / "assignments").iterdir():
+        for per_module in json.loads(path.read_text()).values():
+            counts.update(len(ids) for ids in per_module.values())
+    assert len(counts) > 1, f"every silo got the same number of experts: {counts}"
+    assert max(counts) <= 3 and min(counts) >= 2  # b and k_e bound the counts
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--experts", "2", "--silos", "3"], "k_e"),
+        (["--data", "/nonexistent/data.jsonl"], "/nonexistent/data.jsonl"),
+        (["--model", "/nonexistent/model"], "/nonexistent/model"),
+        (["--strategy", "magic"], "unknown strategy"),
+        (["--assignment", "greedy"], "strategy.assignment"),
+        (["--partition", "weird", "--data", "agnews"], "weird"),
+    ],
+)
+def test_bad_input_gives_a_clear_error_not_a_traceback(args: list[str], message: str) -> None:
+    result = runner.invoke(app, ["simulate", *QUICK, *args])
+    assert result.exit_code == 2, result.output
+    assert "error:" in result.output and message in result.output
+    assert "Traceback" not in result.output
+
+
+def test_help_lists_the_knobs() -> None:
+    result = runner.invoke(app, ["simulate", "--help"])
+    assert result.exit_code == 0
+    for flag in ("--silos", "--rounds", "--local-steps", "--experts", "--k-e", "--k-c",
+                 "--b", "--strategy", "--data", "--partition", "--model", "--seed"):
+        assert flag in result.output

@@ -1,0 +1,123 @@
+"""Streaming FedAvg: hand-computed means, per-key contributors, memory, errors."""
+
+from __future__ import annotations
+
+import gc
+import weakref
+
+import pytest
+import torch
+
+from fedsilo.sdk.aggregation import RunningMean, fedavg
+
+SH = "layers.0.q_proj.shared.A"
+E0 = "layers.0.q_proj.expert.0.A"
+E1 = "layers.0.q_proj.expert.1.A"
+E2 = "layers.0.q_proj.expert.2.A"
+
+
+def t(*values: float) -> torch.Tensor:
+    return torch.tensor(values, dtype=torch.float32)
+
+
+def test_per_key_mean_by_hand() -> None:
+    silo_a = {SH: t(1, 2), E0: t(2, 2)}
+    silo_b = {SH: t(3, 4), E1: t(5, 5)}
+    silo_c = {SH: t(5, 6), E0: t(4, 6)}
+    kept = t(7, 7)
+    previous = {SH: t(0, 0), E0: t(9, 9), E1: t(9, 9), E2: kept}
+
+    out = fedavg([(silo_a, 1.0), (silo_b, 1.0), (silo_c, 1.0)], previous)
+
+    assert set(out) == {SH, E0, E1, E2}
+    torch.testing.assert_close(out[SH], t(3, 4))  # all three silos
+    torch.testing.assert_close(out[E0], t(3, 4))  # only a and c trained expert 0
+    torch.testing.assert_close(out[E1], t(5, 5))  # only b: its value, not diluted
+    assert out[E2] is kept  # nobody trained expert 2: kept as is
+
+
+def test_contributors_and_keys() -> None:
+    mean = RunningMean()
+    mean.add({SH: t(1), E0: t(1)})
+    mean.add({SH: t(2)})
+    assert mean.keys() == {SH, E0}
+    assert mean.contributors(SH) == 2
+    assert mean.contributors(E0) == 1
+    assert mean.contributors(E1) == 0
+
+
+def test_sample_weights() -> None:
+    out = fedavg([({SH: t(0, 4)}, 1.0), ({SH: t(4, 0)}, 3.0)])
+    torch.testing.assert_close(out[SH], t(3, 1))
+
+
+def test_without_previous_only_sent_keys() -> None:
+    out = fedavg([({E1: t(2)}, 2.0)])
+    assert set(out) == {E1}
+    torch.testing.assert_close(out[E1], t(2))
+
+
+def test_shape_mismatch_names_key_and_shapes_and_leaves_state() -> None:
+    mean = RunningMean()
+    mean.add({SH: torch.zeros(2, 3)})
+    with pytest.raises(ValueError) as err:
+        mean.add({E0: torch.ones(1), SH: torch.ones(3, 2)})
+    message = str(err.value)
+    assert SH in message and "(3, 2)" in message and "(2, 3)" in message
+    # the rejected upload changed nothing, not even its valid key
+    assert mean.keys() == {SH}
+    assert mean.contributors(SH) == 1
+
+
+@pytest.mark.parametrize("weight", [0.0, -1.0, float("nan"), float("inf")])
+def test_bad_weight(weight: float) -> None:
+    with pytest.raises(ValueError, match="weight"):
+        RunningMean().add({SH: t(1)}, weight)
+
+
+def test_dtype_of_first_contribution_and_accumulation_precision() -> None:
+    mean = RunningMean()
+    value = torch.tensor([1.0 + 2**-7], dtype=torch.bfloat16)
+    for _ in range(300):
+        mean.add({SH: value})
+    out = mean.result({E2: torch.zeros(1, dtype=torch.float16)})
+    assert out[SH].dtype == torch.bfloat16
+    assert out[E2].dtype == torch.float16
+    # a bf16 running sum would have lost the 2**-7 long before 300 terms
+    assert out[SH].item() == value.item()
+
+    double = fedavg([({SH: torch.tensor([0.1], dtype=torch.float64)}, 1.0)] * 3)
+    assert double[SH].dtype == torch.float64
+    assert double[SH].item() == pytest.approx(0.1, abs=1e-15)
+
+
+def test_memory_one_tensor_per_key_and_no_references_to_uploads() -> None:
+    mean = RunningMean()
+    refs = []
+    for i in range(20):
+        upload = {SH: torch.full((4, 4), float(i)), E0 if i % 2 else E1: torch.ones(4, 4)}
+        refs += [weakref.ref(v) for v in upload.values()]
+        mean.add(upload)
+        del upload
+    gc.collect()
+    assert all(r() is None for r in refs), "RunningMean kept a reference to an upload"
+    held = [
+        v
+        for attr in vars(mean).values()
+        if isinstance(attr, dict)
+        for v in attr.values()
+        if isinstance(v, torch.Tensor)
+    ]
+    assert len(held) == 3  # one running sum per key, independent of the 20 silos
+    torch.testing.assert_close(mean.result()[SH], torch.full((4, 4), 9.5))
+
+
+def test_inputs_not_aliased() -> None:
+    x = t(1, 1)
+    mean = RunningMean()
+    mean.add({SH: x})
+    x.add_(100)
+    out = mean.result()
+    torch.testing.assert_close(out[SH], t(1, 1))
+    out[SH].add_(5)
+    torch.testing.assert_close(mean.result()[SH], t(1, 1))

@@ -1,0 +1,321 @@
+"""Injection, wire tensors, load balance and embeddings on tiny LLaMA / BERT models."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+from transformers import BertConfig, BertModel, LlamaConfig, LlamaForCausalLM
+
+from fedsilo.sdk.amole import (
+    AMoLEConfig,
+    AMoLELinear,
+    amole_layers,
+    assignment_of,
+    compute_embeddings,
+    compute_embeddings_per_example,
+    embeddings_to_tensors,
+    extract_trainable,
+    inject_amole,
+    load_balance,
+    load_trainable,
+    module_shapes,
+    routing_context,
+    set_assignment,
+)
+from fedsilo.sdk.params import ModuleShape
+
+Q0 = "model.layers.0.self_attn.q_proj"
+V1 = "model.layers.1.self_attn.v_proj"
+
+
+def _llama() -> LlamaForCausalLM:
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=64,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=4,
+    )
+    return LlamaForCausalLM(config).eval()
+
+
+def _randomise(model: nn.Module) -> None:
+    with torch.no_grad():
+        for param in model.parameters():
+            if param.requires_grad:
+                param.normal_(std=0.2)
+
+
+def _assignment() -> dict[str, list[int]]:
+    return {
+        Q0: [4, 2, 9],
+        "model.layers.0.self_attn.v_proj": [1, 0],
+        "model.layers.1.self_attn.q_proj": [7],
+    }
+
+
+def _routed_llama(config: AMoLEConfig | None = None) -> LlamaForCausalLM:
+    model = _llama()
+    inject_amole(model, config or AMoLEConfig(r=4, dropout=0.0))
+    set_assignment(model, _assignment())
+    return model
+
+
+def test_inject_into_llama_freezes_backbone() -> None:
+    model = _llama()
+    ids = torch.randint(0, 64, (2, 5))
+    before = model(input_ids=ids).logits
+    layers = inject_amole(model, AMoLEConfig(r=4))
+    assert list(layers) == [
+        "model.layers.0.self_attn.q_proj",
+        "model.layers.0.self_attn.v_proj",
+        "model.layers.1.self_attn.q_proj",
+        "model.layers.1.self_attn.v_proj",
+    ]
+    assert all(isinstance(layer, AMoLELinear) for layer in layers.values())
+    assert amole_layers(model) == layers
+    assert not any(layer.training for layer in layers.values())  # keeps the model's eval mode
+    trainable = {name for name, p in model.named_parameters() if p.requires_grad}
+    assert trainable and all(
+        name.rsplit(".", 2)[-2:][0] in {"q_proj", "v_proj", "token_proj"}
+        or name.rsplit(".", 1)[-1] in {"shared_A", "shared_B", "expert_A", "expert_B"}
+        for name in trainable
+    )
+    assert not any(".base." in name or "embed" in name or "mlp" in name for name in trainable)
+    assert torch.allclose(model(input_ids=ids).logits, before, atol=1e-6)  # B = 0 at init
+    assert module_shapes(model)[Q0] == ModuleShape(in_features=32, out_features=32)
+    with pytest.raises(ValueError, match="already"):
+        inject_amole(model, AMoLEConfig(r=4))
+
+
+def test_inject_into_bert_with_query_value_targets() -> None:
+    torch.manual_seed(0)
+    bert = BertModel(
+        BertConfig(
+            vocab_size=64,
+            hidden_size=32,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            intermediate_size=64,
+            max_position_embeddings=32,
+        )
+    ).eval()
+    layers = inject_amole(bert, AMoLEConfig(r=4, target_modules=("query", "value")))
+    assert sorted(layers) == [
+        "encoder.layer.0.attention.self.query",
+        "encoder.layer.0.attention.self.value",
+        "encoder.layer.1.attention.self.query",
+        "encoder.layer.1.attention.self.value",
+    ]
+    assert not any(
+        p.requires_grad for n, p in bert.named_parameters() if "query" not in n and "value" not in n
+    )
+    set_assignment(bert, {name: [0, 1] for name in layers})
+    _randomise(bert)
+    out = bert(input_ids=torch.randint(0, 64, (2, 6))).last_hidden_state
+    out.sum().backward()
+    assert layers["encoder.layer.1.attention.self.value"].expert_B.grad is not None
+
+
+def test_inject_unknown_target_lists_available_names() -> None:
+    with pytest.raises(ValueError, match="q_proj") as info:
+        inject_amole(_llama(), AMoLEConfig(target_modules=("nope",)))
+    assert "nope" in str(info.value)
+
+
+def test_set_assignment_and_assignment_of() -> None:
+    model = _routed_llama()
+    expected = {name: [] for name in amole_layers(model)} | _assignment()
+    assert assignment_of(model) == expected
+    with pytest.raises(ValueError, match="not AMoLE layers"):
+        set_assignment(model, {"model.layers.9.self_attn.q_proj": [1]})
+
+
+def test_extract_trainable_keys_and_detached_copies() -> None:
+    model = _routed_llama()
+    tensors = extract_trainable(model)
+    assert f"{Q0}.shared.A" in tensors and f"{Q0}.router.W_t" in tensors
+    assert {k for k in tensors if k.startswith(f"{Q0}.expert.")} == {
+        f"{Q0}.expert.{i}.{p}" for i in (4, 2, 9) for p in "AB"
+    }
+    assert not any(k.startswith(f"{V1}.expert.") for k in tensors)
+    n_keys = 4 * 3 + 2 * (3 + 2 + 1)  # shared A/B + W_t per module, A/B per expert
+    assert len(tensors) == n_keys
+    assert tensors[f"{Q0}.expert.2.A"].shape == (4, 32)
+    assert tensors[f"{Q0}.expert.2.B"].shape == (32, 4)
+    assert all(t.device.type == "cpu" and not t.requires_grad for t in tensors.values())
+    layer = amole_layers(model)[Q0]
+    assert torch.equal(tensors[f"{Q0}.expert.2.A"], layer.expert_A[1])
+    snapshot = tensors[f"{Q0}.expert.2.A"].clone()
+    with torch.no_grad():
+        layer.expert_A.add_(1.0)
+    assert torch.equal(tensors[f"{Q0}.expert.2.A"], snapshot)
+
+
+def test_extract_without_router_has_only_shared_expert() -> None:
+    model = _llama()
+    inject_amole(model, AMoLEConfig(r=4, use_router=False))
+    tensors = extract_trainable(model)
+    assert len(tensors) == 8 and all(".shared." in k for k in tensors)
+
+
+def test_extract_load_round_trip_reproduces_outputs() -> None:
+    source = _llama()
+    backbone = copy.deepcopy(source)
+    inject_amole(source, AMoLEConfig(r=4))
+    set_assignment(source, _assignment())
+    _randomise(source)
+    tensors = extract_trainable(source)
+
+    torch.manual_seed(123)  # different adapter init in the receiving model
+    target = backbone
+    inject_amole(target, AMoLEConfig(r=4))
+    set_assignment(target, _assignment())
+    ids = torch.randint(0, 64, (2, 7))
+    assert not torch.allclose(target(input_ids=ids).logits, source(input_ids=ids).logits)
+    load_trainable(target, tensors)
+    assert torch.equal(target(input_ids=ids).logits, source(input_ids=ids).logits)
+
+
+def test_load_trainable_errors_name_the_key() -> None:
+    model = _routed_llama()
+    tensors = extract_trainable(model)
+    bad = dict(tensors)
+    bad[f"{V1}.expert.3.A"] = torch.zeros(4, 32)
+    with pytest.raises(ValueError, match=r"expert 3 is not assigned"):
+        load_trainable(model, bad)
+    missing = dict(tensors)
+    del missing[f"{Q0}.router.W_t"]
+    with pytest.raises(ValueError, match=r"router\.W_t"):
+        load_trainable(model, missing)
+    load_trainable(model, missing, strict=False)
+    wrong = dict(tensors)
+    wrong[f"{Q0}.shared.B"] = torch.zeros(4, 32)
+    with pytest.raises(ValueError, match=r"shared\.B.*expected shape \(32, 4\), got \(4, 32\)"):
+        load_trainable(model, wrong)
+
+
+def test_routing_context_load_balance_ignores_right_padding() -> None:
+    model = _routed_llama()
+    _randomise(model)
+    ids = torch.randint(1, 64, (1, 6))
+    with routing_context(model, torch.ones(1, 6)):
+        model(input_ids=ids)
+        plain = load_balance(model, torch.ones(1, 6))
+    padded_ids = torch.cat([ids, torch.zeros(1, 3, dtype=torch.long)], dim=1)
+    mask = torch.tensor([[1] * 6 + [0] * 3])
+    with routing_context(model, mask):
+        model(input_ids=padded_ids, attention_mask=mask)
+        masked = load_balance(model, mask)
+        unmasked = load_balance(model, None)
+    assert plain.dim() == 0 and plain.item() > 0
+    assert masked.item() == pytest.approx(plain.item(), rel=1e-5)
+    assert unmasked.item() != pytest.approx(plain.item(), rel=1e-5)
+    assert all(
+        layer.last_probs is None and layer.token_mask is None
+        for layer in amole_layers(model).values()
+    )
+
+
+def test_load_balance_is_differentiable_and_zero_without_experts() -> None:
+    model = _routed_llama()
+    _randomise(model)
+    ids = torch.randint(0, 64, (2, 4))
+    with routing_context(model, torch.ones(2, 4)):
+        model(input_ids=ids)
+        loss = load_balance(model, torch.ones(2, 4))
+    loss.backward()
+    assert amole_layers(model)[Q0].token_proj.weight.grad is not None
+    # only modules with >= 2 experts and a real choice contribute; v_proj of layer 1 has none
+    bare = _llama()
+    inject_amole(bare, AMoLEConfig(r=4))
+    with routing_context(bare, None):
+        bare(input_ids=ids)
+        zero = load_balance(bare, None)
+    assert zero.dim() == 0 and zero.item() == 0.0
+
+
+class _OneLayer(nn.Module):
+    """Embedding then a single q_proj: its input is exactly the token embedding."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(16, 6)
+        self.q_proj = nn.Linear(6, 6)
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None):
+        return self.q_proj(self.embed(input_ids))
+
+
+def test_embeddings_equal_hand_mean_over_real_tokens() -> None:
+    torch.manual_seed(0)
+    model = _OneLayer()
+    inject_amole(model, AMoLEConfig(r=3))
+    set_assignment(model, {"q_proj": [5, 2]})
+    model.train()
+    layer = model.q_proj
+    batches = [
+        {
+            "input_ids": torch.tensor([[1, 2, 3], [4, 5, 0]]),
+            "attention_mask": torch.tensor([[1, 1, 1], [1, 1, 0]]),
+            "labels": torch.tensor([[-100, 2, 3], [-100, 5, -100]]),
+        },
+        {"input_ids": torch.tensor([[7, 0, 0]]), "attention_mask": torch.tensor([[1, 0, 0]])},
+    ]
+    emb = compute_embeddings(model, batches)["q_proj"]
+    assert model.training  # mode restored
+    real_tokens = torch.tensor([1, 2, 3, 4, 5, 7])  # 6 tokens, pooled over examples
+    x = model.embed.weight[real_tokens].detach()
+    assert torch.allclose(emb.client, (x @ layer.token_proj.weight.T).mean(0), atol=1e-6)
+    assert set(emb.experts) == {5, 2}
+    assert torch.allclose(emb.experts[5], (x @ layer.expert_A[0].T).mean(0), atol=1e-6)
+    assert torch.allclose(emb.experts[2], (x @ layer.expert_A[1].T).mean(0), atol=1e-6)
+    # per-example means, and the pooled mean is their token-count-weighted mean
+    client, experts = compute_embeddings_per_example(model, batches)["q_proj"]
+    assert client.shape == (3, 3) and experts.shape == (3, 2, 3)
+    x1 = model.embed.weight[torch.tensor([4, 5])].detach()
+    assert torch.allclose(client[1], (x1 @ layer.token_proj.weight.T).mean(0), atol=1e-6)
+    counts = torch.tensor([3.0, 2.0, 1.0])
+    assert torch.allclose((client * counts[:, None]).sum(0) / 6, emb.client, atol=1e-6)
+    wire = embeddings_to_tensors({"q_proj": emb})
+    assert set(wire) == {"q_proj.client", "q_proj.expert.5", "q_proj.expert.2"}
+
+
+def test_embeddings_unchanged_by_padding_and_batching() -> None:
+    model = _routed_llama()
+    _randomise(model)
+    a, b = torch.randint(1, 64, (1, 5)), torch.randint(1, 64, (1, 3))
+    separate = [
+        {"input_ids": a, "attention_mask": torch.ones(1, 5, dtype=torch.long)},
+        {"input_ids": b, "attention_mask": torch.ones(1, 3, dtype=torch.long)},
+    ]
+    padded_b = torch.cat([b, torch.full((1, 2), 9)], dim=1)
+    together = [
+        {
+            "input_ids": torch.cat([a, padded_b]),
+            "attention_mask": torch.tensor([[1] * 5, [1] * 3 + [0] * 2]),
+        }
+    ]
+    one = compute_embeddings(model, separate)
+    two = compute_embeddings(model, together)
+    assert set(one) == set(amole_layers(model))
+    for name in one:
+        assert torch.allclose(one[name].client, two[name].client, atol=1e-5)
+        for eid, value in one[name].experts.items():
+            assert torch.allclose(value, two[name].experts[eid], atol=1e-5)
+    assert set(one[Q0].experts) == {4, 2, 9} and one[V1].experts == {}
+    # counting the padding would change the result
+    unmasked = [{"input_ids": together[0]["input_ids"], "attention_mask": torch.ones(2, 5)}]
+    assert not torch.allclose(compute_embeddings(model, unmasked)[Q0].client, one[Q0].client)
+
+
+def test_embeddings_need_the_router() -> None:
+    model = _llama()
+    inject_amole(model, AMoLEConfig(r=4, use_router=False))
+    with pytest.raises(ValueError, match="use_router=False"):
+        compute_embeddings(model, [{"input_ids": torch.zeros(1, 2, dtype=torch.long)}])
