@@ -63,7 +63,11 @@ class Aggregator:
         """Send every silo its plan; round == schedule.rounds is the final evaluation."""
         final = round == self.schedule.rounds
         record = RoundRecord(round=round, final=final)
-        for silo, part in self.strategy.configure_round(round, self.silo_ids).items():
+        parts = (
+            self.strategy.configure_final(self.silo_ids) if final
+            else self.strategy.configure_round(round, self.silo_ids)
+        )
+        for silo, part in parts.items():
             plan = RoundPlan(
                 round=round,
                 silo_id=silo,

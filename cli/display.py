@@ -38,9 +38,8 @@ def round_table(summary: RoundSummary, metric_name: str) -> Table:
 class RichObserver:
     """Renders simulation events; one progress task per silo per round."""
 
-    def __init__(self, console: Console, metric_name: str = "metric") -> None:
+    def __init__(self, console: Console) -> None:
         self.console = console
-        self.metric_name = metric_name
         self.progress: Progress | None = None
         self.task: int | None = None
 
@@ -65,4 +64,7 @@ class RichObserver:
         if self.progress is not None:
             self.progress.stop()
         self.progress, self.task = None, None
-        self.console.print(round_table(summary, self.metric_name))
+        if summary.final and summary.mta is None:
+            self.console.print("final round: every silo kept its personalised adapter")
+            return
+        self.console.print(round_table(summary, summary.metric_name))

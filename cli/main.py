@@ -98,12 +98,11 @@ def simulate(
     )
     try:
         config.strategy_config()
-        metric = "accuracy"
         console.print(
             f"[bold]fedsilo simulate[/]: {silos} silos, {rounds} rounds x {local_steps} steps, "
             f"strategy {strategy}, model {model}, data {data or 'synthetic'}"
         )
-        result = run_simulation(config, RichObserver(console, metric))
+        result = run_simulation(config, RichObserver(console))
     except (ValueError, FileNotFoundError) as exc:
         raise _fail(console, str(exc)) from None
     console.print(f"[bold green]MTAL {result.mtal:.4f}[/]  run folder: {result.run_dir}")

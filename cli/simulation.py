@@ -61,7 +61,7 @@ class SimulationConfig:
     # FedAMoLE expert pool and assignment
     num_experts: int = 8
     k_c: int = 2
-    b: int = 4
+    b: int = 6
     assignment: str = "rsea"
     solver: str = "scip"
     weighting: str = "uniform"
@@ -130,11 +130,13 @@ class RoundSummary:
     silos: dict[str, SiloRow]
     aggregate_s: float
     mta: float | None
+    metric_name: str = "metric"
 
     def to_json(self) -> dict[str, Any]:
         return {
             "round": self.round,
             "final": self.final,
+            "metric": self.metric_name,
             "mta": self.mta,
             "aggregate_s": self.aggregate_s,
             "silos": {k: asdict(v) for k, v in self.silos.items()},
@@ -201,7 +203,11 @@ def share_backbone(model: nn.Module) -> nn.Module:
     return copy.deepcopy(model, memo)
 
 
-def _summarise(record: RoundRecord) -> RoundSummary:
+def metric_name(task: TaskInfo) -> str:
+    return "accuracy" if task.kind == "classification" else "rouge-l"
+
+
+def _summarise(record: RoundRecord, metric: str) -> RoundSummary:
     rows: dict[str, SiloRow] = {}
     for silo, assignment in record.assignment.items():
         counts = [len(ids) for ids in assignment.values()] or [0]
@@ -223,6 +229,7 @@ def _summarise(record: RoundRecord) -> RoundSummary:
         silos=rows,
         aggregate_s=record.aggregation.seconds if record.aggregation else 0.0,
         mta=sum(values) / len(values) if values else None,
+        metric_name=metric,
     )
 
 
@@ -284,7 +291,7 @@ def run_simulation(
                 observer.silo_started(agent.silo_id, 0 if final else config.local_steps)
                 agent.poll()
             aggregator.close(aggregator.collect(record))
-            summary = _summarise(record)
+            summary = _summarise(record, metric_name(datasets[0].task))
             result.rounds.append(summary)
             metrics_file.write(json.dumps(summary.to_json()) + "\n")
             metrics_file.flush()

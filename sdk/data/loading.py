@@ -84,7 +84,7 @@ def _quiet_progress() -> Iterator[None]:
             ds_logging.enable_progress_bar()
 
 
-def _read(spec: DatasetSpec, fmt: str) -> Any:
+def _read(spec: DatasetSpec, fmt: str, cache_dir: str | Path | None) -> Any:
     """Read the whole file as a `datasets.Dataset` (imported lazily: it is slow to import)."""
     import datasets
 
@@ -97,7 +97,13 @@ def _read(spec: DatasetSpec, fmt: str) -> Any:
     builder, kwargs = ("csv", {"delimiter": "\t"}) if fmt == "tsv" else (fmt, {})
     try:
         with _quiet_progress():
-            return datasets.load_dataset(builder, data_files=str(path), split="train", **kwargs)
+            return datasets.load_dataset(
+                builder,
+                data_files=str(path),
+                split="train",
+                cache_dir=None if cache_dir is None else str(cache_dir),
+                **kwargs,
+            )
     except DataError:
         raise
     except Exception as exc:  # datasets raises many types; all mean "unreadable as fmt"
@@ -107,13 +113,13 @@ def _read(spec: DatasetSpec, fmt: str) -> Any:
         ) from exc
 
 
-def _column(available: list[str], column: str, role: str, spec: DatasetSpec) -> str:
+def _column(available: list[str], column: str, setting: str, spec: DatasetSpec) -> None:
+    """Fail naming the missing column, the columns there are, and the setting to change."""
     if column not in available:
         raise DataError(
-            f"column {column!r} ({role}) not found in {Path(spec.path).name}; available "
-            f"columns: {', '.join(available)}. Set the mapping to one of them"
+            f"column {column!r} not found in {Path(spec.path).name}; available columns: "
+            f"{', '.join(available)}. Set {setting} to one of them"
         )
-    return column
 
 
 def _field_columns(
@@ -134,7 +140,7 @@ def _field_columns(
         column = spec.columns.get(name, name)
         if name not in spec.columns and name not in needed and column not in available:
             continue  # optional field (e.g. alpaca's context) that this data set lacks
-        _column(available, column, f"template field {name!r}", spec)
+        _column(available, column, f"columns[{name!r}] (template field {name!r})", spec)
         mapping[name] = column
     return mapping
 
@@ -174,12 +180,16 @@ def _as_text(value: object) -> str:
 
 
 def load_examples(
-    spec: DatasetSpec, limit: int | None = None, seed: int = 0
+    spec: DatasetSpec,
+    limit: int | None = None,
+    seed: int = 0,
+    cache_dir: str | Path | None = None,
 ) -> tuple[list[Example], TaskInfo]:
     """Read ``spec`` and render every row into an `Example`.
 
     ``limit`` keeps a seeded random subset (shuffle, then take) so that runs stay small and
     still cover every label; candidates are computed over the whole file, not the subset.
+    ``cache_dir`` overrides the Arrow cache folder (default: the Hugging Face cache).
     """
     if spec.kind not in ("classification", "generation"):
         raise DataError(
@@ -189,7 +199,7 @@ def load_examples(
         raise DataError(f"limit must be a positive number of examples, got {limit}")
     fmt = infer_format(spec)
     template = get_template(spec.template)
-    ds = _read(spec, fmt)
+    ds = _read(spec, fmt, cache_dir)
     available = list(ds.column_names)
     name = spec.name or Path(spec.path).stem
     fields = _field_columns(template, spec, available)
@@ -212,7 +222,7 @@ def load_examples(
             )
         _column(available, spec.response_column, "response_column", spec)
         if spec.label_column is not None:
-            _column(available, spec.label_column, "label_column (group)", spec)
+            _column(available, spec.label_column, "label_column (the group column)", spec)
         words = {}
         task = TaskInfo("generation", (), name)
 

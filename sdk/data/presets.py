@@ -7,7 +7,9 @@ user should not have to rediscover; a preset turns a name into a full `DatasetSp
 from __future__ import annotations
 
 import os
+import tomllib
 from collections.abc import Callable
+from dataclasses import fields
 from pathlib import Path
 
 from .examples import DataError
@@ -97,19 +99,61 @@ PRESETS: dict[str, Callable[[Path], DatasetSpec]] = {
 
 
 def resolve_dataset(name_or_path: str, data_dir: str | Path | None = None) -> DatasetSpec:
-    """A preset's spec by name; a bare file path is refused because it lacks a mapping."""
+    """A preset by name, or a dataset description file (TOML) for the user's own data.
+
+    A bare data file is refused: without a column mapping it cannot become prompts."""
     key = name_or_path.strip().lower()
     if key in PRESETS:
         return PRESETS[key](_resolve_dir(data_dir))
     known = ", ".join(sorted(PRESETS))
-    looks_like_path = Path(name_or_path).suffix != "" or os.sep in name_or_path
-    if looks_like_path or Path(name_or_path).exists():
+    path = Path(name_or_path)
+    looks_like_path = path.suffix != "" or os.sep in name_or_path
+    if not looks_like_path and not path.exists():
         raise DataError(
-            f"{name_or_path!r} is a file, and a file needs more than its path: describe it in "
-            "the config's data section (path, kind, template, columns, label_column or "
-            f"response_column, label_words), or use a preset: {known}"
+            f"unknown data set {name_or_path!r}; use a preset ({known}) or a dataset "
+            "description file (.toml)"
         )
-    raise DataError(f"unknown data set {name_or_path!r}; presets: {known}, or a config with a path")
+    if not path.is_file():
+        raise DataError(f"data file {name_or_path} not found; check the path")
+    if path.suffix.lower() == ".toml":
+        return load_spec_file(path)
+    raise DataError(
+        f"{name_or_path!r} is a data file, and a file needs more than its path: describe it "
+        "in a .toml file (path, kind, template, columns, label_column or response_column, "
+        f"label_words) and pass that, or use a preset: {known}"
+    )
+
+
+_SPEC_KEYS = {f.name for f in fields(DatasetSpec)}
+
+
+def load_spec_file(path: Path) -> DatasetSpec:
+    """A `DatasetSpec` from TOML; a relative `path` inside is relative to the TOML file."""
+    try:
+        raw = tomllib.loads(path.read_text())
+    except (OSError, tomllib.TOMLDecodeError) as exc:
+        raise DataError(f"cannot read dataset description {path}: {exc}") from None
+    unknown = sorted(set(raw) - _SPEC_KEYS)
+    if unknown:
+        raise DataError(
+            f"unknown key(s) {', '.join(unknown)} in {path}; "
+            f"allowed: {', '.join(sorted(_SPEC_KEYS))}"
+        )
+    for required in ("path", "kind"):
+        if required not in raw:
+            raise DataError(f"{path} must set {required!r}")
+    if raw["kind"] not in ("classification", "generation"):
+        raise DataError(
+            f"kind = {raw['kind']!r} in {path}; allowed: 'classification', 'generation'"
+        )
+    data_path = Path(raw["path"])
+    if not data_path.is_absolute():
+        data_path = path.parent / data_path
+    raw["path"] = str(data_path)
+    if "label_words" in raw:
+        raw["label_words"] = {str(k): str(v) for k, v in raw["label_words"].items()}
+    raw.setdefault("name", path.stem)
+    return DatasetSpec(**raw)
 
 
 def _resolve_dir(explicit: str | Path | None) -> Path:

@@ -72,7 +72,9 @@ class ByteTokenizer:
                 buf.append(i)
                 continue
             if i not in names:
-                raise ValueError(f"token id {i} is outside the byte vocabulary 0..{self.vocab_size - 1}")
+                raise ValueError(
+                    f"token id {i} is outside the byte vocabulary 0..{self.vocab_size - 1}"
+                )
             if not skip_special_tokens:
                 out.append(buf.decode("utf-8", errors="replace"))
                 buf.clear()
@@ -120,7 +122,9 @@ class ByteTokenizer:
                 return {"input_ids": ids[0], "attention_mask": mask[0]}
             return {"input_ids": ids, "attention_mask": mask}
         if return_tensors != "pt":
-            raise ValueError(f"return_tensors={return_tensors!r} is not supported; use 'pt' or None")
+            raise ValueError(
+                f"return_tensors={return_tensors!r} is not supported; use 'pt' or None"
+            )
         if len({len(e) for e in ids}) > 1:
             raise ValueError("texts have different lengths; pass padding=True to get tensors")
         return {

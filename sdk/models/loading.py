@@ -41,7 +41,7 @@ class ModelLoadError(ValueError):
 
 @dataclass(frozen=True)
 class LoadedModel:
-    """A backbone in eval mode, its tokenizer (``pad_token_id`` always set) and where it came from."""
+    """A backbone in eval mode, its tokenizer (``pad_token_id`` always set) and its source."""
 
     model: PreTrainedModel
     tokenizer: Any
@@ -58,9 +58,7 @@ def parse_dtype(dtype: str | torch.dtype) -> torch.dtype:
         name = aliases.get(dtype.strip().lower(), dtype.strip().lower())
         resolved = getattr(torch, name, None)
         if not isinstance(resolved, torch.dtype):
-            raise ModelLoadError(
-                f"unknown dtype {dtype!r}; use 'float32', 'bfloat16' or 'float16'"
-            )
+            raise ModelLoadError(f"unknown dtype {dtype!r}; use 'float32', 'bfloat16' or 'float16'")
     if not resolved.is_floating_point:
         raise ModelLoadError(f"dtype {resolved} is not a floating type; use float32/bfloat16")
     return resolved
@@ -89,7 +87,7 @@ def load_model(
     elif kind == "gguf":
         folder = _cached_gguf_folder(Path(target), _cache_root(cache_dir))
         model, tokenizer = _load_hf_folder(folder, torch_dtype, shown=target)
-        canonical = source if source == "smollm2" else target
+        canonical = "smollm2" if source.strip() == "smollm2" else target
     else:
         model, tokenizer = _load_hf_folder(Path(target), torch_dtype, shown=target)
         canonical = target
@@ -106,7 +104,7 @@ def describe_model(source: str) -> str:
     """A one-line description of ``source`` for logs, without loading any weights."""
     kind, target = _resolve(source)
     if kind == "builtin":
-        cfg = BUILTIN_MODELS[target] if target in BUILTIN_MODELS else None
+        cfg = BUILTIN_MODELS.get(target)
         if cfg is None:
             known = ", ".join(sorted(BUILTIN_MODELS))
             raise ModelLoadError(f"unknown built-in model {target!r}; available: {known}")
@@ -117,7 +115,7 @@ def describe_model(source: str) -> str:
     path = Path(target)
     if kind == "gguf":
         size_mb = path.stat().st_size / 2**20
-        origin = f"{source} -> " if source == "smollm2" else ""
+        origin = "smollm2 -> " if source.strip() == "smollm2" else ""
         return f"{origin}GGUF {path.name} ({size_mb:.0f} MiB) at {path.parent}"
     try:
         cfg = json.loads((path / "config.json").read_text(encoding="utf-8"))
@@ -152,16 +150,12 @@ def _resolve(source: str) -> tuple[str, str]:
     path = path.resolve()
     if path.is_file():
         if path.suffix.lower() != ".gguf":
-            raise ModelLoadError(
-                f"model path {path} is a file but not a .gguf; {_SOURCES_HINT}"
-            )
+            raise ModelLoadError(f"model path {path} is a file but not a .gguf; {_SOURCES_HINT}")
         return "gguf", str(path)
     if not (path / "config.json").is_file():
         ggufs = sorted(p.name for p in path.glob("*.gguf"))
         hint = f" (it holds {ggufs[0]}: pass that file's path)" if ggufs else ""
-        raise ModelLoadError(
-            f"model folder {path} has no config.json{hint}; {_SOURCES_HINT}"
-        )
+        raise ModelLoadError(f"model folder {path} has no config.json{hint}; {_SOURCES_HINT}")
     return "hf", str(path)
 
 

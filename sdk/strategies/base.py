@@ -85,6 +85,11 @@ class ServerStrategy(ABC):
     def configure_round(self, round: int, silo_ids: Sequence[str]) -> dict[str, SiloPlan]:
         """What each silo installs this round."""
 
+    def configure_final(self, silo_ids: Sequence[str]) -> dict[str, SiloPlan]:
+        """The evaluation-only plan after the last aggregation. By default the global
+        state, for strategies whose score is the global model's."""
+        return self.configure_round(-1, silo_ids)
+
     @abstractmethod
     def begin_round(self, round: int) -> None: ...
 

@@ -89,6 +89,10 @@ class FedAMoLEServer(ServerStrategy):
             plans[silo] = SiloPlan(assignment, select_for_assignment(self._params, assignment))
         return plans
 
+    def configure_final(self, silo_ids: Sequence[str]) -> dict[str, SiloPlan]:
+        # Each silo keeps the model it trained last: the final plan only says "finished".
+        return {silo: SiloPlan({}, {}) for silo in silo_ids}
+
     def begin_round(self, round: int) -> None:
         self._sum = RunningMean()
         self._num_uploads = 0

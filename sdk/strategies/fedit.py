@@ -32,7 +32,11 @@ from fedsilo.sdk.training import LocalTrainer
 
 
 class FedITServer(ServerStrategy):
-    def __init__(self, adapter: AMoLEConfig, config: StrategyConfig, seed: int) -> None:
+    def __init__(
+        self, adapter: AMoLEConfig, config: StrategyConfig, seed: int,
+        fine_tune_scored: bool = False,
+    ) -> None:
+        self.fine_tune_scored = fine_tune_scored  # FedIT-FT silos keep their own model
         self.adapter = adapter
         self.config = config
         self.seed = seed
@@ -50,6 +54,11 @@ class FedITServer(ServerStrategy):
 
     def configure_round(self, round: int, silo_ids: Sequence[str]) -> dict[str, SiloPlan]:
         return {silo: SiloPlan({}, self._params) for silo in silo_ids}
+
+    def configure_final(self, silo_ids: Sequence[str]) -> dict[str, SiloPlan]:
+        if self.fine_tune_scored:
+            return {silo: SiloPlan({}, {}) for silo in silo_ids}
+        return super().configure_final(silo_ids)
 
     def begin_round(self, round: int) -> None:
         self._sum = RunningMean()
@@ -106,6 +115,6 @@ FEDIT_FT = StrategySpec(
     name="fedit-ft",
     description="FedIT, scored after local fine-tuning of the global model",
     adapter=_plain_lora,
-    server=FedITServer,
+    server=lambda adapter, config, seed: FedITServer(adapter, config, seed, True),
     client=lambda config: FedITClient(fine_tune=True),
 )

@@ -5,6 +5,10 @@ from fedsilo.sdk import protocol
 from fedsilo.sdk.messages import RoundPlan, Upload
 
 
+def _frame(header: bytes) -> bytes:
+    return protocol.MAGIC + bytes([1]) + len(header).to_bytes(4, "big") + header
+
+
 def _plan() -> RoundPlan:
     return RoundPlan(
         round=3, silo_id="silo-1", total_rounds=5, lr=1e-3, local_steps=7,
@@ -52,8 +56,9 @@ def test_wire_overhead_is_small_for_realistic_payloads() -> None:
         (protocol.MAGIC + b"\x63\x00\x00\x00\x02{}", "version 99"),
         (protocol.MAGIC + b"\x01\x00\x00\x00\x05{abc}", "not valid JSON"),
         (protocol.MAGIC + b"\x01\x00\x00\xff\xff{}", "exceeds"),
-        (protocol.MAGIC + b"\x01\x00\x00\x00\x0e{\"type\":\"xx\"}", "unknown message type"),
-        (protocol.MAGIC + b"\x01\x00\x00\x00\x10{\"type\":\"plan\"}", "malformed plan"),
+        (_frame(b'{"type":"xx"}'), "unknown message type"),
+        (_frame(b'{"type":"plan"}'), "malformed plan"),
+        (_frame(b"[1, 2]"), "JSON object"),
     ],
 )
 def test_malformed_bytes_raise_protocol_error_with_reason(data: bytes, reason: str) -> None:

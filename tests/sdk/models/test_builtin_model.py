@@ -1,3 +1,8 @@
+import hashlib
+import random
+import subprocess
+import sys
+
 import pytest
 import torch
 from transformers import LlamaForCausalLM
@@ -78,3 +83,101 @@ def test_dtype_is_applied() -> None:
 def test_unknown_name_lists_available() -> None:
     with pytest.raises(ValueError, match="tiny"):
         builtin_model("huge")
+
+
+def _digest(model: torch.nn.Module) -> str:
+    h = hashlib.sha256()
+    for name, tensor in sorted(model.state_dict().items()):
+        h.update(name.encode())
+        h.update(tensor.float().numpy().tobytes())
+    return h.hexdigest()
+
+
+def test_weights_identical_in_another_process() -> None:
+    """Silos and the aggregator build the backbone in separate processes."""
+    script = (
+        "import hashlib, torch\n"
+        "from fedsilo.sdk.models import builtin_model\n"
+        "m, _ = builtin_model('tiny', seed=11)\n"
+        "h = hashlib.sha256()\n"
+        "for k, v in sorted(m.state_dict().items()):\n"
+        "    h.update(k.encode()); h.update(v.float().numpy().tobytes())\n"
+        "print(h.hexdigest())\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, check=True, timeout=120
+    )
+    model, _ = builtin_model("tiny", seed=11)
+    assert out.stdout.strip() == _digest(model)
+
+
+POS = ["great", "happy", "love", "nice", "fun", "superb", "joy", "bright"]
+NEG = ["awful", "sad", "hate", "ugly", "boring", "poor", "grim", "dull"]
+NEU = ["the", "movie", "food", "day", "was", "it", "and", "plot"]
+LABELS = [" good", " bad"]
+
+
+def _toy_task(rng: random.Random, n: int) -> list[tuple[str, int]]:
+    out = []
+    for _ in range(n):
+        label = rng.randrange(2)
+        words = rng.sample(POS if label == 0 else NEG, 2) + rng.sample(NEU, 2)
+        rng.shuffle(words)
+        out.append((f"sentiment: {' '.join(words)} ->", label))
+    return out
+
+
+def _answer_nll(model: torch.nn.Module, tok: ByteTokenizer, prompts, answers) -> torch.Tensor:
+    """Mean NLL of each answer (+eos) given its prompt: the candidate-scoring rule."""
+    rows = []
+    for prompt, answer in zip(prompts, answers, strict=True):
+        p = [tok.bos_token_id, *tok.encode(prompt)]
+        a = [*tok.encode(answer), tok.eos_token_id]
+        rows.append((p + a, [-100] * len(p) + a))
+    width = max(len(ids) for ids, _ in rows)
+    ids = torch.full((len(rows), width), tok.pad_token_id)
+    labels = torch.full((len(rows), width), -100)
+    mask = torch.zeros_like(ids)
+    for i, (x, y) in enumerate(rows):
+        ids[i, : len(x)] = torch.tensor(x)
+        labels[i, : len(y)] = torch.tensor(y)
+        mask[i, : len(x)] = 1
+    logits = model(input_ids=ids, attention_mask=mask).logits[:, :-1]
+    target = labels[:, 1:]
+    nll = torch.nn.functional.cross_entropy(
+        logits.transpose(1, 2), target.clamp(min=0), reduction="none"
+    )
+    keep = (target != -100).float()
+    return (nll * keep).sum(1) / keep.sum(1)
+
+
+def _accuracy(model: torch.nn.Module, tok: ByteTokenizer, data) -> float:
+    prompts = [p for p, _ in data]
+    with torch.no_grad():
+        scores = torch.stack([_answer_nll(model, tok, prompts, [a] * len(data)) for a in LABELS])
+    gold = torch.tensor([y for _, y in data])
+    return (scores.argmin(0) == gold).float().mean().item()
+
+
+def test_qv_lora_can_learn_on_the_frozen_random_backbone() -> None:
+    """Guards the init scale: with initializer_range 0.02 this stays near chance."""
+    peft = pytest.importorskip("peft")
+    model, tok = builtin_model("tiny", seed=0)
+    lora = peft.LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj"])
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        model = peft.get_peft_model(model, lora)
+        train, test = _toy_task(random.Random(0), 1200), _toy_task(random.Random(1), 100)
+        before = _accuracy(model, tok, test)
+        opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=5e-3)
+        model.train()
+        for step in range(150):
+            batch = train[step * 8 : step * 8 + 8]
+            loss = _answer_nll(model, tok, [p for p, _ in batch], [LABELS[y] for _, y in batch])
+            opt.zero_grad()
+            loss.mean().backward()
+            opt.step()
+        model.eval()
+        after = _accuracy(model, tok, test)
+    assert after >= 0.8, (before, after)
+    assert after >= before + 0.15, (before, after)

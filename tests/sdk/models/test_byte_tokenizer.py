@@ -12,7 +12,9 @@ def test_special_ids_and_vocab() -> None:
     assert tok.padding_side == "right"
 
 
-@pytest.mark.parametrize("text", ["", "hello world", "sentiment: great fun ->", "naïve café 日本語 🙂"])
+@pytest.mark.parametrize(
+    "text", ["", "hello world", "sentiment: great fun ->", "naïve café 日本語 🙂"]
+)
 def test_round_trip(text: str) -> None:
     tok = ByteTokenizer()
     ids = tok.encode(text)

@@ -66,19 +66,23 @@ def test_builtin_sources() -> None:
 
 
 def test_unknown_builtin_lists_available() -> None:
-    with pytest.raises(ModelLoadError, match=r"unknown built-in model 'xyz'.*available: nano, tiny"):
+    with pytest.raises(
+        ModelLoadError, match=r"unknown built-in model 'xyz'.*available: nano, tiny"
+    ):
         load_model("builtin:xyz")
 
 
 def test_nonexistent_path(tmp_path: Path) -> None:
     missing = tmp_path / "nope"
-    with pytest.raises(ModelLoadError, match=r"does not exist.*'builtin:tiny' or 'smollm2'") as info:
+    with pytest.raises(
+        ModelLoadError, match=r"does not exist.*'builtin:tiny' or 'smollm2'"
+    ) as info:
         load_model(str(missing))
     assert str(missing) in str(info.value)
 
 
 def test_folder_without_config(tmp_path: Path) -> None:
-    with pytest.raises(ModelLoadError, match="has no config.json"):
+    with pytest.raises(ModelLoadError, match=r"has no config\.json"):
         load_model(str(tmp_path))
     (tmp_path / "m.gguf").write_bytes(b"")
     with pytest.raises(ModelLoadError, match=r"m\.gguf: pass that file's path"):
@@ -88,14 +92,14 @@ def test_folder_without_config(tmp_path: Path) -> None:
 def test_file_that_is_not_gguf(tmp_path: Path) -> None:
     weights = tmp_path / "weights.bin"
     weights.write_bytes(b"\0")
-    with pytest.raises(ModelLoadError, match="not a .gguf"):
+    with pytest.raises(ModelLoadError, match=r"not a \.gguf"):
         load_model(str(weights))
 
 
 def test_corrupt_gguf_is_a_model_load_error(tmp_path: Path) -> None:
     bad = tmp_path / "bad.gguf"
     bad.write_bytes(b"not really a gguf file")
-    with pytest.raises(ModelLoadError, match="bad.gguf"):
+    with pytest.raises(ModelLoadError, match=r"bad\.gguf"):
         load_model(str(bad), cache_dir=tmp_path / "cache")
     # A failed conversion leaves no half-written cache behind.
     assert list((tmp_path / "cache").iterdir()) == []

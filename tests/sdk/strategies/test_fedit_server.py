@@ -10,7 +10,8 @@ def _server(weighting: str = "uniform"):
     spec = get_strategy("fedit")
     adapter = spec.adapter(AMoLEConfig(r=2))
     assert adapter.use_router is False
-    server = spec.server(adapter, StrategyConfig(name="fedit", weighting=weighting), 0)  # type: ignore[arg-type]
+    config = StrategyConfig(name="fedit", weighting=weighting)  # type: ignore[arg-type]
+    server = spec.server(adapter, config, 0)
     server.initialize({"m": ModuleShape(3, 3)}, ["a", "b"])
     return server
 
@@ -20,8 +21,9 @@ def test_fedit_sends_one_lora_and_averages_it() -> None:
     plans = server.configure_round(0, ["a", "b"])
     assert set(plans["a"].params) == {"m.shared.A", "m.shared.B"}
     server.begin_round(0)
-    server.accumulate(Upload(0, "a", {"m.shared.A": torch.ones(2, 3), "m.shared.B": torch.ones(3, 2)}, {}, 1))
-    server.accumulate(Upload(0, "b", {"m.shared.A": torch.zeros(2, 3), "m.shared.B": torch.ones(3, 2)}, {}, 3))
+    ones_b = torch.ones(3, 2)
+    server.accumulate(Upload(0, "a", {"m.shared.A": torch.ones(2, 3), "m.shared.B": ones_b}, {}, 1))
+    server.accumulate(Upload(0, "b", {"m.shared.A": torch.zeros(2, 3), "m.shared.B": ones_b}, {}, 3))
     server.end_round(0)
     assert torch.allclose(server.global_params["m.shared.A"], torch.full((2, 3), 0.5))
 
