@@ -119,5 +119,5 @@ def test_registry_names_and_clear_error() -> None:
     assert get_strategy("fedamole").name == "fedamole"
     with pytest.raises(ValueError, match="available: fedamole, fedit, fedit-ft"):
         get_strategy("nope")
-    with pytest.raises(ValueError, match="strategy.assignment"):
+    with pytest.raises(ValueError, match=r"strategy\.assignment"):
         StrategyConfig(assignment="greedy")  # type: ignore[arg-type]

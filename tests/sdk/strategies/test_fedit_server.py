@@ -21,9 +21,9 @@ def test_fedit_sends_one_lora_and_averages_it() -> None:
     plans = server.configure_round(0, ["a", "b"])
     assert set(plans["a"].params) == {"m.shared.A", "m.shared.B"}
     server.begin_round(0)
-    ones_b = torch.ones(3, 2)
-    server.accumulate(Upload(0, "a", {"m.shared.A": torch.ones(2, 3), "m.shared.B": ones_b}, {}, 1))
-    server.accumulate(Upload(0, "b", {"m.shared.A": torch.zeros(2, 3), "m.shared.B": ones_b}, {}, 3))
+    b = torch.ones(3, 2)
+    server.accumulate(Upload(0, "a", {"m.shared.A": torch.ones(2, 3), "m.shared.B": b}, {}, 1))
+    server.accumulate(Upload(0, "b", {"m.shared.A": torch.zeros(2, 3), "m.shared.B": b}, {}, 3))
     server.end_round(0)
     assert torch.allclose(server.global_params["m.shared.A"], torch.full((2, 3), 0.5))
 
