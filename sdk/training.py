@@ -175,6 +175,12 @@ class LocalTrainer:
             batch_size=self.config.eval_batch_size, max_length=self.config.max_length,
         )
 
+    def test(self) -> tuple[dict[str, float], dict[str, float]]:
+        """The score on the local test split and its duration, as an upload reports them."""
+        start = time.perf_counter()
+        metric = self.evaluate("test")
+        return {"metric": metric}, {"test_s": time.perf_counter() - start}
+
     def embed(self) -> TensorDict:
         """Client and expert embeddings (eq. 23, 25) on the embedding set."""
         loader = (

@@ -1,10 +1,10 @@
 """`pip install .` (not editable) gives a working `fedsilo` and installs only fedsilo.*."""
 
+import importlib.util
 import os
 import shutil
 import subprocess
 import sys
-import sysconfig
 from pathlib import Path
 
 import pytest
@@ -20,14 +20,17 @@ def test_non_editable_install_gives_a_working_cli(tmp_path: Path) -> None:
         ignore=shutil.ignore_patterns(".venv*", ".git", "runs", "build", "*.egg-info",
                                       "__pycache__", ".pytest_cache", ".ruff_cache"),
     )
-    prefix = tmp_path / "prefix"
+    # --target installs into that folder only; --prefix would uninstall the developer's
+    # own (editable) fedsilo from the running environment first.
+    purelib = tmp_path / "target"
     subprocess.run(
         [sys.executable, "-m", "pip", "install", "--quiet", "--no-deps",
-         "--no-build-isolation", "--prefix", str(prefix), str(src)],
+         "--no-build-isolation", "--target", str(purelib), str(src)],
         check=True, capture_output=True, text=True,
     )
-    purelib = Path(sysconfig.get_path("purelib", vars={"base": str(prefix)}))
-    top_level = sorted(p.name for p in purelib.iterdir() if not p.name.endswith("-info"))
+    top_level = sorted(
+        p.name for p in purelib.iterdir() if not p.name.endswith("-info") and p.name != "bin"
+    )
     assert top_level == ["fedsilo"], top_level  # nothing installs a bare `sdk` or `cli`
     assert not (purelib / "fedsilo" / "tests").exists()
     env = {**os.environ, "PYTHONPATH": str(purelib)}
@@ -37,11 +40,12 @@ def test_non_editable_install_gives_a_working_cli(tmp_path: Path) -> None:
     )
     assert where.stdout.strip().startswith(str(purelib))
     shown = subprocess.run(
-        [str(prefix / "bin" / "fedsilo"), "--help"],
+        [str(purelib / "bin" / "fedsilo"), "--help"],
         capture_output=True, text=True, env=env, cwd=tmp_path,
     )
     assert shown.returncode == 0, shown.stderr
     assert "simulate" in shown.stdout
+    assert importlib.util.find_spec("fedsilo.sdk") is not None  # our own install is intact
 
 
 def test_every_package_folder_is_declared_in_pyproject() -> None:

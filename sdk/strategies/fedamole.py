@@ -169,16 +169,13 @@ class FedAMoLEClient(ClientStrategy):
             return trainer.empty_upload(plan)
         trainer.install(plan.assignment, plan.params)
         train_s = trainer.train(plan.local_steps, plan.lr, plan.round).seconds
-        start = time.perf_counter()
-        metric = trainer.evaluate("test")
-        test_s = time.perf_counter() - start
-        embeddings = trainer.embed()
+        metrics, timings = trainer.test()
         return trainer.upload(
             plan,
             params=trainer.extract(),
-            embeddings=embeddings,
-            metrics={"metric": metric},
-            timings={"train_s": train_s, "test_s": test_s},
+            embeddings=trainer.embed(),
+            metrics=metrics,
+            timings={"train_s": train_s, **timings},
         )
 
 

@@ -83,19 +83,13 @@ class FedITClient(ClientStrategy):
         if plan.final and self.fine_tune:
             return trainer.empty_upload(plan)
         trainer.install(plan.assignment, plan.params)
-        metrics: dict[str, float] = {}
-        timings: dict[str, float] = {}
-        if not self.fine_tune:
-            start = time.perf_counter()
-            metrics["metric"] = trainer.evaluate("test")
-            timings["test_s"] = time.perf_counter() - start
-            if plan.final:
-                return trainer.upload(plan, metrics=metrics, timings=timings)
+        metrics, timings = ({}, {}) if self.fine_tune else trainer.test()  # the global model
+        if plan.final:
+            return trainer.upload(plan, metrics=metrics, timings=timings)
         timings["train_s"] = trainer.train(plan.local_steps, plan.lr, plan.round).seconds
-        if self.fine_tune:
-            start = time.perf_counter()
-            metrics["metric"] = trainer.evaluate("test")
-            timings["test_s"] = time.perf_counter() - start
+        if self.fine_tune:  # the global model fine-tuned locally
+            metrics, tested = trainer.test()
+            timings.update(tested)
         return trainer.upload(plan, params=trainer.extract(), metrics=metrics, timings=timings)
 
 

@@ -89,3 +89,37 @@ def test_simulate_shows_learning_over_rounds(tmp_path: Path) -> None:
     assert len(mta) == 4
     assert max(mta[1:]) > mta[0] + 0.05, mta
     assert result.mtal > 0.6, result.mtal  # chance is about 0.5 on these label pairs
+
+
+def _own_data(tmp_path: Path, response_column: str) -> Path:
+    rows = [{"q": f"say {w}", "a": w, "topic": t}
+            for t, words in {"x": ["red", "blue"], "y": ["one", "two"]}.items()
+            for w in words * 15]
+    (tmp_path / "own.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
+    spec = tmp_path / "own.toml"
+    spec.write_text(f'path = "own.jsonl"\nkind = "generation"\nresponse_column = '
+                    f'"{response_column}"\nlabel_column = "topic"\n[columns]\ninstruction = "q"\n')
+    return spec
+
+
+def test_unknown_column_is_a_clear_error(tmp_path: Path) -> None:
+    spec = _own_data(tmp_path, response_column="answer")
+    result = runner.invoke(app, ["simulate", *QUICK, "--data", str(spec)])
+    assert result.exit_code == 2, result.output
+    assert "answer" in result.output and "available" in result.output
+
+
+def test_generation_task_is_scored_with_rouge_l(tmp_path: Path) -> None:
+    from fedsilo.cli.simulation import SimulationConfig, run_simulation
+
+    spec = _own_data(tmp_path, response_column="a")
+    config = SimulationConfig(
+        silos=2, rounds=1, local_steps=2, num_experts=2, k_c=1, b=2, top_k=1,
+        data=str(spec), partition="iid", examples_per_silo=30, max_new_tokens=8,
+        out_dir=str(tmp_path / "runs"),
+    )
+    result = run_simulation(config)
+    first = result.rounds[0]
+    assert first.metric_name == "rouge-l"
+    assert all(row.metric is not None and 0.0 <= row.metric <= 1.0
+               for row in first.silos.values())
