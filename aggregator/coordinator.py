@@ -96,6 +96,9 @@ class Aggregator:
             if delivery is None:
                 break
             upload = delivery.message
+            if not isinstance(upload, Upload):  # an announcement: simulation has no roster
+                delivery.ack()
+                continue
             if upload.round != record.round or upload.silo_id in record.bytes_up:
                 record.ignored += 1
                 log.warning(

@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
-from fedsilo.sdk.params import TensorDict
+from fedsilo.sdk.params import ModuleShape, TensorDict
 
 PROTOCOL_VERSION = 1
 
@@ -14,7 +15,9 @@ class RoundPlan:
     """Aggregator -> silo: what to install and how to train this round.
 
     `final` marks the evaluation-only message sent after the last aggregation
-    (local_steps is 0 then): strategies that test the global model use it.
+    (local_steps is 0 then): strategies that test the global model use it. `setup` is the
+    federation's settings (strategy, adapter, training, seed) as JSON-able data, so an agent
+    process learns them from the aggregator instead of trusting its own copy.
     """
 
     round: int
@@ -25,6 +28,7 @@ class RoundPlan:
     assignment: dict[str, list[int]]
     params: TensorDict
     final: bool = False
+    setup: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass
@@ -38,3 +42,19 @@ class Upload:
     n_samples: int
     metrics: dict[str, float] = field(default_factory=dict)
     timings: dict[str, float] = field(default_factory=dict)
+
+
+@dataclass
+class Announce:
+    """Silo -> aggregator: "I am here, with this base model"; sent at every agent start.
+
+    `linear_shapes` lists every nn.Linear of the silo's backbone, so the aggregator (which
+    holds no model) can find the adapted modules by name, and refuse a silo whose base
+    model differs from the others'. `incarnation` is random per process start: logs show
+    restarts."""
+
+    silo_id: str
+    model: str
+    linear_shapes: dict[str, ModuleShape]
+    n_samples: int
+    incarnation: str = ""

@@ -16,13 +16,13 @@ from typing import Any
 from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
-from fedsilo.sdk.messages import PROTOCOL_VERSION, RoundPlan, Upload
-from fedsilo.sdk.params import TensorDict
+from fedsilo.sdk.messages import PROTOCOL_VERSION, Announce, RoundPlan, Upload
+from fedsilo.sdk.params import ModuleShape, TensorDict
 
 MAGIC = b"FSLO"
 _PREFIX = struct.Struct(">4sBI")
 
-Message = RoundPlan | Upload
+Message = RoundPlan | Upload | Announce
 
 
 class ProtocolError(ValueError):
@@ -65,6 +65,7 @@ def encode(message: Message) -> bytes:
             "local_steps": message.local_steps,
             "assignment": message.assignment,
             "final": message.final,
+            "setup": message.setup,
         }
         blob = _pack_tensors(p=message.params)
     elif isinstance(message, Upload):
@@ -77,6 +78,18 @@ def encode(message: Message) -> bytes:
             "timings": message.timings,
         }
         blob = _pack_tensors(p=message.params, e=message.embeddings)
+    elif isinstance(message, Announce):
+        header = {
+            "type": "announce",
+            "silo_id": message.silo_id,
+            "model": message.model,
+            "linear_shapes": {
+                name: [s.in_features, s.out_features] for name, s in message.linear_shapes.items()
+            },
+            "n_samples": message.n_samples,
+            "incarnation": message.incarnation,
+        }
+        blob = b""
     else:
         raise TypeError(f"cannot encode {type(message).__name__}")
     head = json.dumps(header, separators=(",", ":")).encode()
@@ -116,6 +129,7 @@ def decode(data: bytes) -> Message:
                 assignment=assignment,
                 params=tensors["p"],
                 final=bool(header["final"]),
+                setup=_object(header.get("setup", {}), "setup"),
             )
         if kind == "upload":
             return Upload(
@@ -127,9 +141,26 @@ def decode(data: bytes) -> Message:
                 metrics={str(k): float(v) for k, v in header["metrics"].items()},
                 timings={str(k): float(v) for k, v in header["timings"].items()},
             )
-    except (KeyError, TypeError, ValueError, AttributeError) as exc:
+        if kind == "announce":
+            return Announce(
+                silo_id=str(header["silo_id"]),
+                model=str(header["model"]),
+                linear_shapes={
+                    str(name): ModuleShape(int(dims[0]), int(dims[1]))
+                    for name, dims in header["linear_shapes"].items()
+                },
+                n_samples=int(header["n_samples"]),
+                incarnation=str(header.get("incarnation", "")),
+            )
+    except (KeyError, TypeError, ValueError, AttributeError, IndexError) as exc:
         raise ProtocolError(f"malformed {kind} header: {exc!r}") from None
     raise ProtocolError(f"unknown message type {kind!r}")
+
+
+def _object(value: Any, name: str) -> dict[str, Any]:
+    if not isinstance(value, dict):
+        raise ProtocolError(f"{name} must be a JSON object")
+    return value
 
 
 def tensor_bytes(tensors: TensorDict) -> int:

@@ -42,8 +42,8 @@ import pika
 import pika.exceptions
 
 from fedsilo.sdk import protocol
-from fedsilo.sdk.messages import RoundPlan, Upload
-from fedsilo.sdk.transport.base import Delivery, TrafficCounter, Transport
+from fedsilo.sdk.messages import Announce, RoundPlan, Upload
+from fedsilo.sdk.transport.base import Delivery, Inbound, TrafficCounter, Transport
 from fedsilo.sdk.transport.chunking import Chunk, ChunkError, ChunkHeader, Reassembler, split
 
 log = logging.getLogger(__name__)
@@ -214,6 +214,12 @@ class AmqpTransport(Transport):
         self.traffic.add("up", upload.silo_id, len(data))
         return len(data)
 
+    def send_announce(self, announce: Announce) -> int:
+        data = protocol.encode(announce)
+        self._publish(UPLOADS_EXCHANGE, UPLOADS_ROUTING_KEY, data)
+        self.traffic.add("up", announce.silo_id, len(data))
+        return len(data)
+
     # -- receiving ---------------------------------------------------------------------
 
     def receive_plan(
@@ -223,8 +229,8 @@ class AmqpTransport(Transport):
             raise ValueError(f"silo {silo_id!r} is not served by this transport ({self._silos})")
         return self._receive(plans_queue(silo_id), RoundPlan, timeout)
 
-    def receive_upload(self, timeout: float | None = None) -> Delivery[Upload] | None:
-        return self._receive(UPLOADS_QUEUE, Upload, timeout)
+    def receive_upload(self, timeout: float | None = None) -> Delivery[Inbound] | None:
+        return self._receive(UPLOADS_QUEUE, (Upload, Announce), timeout)
 
     def _reassembler(self, queue: str) -> Reassembler:
         if queue not in self._reassemblers:
@@ -251,7 +257,7 @@ class AmqpTransport(Transport):
             tags = self._held[queue].pop(mid, [])
             self._reject(tags, "chunk timeout", f"message {mid} incomplete on {queue}")
 
-    def _receive(self, queue: str, kind: type, timeout: float | None) -> Delivery | None:
+    def _receive(self, queue: str, kind: type | tuple[type, ...], timeout: float | None) -> Delivery | None:
         deadline = None if timeout is None else time.monotonic() + timeout
         delay = 0.005
         while True:
@@ -272,7 +278,7 @@ class AmqpTransport(Transport):
             if deadline is not None and time.monotonic() >= deadline:
                 return None
 
-    def _handle(self, queue: str, kind: type, tag: int, props: Any, body: bytes) -> Delivery | None:
+    def _handle(self, queue: str, kind: type | tuple[type, ...], tag: int, props: Any, body: bytes) -> Delivery | None:
         reassembler = self._reassembler(queue)
         held = self._held[queue]
         try:
@@ -300,7 +306,7 @@ class AmqpTransport(Transport):
             message = protocol.decode(data)
             if not isinstance(message, kind):
                 raise protocol.ProtocolError(
-                    f"expected {kind.__name__} on {queue}, got {type(message).__name__}"
+                    f"unexpected {type(message).__name__} on {queue}"
                 )
         except protocol.ProtocolError as exc:
             self._reject(tags, "protocol", str(exc))

@@ -12,7 +12,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Generic, TypeVar
 
-from fedsilo.sdk.messages import RoundPlan, Upload
+from fedsilo.sdk.messages import Announce, RoundPlan, Upload
 
 
 @dataclass
@@ -27,7 +27,10 @@ class TrafficCounter:
         table[silo_id] = table.get(silo_id, 0) + n
 
 
-M = TypeVar("M", RoundPlan, Upload)
+M = TypeVar("M")
+
+#: What silos send to the aggregator: round results and join announcements.
+Inbound = Upload | Announce
 
 
 def _nothing() -> None:
@@ -58,14 +61,19 @@ class Transport(ABC):
         """Deliver an upload to the aggregator; returns the bytes sent."""
 
     @abstractmethod
+    def send_announce(self, announce: Announce) -> int:
+        """Tell the aggregator this silo is (back) online; same queue as uploads."""
+
+    @abstractmethod
     def receive_plan(
         self, silo_id: str, timeout: float | None = None
     ) -> Delivery[RoundPlan] | None:
         """Next plan for `silo_id`, or None when none arrived within `timeout` seconds."""
 
     @abstractmethod
-    def receive_upload(self, timeout: float | None = None) -> Delivery[Upload] | None:
-        """Next upload for the aggregator, or None when none arrived in time."""
+    def receive_upload(self, timeout: float | None = None) -> Delivery[Inbound] | None:
+        """Next upload or announcement for the aggregator, None when none arrived in time.
+        Both share one queue so they are seen in the order they were sent."""
 
     def close(self) -> None:  # noqa: B027 - optional hook
         """Release connections; the in-memory transport has none."""

@@ -5,8 +5,8 @@ from __future__ import annotations
 from collections import deque
 
 from fedsilo.sdk import protocol
-from fedsilo.sdk.messages import RoundPlan, Upload
-from fedsilo.sdk.transport.base import Delivery, TrafficCounter, Transport
+from fedsilo.sdk.messages import Announce, RoundPlan, Upload
+from fedsilo.sdk.transport.base import Delivery, Inbound, TrafficCounter, Transport
 
 
 class MemoryTransport(Transport):
@@ -31,6 +31,12 @@ class MemoryTransport(Transport):
         self.traffic.add("up", upload.silo_id, len(data))
         return len(data)
 
+    def send_announce(self, announce: Announce) -> int:
+        data = protocol.encode(announce)
+        self._uploads.append(data)
+        self.traffic.add("up", announce.silo_id, len(data))
+        return len(data)
+
     def receive_plan(
         self, silo_id: str, timeout: float | None = None
     ) -> Delivery[RoundPlan] | None:
@@ -43,11 +49,11 @@ class MemoryTransport(Transport):
             raise protocol.ProtocolError(f"expected a plan on silo {silo_id}'s queue")
         return Delivery(message, len(data))
 
-    def receive_upload(self, timeout: float | None = None) -> Delivery[Upload] | None:
+    def receive_upload(self, timeout: float | None = None) -> Delivery[Inbound] | None:
         if not self._uploads:
             return None
         data = self._uploads.popleft()
         message = protocol.decode(data)
-        if not isinstance(message, Upload):
+        if not isinstance(message, Upload | Announce):
             raise protocol.ProtocolError("expected an upload on the aggregator's queue")
         return Delivery(message, len(data))
