@@ -257,7 +257,9 @@ class AmqpTransport(Transport):
             tags = self._held[queue].pop(mid, [])
             self._reject(tags, "chunk timeout", f"message {mid} incomplete on {queue}")
 
-    def _receive(self, queue: str, kind: type | tuple[type, ...], timeout: float | None) -> Delivery | None:
+    def _receive(
+        self, queue: str, kind: type | tuple[type, ...], timeout: float | None
+    ) -> Delivery | None:
         deadline = None if timeout is None else time.monotonic() + timeout
         delay = 0.005
         while True:
@@ -278,7 +280,9 @@ class AmqpTransport(Transport):
             if deadline is not None and time.monotonic() >= deadline:
                 return None
 
-    def _handle(self, queue: str, kind: type | tuple[type, ...], tag: int, props: Any, body: bytes) -> Delivery | None:
+    def _handle(
+        self, queue: str, kind: type | tuple[type, ...], tag: int, props: Any, body: bytes
+    ) -> Delivery | None:
         reassembler = self._reassembler(queue)
         held = self._held[queue]
         try:
