@@ -1,7 +1,9 @@
-"""The aggregator's round loop: publish plans, fold in uploads, close the round.
+"""The aggregator's round engine: publish plans, fold in uploads, close the round.
 
 It knows the transport and the `ServerStrategy` interface, never the algorithm. Uploads
-are folded into the strategy one at a time as they arrive (streaming aggregation).
+are folded into the strategy one at a time as they arrive (streaming aggregation). The same
+engine runs inside `fedsilo simulate` and inside the long-running aggregator service, which
+adds the roster, deadlines and checkpoints around it.
 """
 
 from __future__ import annotations
@@ -9,15 +11,27 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
+from enum import StrEnum
+from typing import Any
 
 from fedsilo.aggregator.schedule import Schedule
+from fedsilo.sdk.logs import log_event
 from fedsilo.sdk.messages import RoundPlan, Upload
-from fedsilo.sdk.params import ModuleShape
-from fedsilo.sdk.strategies.base import AggregationReport, ServerStrategy
+from fedsilo.sdk.params import ModuleShape, TensorDict
+from fedsilo.sdk.strategies.base import AggregationReport, ServerStrategy, SiloPlan
 from fedsilo.sdk.transport.base import Transport
 
 log = logging.getLogger(__name__)
+
+
+class Verdict(StrEnum):
+    """What the engine did with an upload."""
+
+    FOLDED = "folded"
+    DUPLICATE = "duplicate"  # this silo's upload for this round was already folded
+    LATE = "late"  # for a round that is not the open one
+    UNKNOWN = "unknown"  # from a silo that is not part of this round
 
 
 @dataclass
@@ -32,11 +46,24 @@ class RoundRecord:
     bytes_down: dict[str, int] = field(default_factory=dict)
     bytes_up: dict[str, int] = field(default_factory=dict)
     aggregation: AggregationReport | None = None
-    ignored: int = 0
+    ignored: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def expected(self) -> list[str]:
+        return list(self.assignment)
 
     @property
     def missing(self) -> list[str]:
         return sorted(set(self.assignment) - set(self.bytes_up))
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any]) -> RoundRecord:
+        data = dict(data)
+        report = data.pop("aggregation", None)
+        return cls(**data, aggregation=AggregationReport(**report) if report else None)
 
 
 class Aggregator:
@@ -44,23 +71,26 @@ class Aggregator:
         self,
         strategy: ServerStrategy,
         transport: Transport,
-        silo_ids: Sequence[str],
-        shapes: Mapping[str, ModuleShape],
         schedule: Schedule,
+        setup: Mapping[str, Any] | None = None,
     ) -> None:
-        if not silo_ids:
-            raise ValueError("a federation needs at least one silo")
-        if len(set(silo_ids)) != len(silo_ids):
-            raise ValueError(f"silo ids must be unique: {list(silo_ids)}")
         self.strategy = strategy
+        self.setup = dict(setup or {})  # federation settings, sent in every plan
         self.transport = transport
-        self.silo_ids = list(silo_ids)
         self.schedule = schedule
-        self.strategy.initialize(shapes, self.silo_ids)
+        self.silo_ids: list[str] = []
         self.history: list[RoundRecord] = []
 
-    def publish(self, round: int) -> RoundRecord:
-        """Send every silo its plan; round == schedule.rounds is the final evaluation."""
+    def start(self, shapes: Mapping[str, ModuleShape], silo_ids: Sequence[str]) -> None:
+        """Create the global state for the first participants."""
+        self.silo_ids = _unique(silo_ids)
+        self.strategy.initialize(shapes, self.silo_ids)
+
+    def publish(self, round: int, silo_ids: Sequence[str] | None = None) -> RoundRecord:
+        """Send each participant its plan; round == schedule.rounds is the final evaluation.
+        `silo_ids` changes the participants (a late joiner enters here)."""
+        if silo_ids is not None:
+            self.silo_ids = _unique(silo_ids)
         final = round == self.schedule.rounds
         record = RoundRecord(round=round, final=final)
         parts = (
@@ -68,62 +98,96 @@ class Aggregator:
             else self.strategy.configure_round(round, self.silo_ids)
         )
         for silo, part in parts.items():
-            plan = RoundPlan(
-                round=round,
-                silo_id=silo,
-                total_rounds=self.schedule.rounds,
-                lr=self.schedule.lr_at(round),
-                local_steps=0 if final else self.schedule.local_steps,
-                assignment=part.assignment,
-                params=part.params,
-                final=final,
-            )
             record.assignment[silo] = part.assignment
-            record.bytes_down[silo] = self.transport.send_plan(plan)
         if not final:
             self.strategy.begin_round(round)
         self.history.append(record)
+        self.send_plans(record, parts)
         return record
 
-    def collect(self, record: RoundRecord, deadline: float | None = None) -> RoundRecord:
-        """Fold in uploads until every silo answered or `deadline` (monotonic) passed.
+    def send_plans(
+        self, record: RoundRecord, parts: Mapping[str, SiloPlan] | None = None
+    ) -> None:
+        """(Re)send the plans of `record`; a resumed aggregator calls this again, and silos
+        ignore a plan for a round they already handled."""
+        if parts is None:
+            parts = (
+                self.strategy.configure_final(record.expected) if record.final
+                else self.strategy.configure_round(record.round, record.expected)
+            )
+        for silo, part in parts.items():
+            plan = RoundPlan(
+                round=record.round,
+                silo_id=silo,
+                total_rounds=self.schedule.rounds,
+                lr=self.schedule.lr_at(record.round),
+                local_steps=0 if record.final else self.schedule.local_steps,
+                assignment=part.assignment,
+                params=part.params,
+                final=record.final,
+                setup=self.setup,
+            )
+            record.bytes_down[silo] = self.transport.send_plan(plan)
 
-        Uploads for another round and repeated uploads are counted and ignored: a
-        redelivered message must not be aggregated twice."""
+    def offer(self, record: RoundRecord, upload: Upload, size: int) -> Verdict:
+        """Fold `upload` into the open round if it belongs there. Idempotent: a redelivered
+        or repeated upload changes nothing (it is reported, not folded)."""
+        if upload.round != record.round:
+            verdict = Verdict.LATE
+        elif upload.silo_id not in record.assignment:
+            verdict = Verdict.UNKNOWN
+        elif upload.silo_id in record.bytes_up:
+            verdict = Verdict.DUPLICATE
+        else:
+            if not record.final:
+                self.strategy.accumulate(upload)
+            record.metrics[upload.silo_id] = dict(upload.metrics)
+            record.timings[upload.silo_id] = dict(upload.timings)
+            record.bytes_up[upload.silo_id] = size
+            return Verdict.FOLDED
+        record.ignored[verdict.value] = record.ignored.get(verdict.value, 0) + 1
+        log_event(
+            log, f"upload_{verdict.value}", logging.WARNING, silo=upload.silo_id,
+            upload_round=upload.round, open_round=record.round,
+        )
+        return verdict
+
+    def collect(self, record: RoundRecord, deadline: float | None = None) -> RoundRecord:
+        """Fold in uploads until every silo answered or `deadline` (monotonic) passed,
+        acknowledging each at once (for in-process use: nothing to checkpoint)."""
         while record.missing:
             timeout = None if deadline is None else max(0.0, deadline - time.monotonic())
             delivery = self.transport.receive_upload(timeout=timeout)
             if delivery is None:
                 break
-            upload = delivery.message
-            if not isinstance(upload, Upload):  # an announcement: simulation has no roster
-                delivery.ack()
-                continue
-            if upload.round != record.round or upload.silo_id in record.bytes_up:
-                record.ignored += 1
-                log.warning(
-                    "ignored upload from %s for round %d (collecting round %d)",
-                    upload.silo_id, upload.round, record.round,
-                )
-                delivery.ack()
-                continue
-            if upload.silo_id not in record.assignment:
-                record.ignored += 1
-                log.warning("ignored upload from unknown silo %r", upload.silo_id)
-                delivery.ack()
-                continue
-            self._fold(record, upload, delivery.size)
+            if isinstance(delivery.message, Upload):
+                self.offer(record, delivery.message, delivery.size)
             delivery.ack()
         return record
 
-    def _fold(self, record: RoundRecord, upload: Upload, size: int) -> None:
-        if not record.final:
-            self.strategy.accumulate(upload)
-        record.metrics[upload.silo_id] = dict(upload.metrics)
-        record.timings[upload.silo_id] = dict(upload.timings)
-        record.bytes_up[upload.silo_id] = size
-
     def close(self, record: RoundRecord) -> RoundRecord:
+        """Aggregate what arrived (experts nobody trained keep their values)."""
         if not record.final:
             record.aggregation = self.strategy.end_round(record.round)
         return record
+
+    def state_dict(self) -> tuple[TensorDict, dict[str, Any]]:
+        tensors, strategy_meta = self.strategy.state_dict()
+        return tensors, {
+            "strategy": strategy_meta,
+            "silo_ids": self.silo_ids,
+            "history": [r.to_json() for r in self.history],
+        }
+
+    def load_state_dict(self, tensors: TensorDict, meta: Mapping[str, Any]) -> None:
+        self.strategy.load_state_dict(tensors, meta["strategy"])
+        self.silo_ids = list(meta["silo_ids"])
+        self.history = [RoundRecord.from_json(r) for r in meta["history"]]
+
+
+def _unique(silo_ids: Sequence[str]) -> list[str]:
+    if not silo_ids:
+        raise ValueError("a federation needs at least one silo")
+    if len(set(silo_ids)) != len(silo_ids):
+        raise ValueError(f"silo ids must be unique: {list(silo_ids)}")
+    return list(silo_ids)

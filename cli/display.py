@@ -6,7 +6,7 @@ from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from fedsilo.cli.simulation import RoundSummary
+from fedsilo.aggregator.report import RoundSummary
 
 
 def _mb(n: int) -> str:

@@ -3,14 +3,16 @@
 from __future__ import annotations
 
 import logging
+import signal
 from dataclasses import replace
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 from rich.console import Console
 
 from fedsilo.cli.simulation import SimulationConfig, run_simulation
+from fedsilo.sdk.logs import setup_logging
 
 app = typer.Typer(
     name="fedsilo",
@@ -106,6 +108,159 @@ def simulate(
     except (ValueError, FileNotFoundError) as exc:
         raise _fail(console, str(exc)) from None
     console.print(f"[bold green]MTAL {result.mtal:.4f}[/]  run folder: {result.run_dir}")
+
+
+aggregator_app = typer.Typer(help="The coordinator's long-running process.",
+                             no_args_is_help=True)
+agent_app = typer.Typer(help="A silo's long-running process.", no_args_is_help=True)
+app.add_typer(aggregator_app, name="aggregator")
+app.add_typer(agent_app, name="agent")
+
+ConfigOption = Annotated[Path, typer.Option("--config", "-c", help="The TOML config file.")]
+SetOption = Annotated[
+    list[str] | None,
+    typer.Option("--set", help="Override a config key: --set rounds.deadline_s=60 "
+                 "(repeatable; FEDSILO_<SECTION>__<KEY> variables work too)."),
+]
+LogJsonOption = Annotated[
+    bool, typer.Option("--log-json", help="One JSON object per log line (for log shippers).")
+]
+PrintOption = Annotated[
+    bool, typer.Option("--print-config", help="Print the effective config (secrets masked).")
+]
+
+
+@aggregator_app.command("run")
+def aggregator_run(
+    config: ConfigOption,
+    set_: SetOption = None,
+    log_json: LogJsonOption = False,
+    print_config: PrintOption = False,
+    verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
+) -> None:
+    """Coordinate a federation over RabbitMQ; resumes from its state_dir after a stop."""
+    from fedsilo.aggregator.config import FederationConfig
+    from fedsilo.aggregator.service import AggregatorService
+
+    console = Console(stderr=True)
+    cfg = _load(console, FederationConfig, config, set_, print_config)
+    setup_logging(logging.DEBUG if verbose else logging.INFO, json_lines=log_json)
+    service = AggregatorService(cfg)
+    _run_service(console, service, "aggregator")
+    state = service.state
+    if state.phase == "done":
+        console.print(f"[bold green]federation {cfg.name} finished[/]; results in "
+                      f"{cfg.state_dir}/summary.json")
+    else:
+        console.print(f"stopped in round {state.round} ({state.phase}); run the same "
+                      "command again to resume")
+
+
+@agent_app.command("start")
+def agent_start(
+    config: ConfigOption,
+    set_: SetOption = None,
+    log_json: LogJsonOption = False,
+    print_config: PrintOption = False,
+    verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
+) -> None:
+    """Join a federation as one silo; resumes from its state_dir after a stop."""
+    from fedsilo.cli.progress import TrainingProgress, TransferProgress
+    from fedsilo.silo_agent.config import SiloConfig
+    from fedsilo.silo_agent.service import AgentService
+
+    console = Console(stderr=True)
+    cfg = _load(console, SiloConfig, config, set_, print_config)
+    setup_logging(logging.DEBUG if verbose else logging.INFO, json_lines=log_json)
+    interactive = console.is_terminal and not log_json
+    observer = TrainingProgress(console, cfg.silo_id) if interactive else None
+    transfers = TransferProgress(console) if interactive else None
+    service = AgentService(
+        cfg,
+        connect=lambda: cfg.broker.connect(cfg.silo_id, progress=transfers),
+        observer=observer,
+    )
+    _run_service(console, service, f"agent {cfg.silo_id}")
+    if service.state.finished:
+        console.print(f"[bold green]{cfg.silo_id} finished[/]; personalised adapter in "
+                      f"{cfg.state_dir}/adapter.safetensors")
+
+
+@app.command()
+def status(
+    config: Annotated[
+        Path | None, typer.Option("--config", "-c", help="The federation.toml.")
+    ] = None,
+    state_dir: Annotated[
+        Path | None, typer.Option(help="The aggregator's state_dir (instead of --config).")
+    ] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the raw status JSON.")] = False,
+) -> None:
+    """Show the federation as the aggregator sees it: round, deadline, uploads, errors."""
+    from fedsilo.cli.status import read_status, render_status
+
+    console = Console()
+    if state_dir is None:
+        if config is None:
+            raise _fail(console, "give --config federation.toml or --state-dir")
+        from fedsilo.aggregator.config import FederationConfig
+
+        state_dir = _load(console, FederationConfig, config, None, False).state_dir
+    try:
+        data = read_status(state_dir)
+    except (OSError, ValueError) as exc:
+        raise _fail(console, str(exc)) from None
+    if as_json:
+        console.print_json(data=data)
+    else:
+        render_status(console, data)
+
+
+def _load(console: Console, cls: type, path: Path, overrides: list[str] | None,
+          show: bool) -> Any:
+    from fedsilo.sdk.config import ConfigError, dump_toml, load_config
+
+    try:
+        cfg = load_config(cls, path, overrides or ())
+    except ConfigError as exc:
+        raise _fail(console, f"invalid configuration:\n{exc}") from None
+    if show:
+        typer.echo(dump_toml(cfg))
+        raise typer.Exit(0)
+    return cfg
+
+
+def _run_service(console: Console, service: Any, name: str) -> None:
+    """Run with SIGTERM/SIGINT turned into a graceful stop; errors become one clear line
+    and an exit code: 2 bad input, 3 federation aborted, 4 broker unreachable."""
+    from fedsilo.aggregator.service import FederationAborted
+    from fedsilo.sdk.checkpoint import CheckpointError
+    from fedsilo.sdk.data.examples import DataError
+    from fedsilo.sdk.models.loading import ModelLoadError
+    from fedsilo.sdk.transport.amqp import BrokerUnavailable
+
+    signals = {"count": 0}
+
+    def on_signal(signum: int, frame: object) -> None:
+        signals["count"] += 1
+        if signals["count"] > 1:
+            raise KeyboardInterrupt
+        service.request_stop(signal.Signals(signum).name)
+
+    previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        service.run()
+    except BrokerUnavailable as exc:
+        console.print(f"[bold red]error:[/] {exc}", highlight=False)
+        raise typer.Exit(code=4) from None
+    except FederationAborted as exc:
+        console.print(f"[bold red]aborted:[/] {exc}", highlight=False)
+        raise typer.Exit(code=3) from None
+    except (ValueError, FileNotFoundError, DataError, ModelLoadError, CheckpointError) as exc:
+        raise _fail(console, f"{name}: {exc}") from None
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
 
 
 if __name__ == "__main__":

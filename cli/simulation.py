@@ -11,23 +11,19 @@ import copy
 import json
 import math
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any, Protocol
 
-import numpy as np
 from torch import nn
 
-from fedsilo.aggregator.coordinator import Aggregator, RoundRecord
+from fedsilo.aggregator.coordinator import Aggregator
+from fedsilo.aggregator.report import RoundSummary, latest_metrics, summarise
 from fedsilo.aggregator.schedule import Schedule
 from fedsilo.sdk.amole.config import AMoLEConfig
-from fedsilo.sdk.data.examples import DataError, Example, SiloData, TaskInfo
-from fedsilo.sdk.data.loading import load_examples
-from fedsilo.sdk.data.partition import partition
-from fedsilo.sdk.data.presets import resolve_dataset
-from fedsilo.sdk.data.splits import split_silo
-from fedsilo.sdk.data.synthetic import synthetic_federation
+from fedsilo.sdk.data.examples import SiloData, TaskInfo
+from fedsilo.sdk.data.silos import build_silo_data as build_federation_data
 from fedsilo.sdk.evaluation.metrics import mtal
 from fedsilo.sdk.models.loading import load_model
 from fedsilo.sdk.strategies import StrategyConfig, get_strategy
@@ -112,38 +108,6 @@ class Observer(Protocol):
 
 
 @dataclass
-class SiloRow:
-    metric: float | None
-    experts_min: int
-    experts_mean: float
-    experts_max: int
-    bytes_up: int
-    bytes_down: int
-    train_s: float
-    test_s: float
-
-
-@dataclass
-class RoundSummary:
-    round: int
-    final: bool
-    silos: dict[str, SiloRow]
-    aggregate_s: float
-    mta: float | None
-    metric_name: str = "metric"
-
-    def to_json(self) -> dict[str, Any]:
-        return {
-            "round": self.round,
-            "final": self.final,
-            "metric": self.metric_name,
-            "mta": self.mta,
-            "aggregate_s": self.aggregate_s,
-            "silos": {k: asdict(v) for k, v in self.silos.items()},
-        }
-
-
-@dataclass
 class SimulationResult:
     run_dir: Path
     rounds: list[RoundSummary] = field(default_factory=list)
@@ -170,30 +134,10 @@ def silo_ids(n: int) -> list[str]:
 
 def build_silo_data(config: SimulationConfig) -> list[SiloData]:
     """Per-silo splits of the embedded synthetic set, or of a real data set."""
-    rng = np.random.default_rng(config.seed)
-    if config.data is None:
-        per_silo, task = synthetic_federation(
-            config.silos, config.seed, examples_per_silo=config.examples_per_silo
-        )
-    else:
-        spec = resolve_dataset(config.data, config.data_dir)
-        examples, task = load_examples(
-            spec, limit=config.silos * config.examples_per_silo, seed=config.seed
-        )
-        groups = [e.group or "" for e in examples]
-        parts = partition(groups, config.silos, config.partition, rng, alpha=config.alpha)
-        per_silo = [[examples[i] for i in idx] for idx in parts]
-    return [_split(examples, task, rng) for examples in per_silo]
-
-
-def _split(examples: Sequence[Example], task: TaskInfo, rng: np.random.Generator) -> SiloData:
-    data = split_silo(examples, task, rng)
-    if not data.train or not data.test:
-        raise DataError(
-            f"a silo got {len(examples)} examples, too few to split into train and test; "
-            "raise --examples-per-silo or lower --silos"
-        )
-    return data
+    return build_federation_data(
+        config.data, config.silos, config.seed, config.examples_per_silo,
+        partition=config.partition, alpha=config.alpha, data_dir=config.data_dir,
+    )
 
 
 def share_backbone(model: nn.Module) -> nn.Module:
@@ -205,42 +149,6 @@ def share_backbone(model: nn.Module) -> nn.Module:
 
 def metric_name(task: TaskInfo) -> str:
     return "accuracy" if task.kind == "classification" else "rouge-l"
-
-
-def _summarise(record: RoundRecord, metric: str) -> RoundSummary:
-    rows: dict[str, SiloRow] = {}
-    for silo, assignment in record.assignment.items():
-        counts = [len(ids) for ids in assignment.values()] or [0]
-        timings = record.timings.get(silo, {})
-        rows[silo] = SiloRow(
-            metric=record.metrics.get(silo, {}).get("metric"),
-            experts_min=min(counts),
-            experts_mean=sum(counts) / len(counts),
-            experts_max=max(counts),
-            bytes_up=record.bytes_up.get(silo, 0),
-            bytes_down=record.bytes_down.get(silo, 0),
-            train_s=timings.get("train_s", 0.0),
-            test_s=timings.get("test_s", 0.0),
-        )
-    values = [row.metric for row in rows.values() if row.metric is not None]
-    return RoundSummary(
-        round=record.round,
-        final=record.final,
-        silos=rows,
-        aggregate_s=record.aggregation.seconds if record.aggregation else 0.0,
-        mta=sum(values) / len(values) if values else None,
-        metric_name=metric,
-    )
-
-
-def _latest_metrics(rounds: Sequence[RoundSummary]) -> dict[str, float]:
-    """Each silo's most recent score: the personalised model after the last round."""
-    latest: dict[str, float] = {}
-    for summary in rounds:
-        for silo, row in summary.silos.items():
-            if row.metric is not None:
-                latest[silo] = row.metric
-    return latest
 
 
 def run_simulation(
@@ -275,7 +183,8 @@ def run_simulation(
             SiloAgent(silo, spec.client(strategy_config), trainer, transport,
                       out_dir=run_dir / "silos" / silo)
         )
-    aggregator = Aggregator(server, transport, ids, agents[0].trainer.shapes(), schedule)
+    aggregator = Aggregator(server, transport, schedule)
+    aggregator.start(agents[0].trainer.shapes(), ids)
 
     result = SimulationResult(run_dir=run_dir)
     (run_dir / "assignments").mkdir(exist_ok=True)
@@ -291,12 +200,12 @@ def run_simulation(
                 observer.silo_started(agent.silo_id, 0 if final else config.local_steps)
                 agent.poll()
             aggregator.close(aggregator.collect(record))
-            summary = _summarise(record, metric_name(datasets[0].task))
+            summary = summarise(record, metric_name(datasets[0].task))
             result.rounds.append(summary)
             metrics_file.write(json.dumps(summary.to_json()) + "\n")
             metrics_file.flush()
             observer.round_finished(summary)
-    latest = _latest_metrics(result.rounds)
+    latest = latest_metrics(result.rounds)
     result.mtal = mtal([latest]) if latest else math.nan
     result.final_params = server.global_params
     (run_dir / "summary.json").write_text(

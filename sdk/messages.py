@@ -58,3 +58,5 @@ class Announce:
     linear_shapes: dict[str, ModuleShape]
     n_samples: int
     incarnation: str = ""
+    model_digest: str = ""
+    """SHA-256 of the backbone weights: silos must all fine-tune the same base model."""

@@ -29,6 +29,29 @@ from .layer import AMoLELinear, EmbeddingAccumulator
 from .routing import load_balance_loss
 
 
+def is_target(name: str, target_modules: Iterable[str]) -> bool:
+    """The one rule (used by silos and the aggregator alike) for which layers are adapted."""
+    return name.rsplit(".", 1)[-1] in set(target_modules)
+
+
+def linear_shapes(model: nn.Module) -> dict[str, ModuleShape]:
+    """Every nn.Linear of a base model: what a silo announces, so the aggregator (which
+    holds no model) can pick the adapted modules and check every silo has the same model."""
+    return {
+        name: ModuleShape(in_features=mod.in_features, out_features=mod.out_features)
+        for name, mod in model.named_modules()
+        if isinstance(mod, nn.Linear)
+    }
+
+
+def target_shapes(
+    shapes: Mapping[str, ModuleShape], target_modules: Iterable[str]
+) -> dict[str, ModuleShape]:
+    """The adapted modules among `linear_shapes`, in model order (as `module_shapes`)."""
+    targets = set(target_modules)
+    return {name: shape for name, shape in shapes.items() if is_target(name, targets)}
+
+
 def inject_amole(model: nn.Module, config: AMoLEConfig) -> dict[str, AMoLELinear]:
     """Wrap every targeted nn.Linear in an AMoLELinear and freeze everything else.
 
@@ -40,7 +63,7 @@ def inject_amole(model: nn.Module, config: AMoLEConfig) -> dict[str, AMoLELinear
         raise ValueError("model already has AMoLE layers; inject into a fresh model")
     targets = set(config.target_modules)
     linear_names = [name for name, mod in model.named_modules() if isinstance(mod, nn.Linear)]
-    chosen = [name for name in linear_names if name.rsplit(".", 1)[-1] in targets]
+    chosen = [name for name in linear_names if is_target(name, targets)]
     if not chosen:
         available = sorted({name.rsplit(".", 1)[-1] for name in linear_names})
         raise ValueError(

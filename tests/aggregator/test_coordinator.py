@@ -1,7 +1,9 @@
+import json
+
 import pytest
 import torch
 
-from fedsilo.aggregator.coordinator import Aggregator
+from fedsilo.aggregator.coordinator import Aggregator, RoundRecord
 from fedsilo.aggregator.schedule import Schedule
 from fedsilo.sdk.amole.config import AMoLEConfig
 from fedsilo.sdk.messages import Upload
@@ -14,8 +16,9 @@ def _aggregator(rounds: int = 2) -> tuple[Aggregator, MemoryTransport]:
     spec = get_strategy("fedit")
     server = spec.server(spec.adapter(AMoLEConfig(r=2)), StrategyConfig(name="fedit"), 0)
     transport = MemoryTransport()
-    agg = Aggregator(server, transport, ["a", "b"], {"m": ModuleShape(3, 3)},
-                     Schedule(rounds=rounds, local_steps=1, lr=0.1, lr_decay=0.5))
+    agg = Aggregator(server, transport, Schedule(rounds=rounds, local_steps=1, lr=0.1,
+                                                 lr_decay=0.5), setup={"name": "t"})
+    agg.start({"m": ModuleShape(3, 3)}, ["a", "b"])
     return agg, transport
 
 
@@ -30,6 +33,7 @@ def test_plans_carry_decayed_lr_and_final_round_is_evaluation_only() -> None:
     plan = transport.receive_plan("a")
     assert plan is not None and plan.message.lr == pytest.approx(0.05)
     assert not plan.message.final and plan.message.local_steps == 1
+    assert plan.message.setup == {"name": "t"}
     agg.publish(2)
     final = transport.receive_plan("a")
     assert final is not None and final.message.final and final.message.local_steps == 0
@@ -44,7 +48,7 @@ def test_duplicates_and_late_uploads_are_ignored_and_counted() -> None:
     transport.send_upload(_up(0, "intruder", 100.0))
     transport.send_upload(_up(0, "b", 3.0))
     agg.close(agg.collect(record))
-    assert record.ignored == 3
+    assert record.ignored == {"duplicate": 1, "late": 1, "unknown": 1}
     assert record.missing == []
     assert torch.allclose(agg.strategy.global_params["m.shared.A"], torch.full((2, 3), 2.0))
     assert record.bytes_up["a"] > 0 and record.metrics["b"] == {"metric": 3.0}
@@ -64,4 +68,22 @@ def test_bad_roster_is_rejected() -> None:
     spec = get_strategy("fedit")
     server = spec.server(spec.adapter(AMoLEConfig(r=2)), StrategyConfig(name="fedit"), 0)
     with pytest.raises(ValueError, match="unique"):
-        Aggregator(server, MemoryTransport(), ["a", "a"], {}, Schedule(1, 1, 0.1))
+        Aggregator(server, MemoryTransport(), Schedule(1, 1, 0.1)).start({}, ["a", "a"])
+
+
+def test_a_late_joiner_gets_a_plan_from_the_next_round() -> None:
+    agg, transport = _aggregator(rounds=3)
+    agg.close(agg.collect(agg.publish(0)))
+    record = agg.publish(1, ["a", "b", "c"])
+    assert record.expected == ["a", "b", "c"]
+    plan = transport.receive_plan("c")
+    assert plan is not None and plan.message.round == 1
+
+
+def test_record_round_trips_through_json() -> None:
+    agg, transport = _aggregator()
+    record = agg.publish(0)
+    transport.send_upload(_up(0, "a", 1.0))
+    agg.close(agg.collect(record))
+    again = RoundRecord.from_json(json.loads(json.dumps(record.to_json())))
+    assert again == record

@@ -1,0 +1,420 @@
+"""`fedsilo aggregator run`: the coordinator as a long-running, restartable process.
+
+Around the round engine (`Aggregator`) it adds what a real federation needs: the roster
+(silos announce themselves; round 0 starts once `min_silos` joined; later joiners enter at
+the next round), a deadline and quorum per round, checkpoints and graceful stops.
+
+Crash safety rests on one rule: a delivery is acknowledged only after the state it
+produced is checkpointed (temp file, fsync, rename). Whatever was folded but not yet
+checkpointed is still unacknowledged, so after a crash the broker redelivers it and the
+resumed process folds it again. Plans are re-sent on resume when the crash came while
+publishing; silos ignore a plan for a round they already handled, and the engine ignores
+a repeated upload. Sums are kept in float64, so the order uploads arrive in does not
+change the result: a killed-and-resumed run ends with the parameters of an unbroken one.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from safetensors.torch import save_file
+
+from fedsilo.aggregator.config import FederationConfig
+from fedsilo.aggregator.coordinator import Aggregator, RoundRecord, Verdict
+from fedsilo.aggregator.report import latest_metrics, summarise
+from fedsilo.sdk.amole.model import target_shapes
+from fedsilo.sdk.checkpoint import load_checkpoint, save_checkpoint
+from fedsilo.sdk.evaluation.metrics import mtal
+from fedsilo.sdk.faults import FaultPlan
+from fedsilo.sdk.logs import log_event
+from fedsilo.sdk.messages import Announce, Upload
+from fedsilo.sdk.params import ModuleShape
+from fedsilo.sdk.strategies import get_strategy
+from fedsilo.sdk.transport.base import Delivery, Transport
+from fedsilo.sdk.transport.settings import owner_only
+
+log = logging.getLogger(__name__)
+
+CHECKPOINT = "aggregator.ckpt"
+STATUS = "status.json"
+STATE_VERSION = 1
+
+
+class FederationAborted(RuntimeError):
+    """The quorum was not reached and the configuration says to stop; state is saved."""
+
+
+@dataclass
+class Member:
+    model: str
+    n_samples: int
+    incarnation: str
+    joined_round: int
+
+
+@dataclass
+class ServiceState:
+    """Everything besides the engine that a resumed aggregator needs (JSON-able)."""
+
+    phase: str = "waiting"  # waiting | publishing | collecting | done
+    round: int = 0
+    members: dict[str, Member] = field(default_factory=dict)
+    shapes: dict[str, list[int]] = field(default_factory=dict)  # adapted module -> [in, out]
+    deadline_at: float | None = None
+    extensions: int = 0
+    counters: dict[str, int] = field(default_factory=dict)
+    last_error: str | None = None
+
+    def count(self, key: str, n: int = 1) -> None:
+        self.counters[key] = self.counters.get(key, 0) + n
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> ServiceState:
+        data = dict(data)
+        members = {k: Member(**v) for k, v in data.pop("members").items()}
+        return cls(**data, members=members)
+
+
+class AggregatorService:
+    def __init__(
+        self,
+        config: FederationConfig,
+        connect: Callable[[], Transport] | None = None,
+        clock: Callable[[], float] = time.time,
+        poll_s: float = 0.5,
+    ) -> None:
+        self.config = config
+        self.state_dir = Path(config.state_dir)
+        self._connect = connect or (lambda: config.broker.connect("aggregator", config.silos))
+        self.clock = clock
+        self.poll_s = poll_s
+        self.setup = config.setup()
+        self.fingerprint = _fingerprint(self.setup.to_json(), config.schedule)
+        self.state = ServiceState()
+        self.engine: Aggregator | None = None
+        self.transport: Transport | None = None
+        self.faults = FaultPlan()
+        self._pending: list[Callable[[], None]] = []  # acks waiting for the next checkpoint
+        self._last_checkpoint = 0.0
+        self._stop_reason: str | None = None
+        self._join_started = clock()
+
+    # -- lifecycle -----------------------------------------------------------------------
+
+    def request_stop(self, reason: str) -> None:
+        """Ask the loop to stop at the next safe point (signal handlers call this)."""
+        self._stop_reason = reason
+
+    def run(self) -> ServiceState:
+        owner_only(self.state_dir)
+        restore = self._load()
+        resumed = restore is not None
+        self.transport = self._connect()
+        if restore is not None:
+            restore()
+        log_event(
+            log, "aggregator_started", federation=self.config.name, resumed=resumed,
+            phase=self.state.phase, round=self.state.round, silos=list(self.config.silos),
+        )
+        try:
+            while self.state.phase != "done" and self._stop_reason is None:
+                self._step()
+            if self._stop_reason is not None:
+                log_event(log, "aggregator_stopping", reason=self._stop_reason,
+                          phase=self.state.phase, round=self.state.round)
+        except Exception as exc:
+            self.state.last_error = f"{type(exc).__name__}: {exc}"
+            self._write_status()
+            raise
+        finally:
+            self._checkpoint()
+            self.transport.close()
+        return self.state
+
+    # -- the loop ------------------------------------------------------------------------
+
+    def _step(self) -> None:
+        phase = self.state.phase
+        if phase == "waiting":
+            self._receive(self.poll_s)
+            self._maybe_start()
+        elif phase == "publishing":
+            self._publish()
+        elif phase == "collecting":
+            deadline = self.state.deadline_at or self.clock()
+            self._receive(max(0.0, min(self.poll_s, deadline - self.clock())))
+            self._maybe_close()
+        if self._pending and (
+            self.clock() - self._last_checkpoint >= self.config.rounds.checkpoint_interval_s
+        ):
+            self._checkpoint()
+
+    def _receive(self, timeout: float) -> None:
+        assert self.transport is not None
+        delivery = self.transport.receive_upload(timeout=timeout)
+        if delivery is None:
+            return
+        if isinstance(delivery.message, Announce):
+            self._on_announce(delivery.message)
+        else:
+            self._on_upload(delivery)  # type: ignore[arg-type]
+        self._pending.append(delivery.ack)
+
+    def _on_announce(self, msg: Announce) -> None:
+        state = self.state
+        if msg.silo_id not in self.config.silos:
+            state.count("unknown_silo")
+            log_event(log, "silo_refused", logging.ERROR, silo=msg.silo_id,
+                      reason="not in the federation's silos (federation.toml)")
+            return
+        shapes = target_shapes(msg.linear_shapes, self.config.adapter.target_modules)
+        wanted = {k: [s.in_features, s.out_features] for k, s in shapes.items()}
+        problem = None
+        if not wanted:
+            problem = (f"its model {msg.model!r} has no linear layer named "
+                       f"{list(self.config.adapter.target_modules)}")
+        elif state.shapes and wanted != state.shapes:
+            problem = f"its model {msg.model!r} differs from the federation's base model"
+        if problem:
+            state.count("model_mismatch")
+            state.last_error = f"silo {msg.silo_id} refused: {problem}"
+            log_event(log, "silo_refused", logging.ERROR, silo=msg.silo_id, reason=problem)
+            self._write_status()
+            return
+        state.shapes = state.shapes or wanted
+        member = state.members.get(msg.silo_id)
+        if member is None:
+            state.members[msg.silo_id] = Member(msg.model, msg.n_samples, msg.incarnation,
+                                                state.round)
+            log_event(log, "silo_joined", silo=msg.silo_id, model=msg.model,
+                      n_samples=msg.n_samples, joined=len(state.members),
+                      needed=self.config.start_with, phase=state.phase)
+        elif member.incarnation != msg.incarnation:
+            member.incarnation = msg.incarnation
+            log_event(log, "silo_rejoined", silo=msg.silo_id, round=state.round)
+        self._write_status()
+
+    def _on_upload(self, delivery: Delivery[Upload]) -> None:
+        upload = delivery.message
+        if self.state.phase != "collecting" or self.engine is None:
+            self.state.count("late")
+            log_event(log, "upload_late", logging.WARNING, silo=upload.silo_id,
+                      upload_round=upload.round, phase=self.state.phase)
+            return
+        record = self.engine.history[-1]
+        verdict = self.engine.offer(record, upload, delivery.size)
+        if verdict is Verdict.FOLDED:
+            log_event(log, "upload_folded", silo=upload.silo_id, round=upload.round,
+                      bytes=delivery.size, missing=record.missing)
+            self.faults.reach("folded", record.round)
+        else:
+            self.state.count(verdict.value)
+        self._write_status()
+
+    # -- phases --------------------------------------------------------------------------
+
+    def _participants(self) -> list[str]:
+        return [s for s in self.config.silos if s in self.state.members]
+
+    def _maybe_start(self) -> None:
+        joined = len(self.state.members)
+        if joined >= self.config.start_with:
+            self.engine = self._new_engine()
+            shapes = {k: ModuleShape(*v) for k, v in self.state.shapes.items()}
+            self.engine.start(shapes, self._participants())
+            self.state.phase = "publishing"
+            log_event(log, "federation_started", silos=self._participants())
+            self._checkpoint()
+            return
+        timeout = self.config.rounds.join_timeout_s
+        if timeout and self.clock() - self._join_started > timeout:
+            raise FederationAborted(
+                f"only {joined} of the {self.config.start_with} silos needed joined within "
+                f"{timeout:g} s (joined: {sorted(self.state.members) or 'none'}); start the "
+                "missing agents, or lower min_silos, and run again (state is kept)"
+            )
+
+    def _publish(self) -> None:
+        assert self.engine is not None
+        round = self.state.round
+        record = self.engine.publish(round, self._participants())
+        self.faults.reach("published", round)
+        self.state.phase = "collecting"
+        self.state.deadline_at = self.clock() + self.config.rounds.deadline_s
+        self.state.extensions = 0
+        log_event(log, "round_opened", round=round, final=record.final,
+                  silos=record.expected, deadline_s=self.config.rounds.deadline_s,
+                  bytes_down=sum(record.bytes_down.values()))
+        self._checkpoint()
+
+    def _maybe_close(self) -> None:
+        assert self.engine is not None
+        record = self.engine.history[-1]
+        if not record.missing:
+            self._close(record)
+            return
+        if self.clock() < (self.state.deadline_at or 0.0):
+            return
+        rounds = self.config.rounds
+        have, need = len(record.bytes_up), rounds.quorum_count(len(record.expected))
+        if have >= need:
+            log_event(log, "round_closed_at_deadline", logging.WARNING, round=record.round,
+                      uploads=have, quorum=need, missing=record.missing)
+            self._close(record)
+            return
+        if rounds.on_missing == "extend" and self.state.extensions < rounds.max_extensions:
+            self.state.extensions += 1
+            self.state.deadline_at = self.clock() + rounds.deadline_s
+            log_event(log, "deadline_extended", logging.WARNING, round=record.round,
+                      uploads=have, quorum=need, missing=record.missing,
+                      extension=self.state.extensions)
+            self._checkpoint()
+            return
+        self.state.last_error = (
+            f"round {record.round}: {have} of {len(record.expected)} silos uploaded, quorum "
+            f"is {need}; missing {', '.join(record.missing)}"
+        )
+        self._checkpoint()
+        raise FederationAborted(
+            self.state.last_error + ". Start the missing agents and run the aggregator "
+            "again (it resumes this round), or lower rounds.quorum."
+        )
+
+    def _close(self, record: RoundRecord) -> None:
+        assert self.engine is not None
+        self.faults.reach("aggregating", record.round)
+        self.engine.close(record)
+        summary = summarise(record, "metric")
+        log_event(
+            log, "round_closed", round=record.round, final=record.final,
+            uploads=len(record.bytes_up), missing=record.missing, mta=summary.mta,
+            aggregate_s=summary.aggregate_s, bytes_up=sum(record.bytes_up.values()),
+        )
+        if record.final:
+            self.state.phase = "done"
+            self._write_results()
+        else:
+            self.state.round += 1
+            self.state.phase = "publishing"
+        self.state.deadline_at = None
+        self._checkpoint()
+        self.faults.reach("closed", record.round)
+
+    # -- persistence ---------------------------------------------------------------------
+
+    def _new_engine(self) -> Aggregator:
+        spec = get_strategy(self.setup.strategy.name)
+        server = spec.server(self.setup.resolved_adapter(), self.setup.strategy, self.setup.seed)
+        server.validate(self.config.start_with)
+        assert self.transport is not None
+        return Aggregator(server, self.transport, self.config.schedule.schedule(),
+                          setup=self.setup.to_json())
+
+    def _checkpoint(self) -> None:
+        tensors: dict[str, Any] = {}
+        meta: dict[str, Any] = {
+            "version": STATE_VERSION,
+            "federation": self.config.name,
+            "fingerprint": self.fingerprint,
+            "service": self.state.to_json(),
+            "engine": None,
+        }
+        if self.engine is not None:
+            tensors, meta["engine"] = self.engine.state_dict()
+        save_checkpoint(self.state_dir / CHECKPOINT, tensors, meta)
+        self._last_checkpoint = self.clock()
+        pending, self._pending = self._pending, []
+        for ack in pending:
+            try:
+                ack()
+            except Exception as exc:  # the broker will redeliver it; we fold idempotently
+                log.debug("ack failed after checkpoint: %s", exc)
+        self._write_status()
+
+    def _load(self) -> Callable[[], None] | None:
+        """Read the checkpoint (before connecting, so a wrong one fails fast); returns what
+        restores the engine once the transport is up."""
+        path = self.state_dir / CHECKPOINT
+        if not path.exists():
+            return None
+        tensors, meta = load_checkpoint(path)
+        if meta.get("fingerprint") != self.fingerprint:
+            raise ValueError(
+                f"{path} belongs to a federation with other settings (strategy, adapter, "
+                "training, seed or schedule changed). Resume with the original "
+                "federation.toml, or use a new state_dir to start afresh."
+            )
+        self.state = ServiceState.from_json(meta["service"])
+        log_event(log, "state_loaded", path=str(path), phase=self.state.phase,
+                  round=self.state.round)
+
+        def restore() -> None:
+            if meta["engine"] is not None:
+                self.engine = self._new_engine()
+                self.engine.load_state_dict(tensors, meta["engine"])
+
+        return restore
+
+    def _write_results(self) -> None:
+        assert self.engine is not None
+        params = {k: v.contiguous() for k, v in self.engine.strategy.global_params.items()}
+        save_file(params, str(self.state_dir / "global_params.safetensors"))
+        rounds = [summarise(r, "metric") for r in self.engine.history]
+        latest = latest_metrics(rounds)
+        _write_json(self.state_dir / "summary.json", {
+            "federation": self.config.name,
+            "strategy": self.setup.strategy.name,
+            "mtal": mtal([latest]) if latest else None,
+            "per_silo": latest,
+            "rounds": [r.to_json() for r in rounds],
+        })
+
+    def status(self) -> dict[str, Any]:
+        state = self.state
+        record = self.engine.history[-1] if self.engine and self.engine.history else None
+        now = self.clock()
+        return {
+            "federation": self.config.name,
+            "pid": os.getpid(),
+            "updated_at": now,
+            "phase": state.phase,
+            "round": state.round,
+            "total_rounds": self.config.schedule.rounds,
+            "deadline_at": state.deadline_at,
+            "deadline_in_s": None if state.deadline_at is None else state.deadline_at - now,
+            "extensions": state.extensions,
+            "roster": list(self.config.silos),
+            "joined": sorted(state.members),
+            "expected": record.expected if record and state.phase == "collecting" else [],
+            "uploaded": dict(record.bytes_up) if record and state.phase == "collecting" else {},
+            "missing": record.missing if record and state.phase == "collecting" else [],
+            "bytes_down": dict(record.bytes_down) if record else {},
+            "counters": dict(state.counters),
+            "reconnects": getattr(self.transport, "reconnects", 0),
+            "last_error": state.last_error,
+        }
+
+    def _write_status(self) -> None:
+        _write_json(self.state_dir / STATUS, self.status())
+
+
+def _fingerprint(setup: dict[str, Any], schedule: Any) -> str:
+    data = json.dumps({"setup": setup, "schedule": asdict(schedule)}, sort_keys=True)
+    return hashlib.sha256(data.encode()).hexdigest()[:16]
+
+
+def _write_json(path: Path, data: Any) -> None:
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(data, indent=1, default=str))
+    os.replace(tmp, path)

@@ -1,0 +1,74 @@
+"""Rich progress for the service commands: local training steps and chunked transfers.
+
+Shown only on an interactive terminal without `--log-json`; otherwise the structured log
+lines carry the same events and nothing redraws.
+"""
+
+from __future__ import annotations
+
+from rich.console import Console
+from rich.progress import (
+    BarColumn,
+    DownloadColumn,
+    Progress,
+    TaskID,
+    TextColumn,
+    TimeElapsedColumn,
+    TransferSpeedColumn,
+)
+
+
+class TrainingProgress:
+    """An `AgentObserver`: one bar per round of local training."""
+
+    def __init__(self, console: Console, silo_id: str) -> None:
+        self.console = console
+        self.silo_id = silo_id
+        self.progress = Progress(
+            TextColumn("[bold]{task.description}"), BarColumn(), TextColumn("{task.fields[loss]}"),
+            TimeElapsedColumn(), console=console, transient=True,
+        )
+        self.task: TaskID | None = None
+
+    def round_started(self, round: int, steps: int) -> None:
+        self.progress.start()
+        self.task = self.progress.add_task(
+            f"{self.silo_id} round {round}", total=max(steps, 1), loss=""
+        )
+
+    def train_step(self, step: int, total: int, loss: float) -> None:
+        if self.task is not None:
+            self.progress.update(self.task, completed=step, loss=f"loss {loss:.3f}")
+
+    def round_finished(self, round: int, metrics: dict[str, float]) -> None:
+        if self.task is not None:
+            self.progress.remove_task(self.task)
+            self.task = None
+        self.progress.stop()
+        shown = "  ".join(f"{k} {v:.4f}" for k, v in metrics.items())
+        self.console.print(f"{self.silo_id}: round {round} done  {shown}".rstrip())
+
+
+class TransferProgress:
+    """A transport `progress` callback: a bar per chunked message while it moves."""
+
+    def __init__(self, console: Console) -> None:
+        self.progress = Progress(
+            TextColumn("[bold]{task.description}"), BarColumn(), DownloadColumn(),
+            TransferSpeedColumn(), console=console, transient=True,
+        )
+        self.tasks: dict[str, TaskID] = {}
+
+    def __call__(self, event: object) -> None:
+        mid = str(getattr(event, "message_id", ""))
+        done, total = int(getattr(event, "done_bytes", 0)), int(getattr(event, "total_bytes", 0))
+        if mid not in self.tasks:
+            if not self.tasks:
+                self.progress.start()
+            direction = getattr(event, "direction", "")
+            self.tasks[mid] = self.progress.add_task(f"{direction} {mid[:8]}", total=total)
+        self.progress.update(self.tasks[mid], completed=done)
+        if done >= total:
+            self.progress.remove_task(self.tasks.pop(mid))
+            if not self.tasks:
+                self.progress.stop()

@@ -1,0 +1,113 @@
+"""The `[broker]` section shared by federation.toml and silo.toml, and how it becomes a
+connected transport. Kept apart from the AMQP code so configs load without pika."""
+
+from __future__ import annotations
+
+import os
+import stat
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+from urllib.parse import quote, urlsplit, urlunsplit
+
+if TYPE_CHECKING:
+    from fedsilo.sdk.transport.amqp import AmqpTransport
+
+DEFAULT_URL = "amqp://guest:guest@127.0.0.1:5672/"
+
+
+@dataclass(frozen=True)
+class BrokerSettings:
+    """Where the broker is and how hard to try. One vhost per federation: put it in the URL
+    path (`amqp://user@host:5672/my-federation`). Several URLs = the nodes of a cluster."""
+
+    urls: tuple[str, ...] = field(default=(DEFAULT_URL,), metadata={"secret": "url"})
+    password_file: Path | None = None
+    """Read the broker password from this owner-only file instead of writing it in a URL."""
+    chunk_size_mb: float = 4.0
+    connect_timeout_s: float = 5.0
+    startup_timeout_s: float = 0.0
+    """Keep trying to reach the broker this long at start (0: fail at once)."""
+    reconnect_timeout_s: float = 300.0
+    """Give up (and stop, state saved) after an outage this long."""
+    heartbeat_s: int = 60
+    max_pending_mb: float = 2048.0
+    reassembly_timeout_s: float = 300.0
+
+    def __post_init__(self) -> None:
+        if isinstance(self.urls, str):
+            object.__setattr__(self, "urls", (self.urls,))
+        if not self.urls:
+            raise ValueError("broker.urls must list at least one amqp:// or amqps:// URL")
+        for url in self.urls:
+            if urlsplit(url).scheme not in ("amqp", "amqps"):
+                raise ValueError(
+                    "broker.urls entries must start with amqp:// or amqps:// "
+                    f"(got one starting with {url.split(':', 1)[0]!r})"
+                )
+        for name in ("chunk_size_mb", "connect_timeout_s", "max_pending_mb",
+                     "reassembly_timeout_s"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"broker.{name} must be > 0 (got {getattr(self, name)})")
+
+    def resolved_urls(self) -> list[str]:
+        """The URLs with the password from `password_file` filled in where one is missing."""
+        if self.password_file is None:
+            return list(self.urls)
+        password = read_secret(self.password_file)
+        out = []
+        for url in self.urls:
+            parts = urlsplit(url)
+            if parts.password is None:
+                user = parts.username or "guest"
+                host = parts.hostname or "localhost"
+                port = f":{parts.port}" if parts.port else ""
+                netloc = f"{quote(user, safe='')}:{quote(password, safe='')}@{host}{port}"
+                url = urlunsplit((parts.scheme, netloc, parts.path, parts.query, ""))
+            out.append(url)
+        return out
+
+    def connect(
+        self,
+        role: str,
+        silo_ids: Sequence[str] = (),
+        progress: Callable[[Any], None] | None = None,
+    ) -> AmqpTransport:
+        from fedsilo.sdk.transport.amqp import AmqpTransport
+
+        return AmqpTransport(
+            self.resolved_urls(),
+            role,
+            silo_ids=silo_ids,
+            chunk_size=int(self.chunk_size_mb * 2**20),
+            connect_timeout=self.connect_timeout_s,
+            max_pending_bytes=int(self.max_pending_mb * 2**20),
+            reassembly_timeout=self.reassembly_timeout_s,
+            startup_timeout=self.startup_timeout_s,
+            reconnect_timeout=self.reconnect_timeout_s,
+            heartbeat=self.heartbeat_s,
+            progress=progress,
+        )
+
+
+def read_secret(path: Path) -> str:
+    """A secret from a file that only its owner may read (like ssh keys)."""
+    try:
+        mode = path.stat().st_mode
+        text = path.read_text().strip()
+    except OSError as exc:
+        raise ValueError(f"cannot read the secret file {path}: {exc.strerror}") from None
+    if mode & (stat.S_IRWXG | stat.S_IRWXO):
+        raise ValueError(
+            f"{path} is readable by other users; run `chmod 600 {path}` (it holds a secret)"
+        )
+    if not text:
+        raise ValueError(f"the secret file {path} is empty")
+    return text
+
+
+def owner_only(path: Path) -> None:
+    """Create `path` as a folder only its owner can enter (state holds model weights)."""
+    path.mkdir(parents=True, exist_ok=True)
+    os.chmod(path, 0o700)

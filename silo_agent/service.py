@@ -1,0 +1,268 @@
+"""`fedsilo agent start`: one silo as a long-running, restartable process.
+
+At start the agent loads its data and base model, announces itself to the aggregator and
+waits for plans. For each plan: train, upload (publisher-confirmed), checkpoint, and only
+then acknowledge the plan. A crash before the acknowledgement means the broker hands the
+plan over again; the agent re-runs the round (training is seeded by (seed, silo, round), so
+it repeats exactly) and the aggregator ignores the repeated upload. A plan for a round the
+checkpoint says is done is acknowledged and skipped; when several plans queued up while
+the agent was away, only the newest is run.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+import torch
+
+from fedsilo.sdk.amole.model import linear_shapes, load_trainable, set_assignment
+from fedsilo.sdk.checkpoint import load_checkpoint, save_checkpoint
+from fedsilo.sdk.data.examples import SiloData
+from fedsilo.sdk.data.silos import build_silo_data
+from fedsilo.sdk.faults import FaultPlan
+from fedsilo.sdk.federation import FederationSetup
+from fedsilo.sdk.logs import log_event
+from fedsilo.sdk.messages import Announce, RoundPlan
+from fedsilo.sdk.models.digest import weights_digest
+from fedsilo.sdk.models.loading import LoadedModel, load_model
+from fedsilo.sdk.strategies import get_strategy
+from fedsilo.sdk.training import LocalTrainer
+from fedsilo.sdk.transport.base import Delivery, Transport
+from fedsilo.sdk.transport.settings import owner_only
+from fedsilo.silo_agent.agent import ADAPTER_FILE, SiloAgent
+from fedsilo.silo_agent.config import SiloConfig
+
+log = logging.getLogger(__name__)
+
+CHECKPOINT = "agent.ckpt"
+STATE_VERSION = 1
+
+
+class StopRequested(Exception):
+    """Raised from inside training when SIGTERM/SIGINT asked the agent to stop."""
+
+
+class AgentObserver(Protocol):
+    """What the CLI shows: a progress bar per round of local training."""
+
+    def round_started(self, round: int, steps: int) -> None: ...
+    def train_step(self, step: int, total: int, loss: float) -> None: ...
+    def round_finished(self, round: int, metrics: dict[str, float]) -> None: ...
+
+
+class _Quiet:
+    def round_started(self, round: int, steps: int) -> None: ...
+    def train_step(self, step: int, total: int, loss: float) -> None: ...
+    def round_finished(self, round: int, metrics: dict[str, float]) -> None: ...
+
+
+@dataclass
+class AgentState:
+    last_round: int | None = None
+    finished: bool = False
+    setup: dict[str, Any] | None = None
+    assignment: dict[str, list[int]] = field(default_factory=dict)
+    skipped: int = 0  # plans acknowledged without running (duplicates, stale)
+
+
+class AgentService:
+    def __init__(
+        self,
+        config: SiloConfig,
+        connect: Callable[[], Transport] | None = None,
+        observer: AgentObserver | None = None,
+        keep_alive_s: float = 5.0,
+    ) -> None:
+        self.config = config
+        self.silo_id = config.silo_id
+        self.state_dir = Path(config.state_dir)
+        self._connect = connect or (lambda: config.broker.connect(config.silo_id))
+        self.observer = observer or _Quiet()
+        self.keep_alive_s = keep_alive_s
+        self.state = AgentState()
+        self.transport: Transport | None = None
+        self.trainer: LocalTrainer | None = None
+        self.agent: SiloAgent | None = None
+        self.faults = FaultPlan()
+        self.incarnation = uuid.uuid4().hex[:12]
+        self._stop_reason: str | None = None
+        self._last_keep_alive = time.monotonic()
+
+    def request_stop(self, reason: str) -> None:
+        self._stop_reason = reason
+
+    # -- lifecycle -----------------------------------------------------------------------
+
+    def run(self) -> AgentState:
+        owner_only(self.state_dir)
+        if self.config.threads:
+            torch.set_num_threads(self.config.threads)
+        saved = self._load()
+        data = self._data()
+        loaded = load_model(self.config.model, dtype=self.config.dtype, seed=self.config.seed,
+                            device=self.config.device)
+        announce = Announce(
+            silo_id=self.silo_id,
+            model=loaded.source,
+            linear_shapes=linear_shapes(loaded.model),
+            n_samples=len(data.train),
+            incarnation=self.incarnation,
+            model_digest=weights_digest(loaded.model),
+        )
+        self.transport = self._connect()
+        try:
+            if saved is not None and self.state.setup is not None:
+                self._build(FederationSetup.from_json(self.state.setup), loaded, data)
+                self._restore(saved)
+            if self.state.finished:
+                log_event(log, "agent_already_finished", silo=self.silo_id,
+                          adapter=str(self.state_dir / ADAPTER_FILE))
+                return self.state
+            self.transport.send_announce(announce)
+            log_event(log, "agent_started", silo=self.silo_id, model=loaded.source,
+                      n_samples=len(data.train), resumed=saved is not None,
+                      last_round=self.state.last_round)
+            while not self.state.finished and self._stop_reason is None:
+                delivery = self.transport.receive_plan(self.silo_id, timeout=self.config.poll_s)
+                if delivery is not None:
+                    self._on_plan(self._newest(delivery), loaded, data)
+            if self._stop_reason is not None:
+                log_event(log, "agent_stopping", silo=self.silo_id, reason=self._stop_reason,
+                          last_round=self.state.last_round)
+        finally:
+            self.transport.close()
+        return self.state
+
+    def _newest(self, delivery: Delivery[RoundPlan]) -> Delivery[RoundPlan]:
+        """Skip plans that queued up while we were away: only the newest round matters."""
+        assert self.transport is not None
+        while True:
+            newer = self.transport.receive_plan(self.silo_id, timeout=0)
+            if newer is None:
+                return delivery
+            older, delivery = sorted((delivery, newer), key=lambda d: d.message.round)
+            log_event(log, "plan_skipped", logging.WARNING, silo=self.silo_id,
+                      round=older.message.round, newer=delivery.message.round)
+            self.state.skipped += 1
+            older.ack()
+
+    def _on_plan(self, delivery: Delivery[RoundPlan], loaded: LoadedModel, data: SiloData) -> None:
+        plan = delivery.message
+        if plan.silo_id != self.silo_id:
+            log_event(log, "plan_refused", logging.ERROR, silo=self.silo_id,
+                      reason=f"plan addressed to {plan.silo_id!r}")
+            delivery.ack()
+            return
+        if self.state.last_round is not None and plan.round <= self.state.last_round:
+            self.state.skipped += 1
+            log_event(log, "plan_duplicate", silo=self.silo_id, round=plan.round,
+                      last_round=self.state.last_round)
+            delivery.ack()
+            return
+        setup = FederationSetup.from_json(plan.setup)
+        if self.trainer is None:
+            self._build(setup, loaded, data)
+        elif self.state.setup != setup.to_json():
+            raise ValueError(
+                "the federation's settings changed during the run; the aggregator must keep "
+                "federation.toml unchanged until the run ends (or start a new state_dir)"
+            )
+        assert self.agent is not None and self.trainer is not None
+        self.observer.round_started(plan.round, plan.local_steps)
+        try:
+            upload = self.agent.handle(plan)
+        except StopRequested:
+            log_event(log, "round_abandoned", silo=self.silo_id, round=plan.round)
+            return  # not acknowledged: the plan waits in the queue for the next start
+        self.faults.reach("uploaded", plan.round)
+        self.state.last_round = plan.round
+        self.state.finished = plan.final
+        self.state.assignment = self.trainer.assignment()
+        self._checkpoint()
+        delivery.ack()
+        self.observer.round_finished(plan.round, dict(upload.metrics))
+        log_event(log, "round_done", silo=self.silo_id, round=plan.round, final=plan.final,
+                  metrics=upload.metrics, timings=upload.timings)
+        if plan.final:
+            log_event(log, "agent_finished", silo=self.silo_id,
+                      adapter=str(self.state_dir / ADAPTER_FILE))
+
+    # -- model ---------------------------------------------------------------------------
+
+    def _data(self) -> SiloData:
+        d = self.config.data
+        parts = build_silo_data(
+            d.source, d.partitions, self.config.seed, d.examples, partition=d.partition,
+            alpha=d.alpha, data_dir=d.data_dir,
+        )
+        return parts[d.index]
+
+    def _build(self, setup: FederationSetup, loaded: LoadedModel, data: SiloData) -> None:
+        assert self.transport is not None
+        self.trainer = LocalTrainer(
+            loaded.model, loaded.tokenizer, data, setup.resolved_adapter(), setup.training,
+            seed=setup.seed, silo_id=self.silo_id,
+        )
+        self.trainer.on_step = self._on_step
+        client = get_strategy(setup.strategy.name).client(setup.strategy)
+        self.agent = SiloAgent(self.silo_id, client, self.trainer, self.transport,
+                               out_dir=self.state_dir)
+        self.state.setup = setup.to_json()
+
+    def _on_step(self, step: int, total: int, loss: float) -> None:
+        self.observer.train_step(step, total, loss)
+        if self._stop_reason is not None:
+            raise StopRequested(self._stop_reason)
+        now = time.monotonic()
+        if now - self._last_keep_alive >= self.keep_alive_s and self.transport is not None:
+            keep_alive = getattr(self.transport, "keep_alive", None)
+            if keep_alive is not None:
+                keep_alive()
+            self._last_keep_alive = now
+
+    # -- persistence ---------------------------------------------------------------------
+
+    def _checkpoint(self) -> None:
+        tensors = self.trainer.extract() if self.trainer is not None else {}
+        meta = {
+            "version": STATE_VERSION,
+            "silo_id": self.silo_id,
+            "last_round": self.state.last_round,
+            "finished": self.state.finished,
+            "setup": self.state.setup,
+            "assignment": self.state.assignment,
+            "skipped": self.state.skipped,
+        }
+        save_checkpoint(self.state_dir / CHECKPOINT, tensors, meta)
+
+    def _load(self) -> dict[str, torch.Tensor] | None:
+        path = self.state_dir / CHECKPOINT
+        if not path.exists():
+            return None
+        tensors, meta = load_checkpoint(path)
+        if meta.get("silo_id") != self.silo_id:
+            raise ValueError(
+                f"{path} belongs to silo {meta.get('silo_id')!r}, not {self.silo_id!r}; "
+                "give each silo its own state_dir"
+            )
+        self.state = AgentState(
+            last_round=meta["last_round"], finished=meta["finished"], setup=meta["setup"],
+            assignment=meta["assignment"], skipped=meta.get("skipped", 0),
+        )
+        log_event(log, "state_loaded", silo=self.silo_id, path=str(path),
+                  last_round=self.state.last_round)
+        return tensors
+
+    def _restore(self, tensors: dict[str, torch.Tensor]) -> None:
+        """The adapter as it was after the last finished round (FedAMoLE's final plan
+        keeps it: it is the silo's personalised model)."""
+        assert self.trainer is not None
+        set_assignment(self.trainer.model, self.state.assignment)
+        if tensors:
+            load_trainable(self.trainer.model, tensors, strict=True)
