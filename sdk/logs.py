@@ -69,5 +69,7 @@ def setup_logging(level: int = logging.INFO, json_lines: bool = False,
         root.removeHandler(old)
     root.addHandler(handler)
     root.setLevel(level)
-    # pika logs every connection attempt at INFO/WARNING; our transport reports what matters.
-    logging.getLogger("pika").setLevel(max(level, logging.ERROR))
+    # pika logs every failed connection attempt with a traceback; our transport reports what
+    # matters in one line. Its own detail stays available with --verbose.
+    logging.getLogger("pika").setLevel(logging.DEBUG if level <= logging.DEBUG
+                                       else logging.CRITICAL)

@@ -165,6 +165,7 @@ class AgentService:
                       last_round=self.state.last_round)
             delivery.ack()
             return
+        self.faults.reach("plan_received", plan.round)
         setup = FederationSetup.from_json(plan.setup)
         if self.trainer is None:
             self._build(setup, loaded, data)

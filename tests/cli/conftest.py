@@ -117,7 +117,9 @@ class Deployment:
         try:
             return self.processes[name].wait(timeout=timeout)
         except subprocess.TimeoutExpired:
-            raise AssertionError(f"{name} did not finish in {timeout} s:\n{self.log(name)}")
+            raise AssertionError(
+                f"{name} did not finish in {timeout} s:\n{self.log(name)}"
+            ) from None
 
     def wait_all(self, timeout: float = 300.0) -> None:
         deadline = time.monotonic() + timeout

@@ -3,15 +3,22 @@
 
 from __future__ import annotations
 
+import json
 import math
+import signal
+import subprocess
 from collections.abc import Iterator
+from dataclasses import replace
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
 from fedsilo.cli.simulation import run_simulation
+from fedsilo.sdk.messages import Upload
+from fedsilo.sdk.transport.amqp import AmqpTransport
 
 
 @pytest.fixture
@@ -47,3 +54,92 @@ def test_three_agents_and_an_aggregator_match_simulate(deployment, one_thread) -
         assert torch.equal(value, reference.final_params[key]), key
     for silo in deployment.silos:
         assert (deployment.silo_dir(silo) / "adapter.safetensors").exists()
+
+
+def _reference(deployment) -> dict[str, torch.Tensor]:
+    return run_simulation(deployment.sim, run_dir=deployment.root / "sim").final_params
+
+
+def _assert_same_params(deployment, reference: dict[str, torch.Tensor]) -> None:
+    params = _global_params(deployment.root)
+    assert params.keys() == reference.keys()
+    for key, value in params.items():
+        assert torch.equal(value, reference[key]), key
+
+
+def _vhost(url: str) -> str:
+    return urlsplit(url).path.lstrip("/")
+
+
+def test_aggregator_killed_during_aggregation_and_mid_round_resumes_exactly(
+    deployment, one_thread
+) -> None:
+    deployment.write()
+    # SIGKILL inside round 0's aggregation, then again right after folding round 1's
+    # first upload (before that fold was checkpointed or acknowledged).
+    deployment.start_aggregator(env={"FEDSILO_FAULT": "aggregating@0"})
+    for silo in deployment.silos:
+        deployment.start_agent(silo)
+    assert deployment.wait("aggregator", timeout=120) == -signal.SIGKILL
+    deployment.start_aggregator(env={"FEDSILO_FAULT": "folded@1"})
+    assert deployment.wait("aggregator", timeout=120) == -signal.SIGKILL
+    deployment.start_aggregator()
+    deployment.wait_all(timeout=240)
+
+    loaded = deployment.events("aggregator", "state_loaded")
+    assert [e["phase"] for e in loaded] == ["collecting", "collecting"]
+    assert [e["round"] for e in loaded] == [0, 1]
+    closed = [e["round"] for e in deployment.events("aggregator", "round_closed")]
+    assert closed == [0, 1, 2]  # each round closed once: no upload lost or folded twice
+    _assert_same_params(deployment, _reference(deployment))
+
+
+def test_broker_closing_every_connection_mid_round_is_survived(deployment, one_thread) -> None:
+    deployment.write()
+    deployment.start_all()
+    deployment.wait_for_event("aggregator", "round_opened", round=1)
+    subprocess.run(
+        ["rabbitmqctl", "close_all_connections", "-p", _vhost(deployment.broker_url),
+         "test: broker-side close"], check=True, capture_output=True, timeout=60,
+    )
+    deployment.wait_all(timeout=240)
+    status = json.loads((deployment.aggregator_dir / "status.json").read_text())
+    assert status["reconnects"] >= 1
+    _assert_same_params(deployment, _reference(deployment))
+
+
+def test_dead_agent_round_closes_with_quorum_and_it_rejoins(deployment, tmp_path) -> None:
+    deployment.sim = replace(deployment.sim, rounds=3)
+    deployment.rounds = {"deadline_s": 10.0, "quorum": 0.6}
+    deployment.write()
+    deployment.start_aggregator()
+    for silo in deployment.silos[:2]:
+        deployment.start_agent(silo)
+    deployment.start_agent("silo-2", env={"FEDSILO_FAULT": "plan_received@1"})
+    assert deployment.wait("silo-2", timeout=120) == -signal.SIGKILL
+
+    # While round 1 waits for its deadline: a repeated upload and one for a closed round.
+    folded = deployment.wait_for_event("aggregator", "upload_folded", round=1, silo="silo-0")
+    assert folded["missing"]
+    sender = AmqpTransport(deployment.broker_url, "silo-0")
+    try:
+        fake = {"m.shared.A": torch.zeros(1)}
+        sender.send_upload(Upload(1, "silo-0", fake, {}, 1))
+        sender.send_upload(Upload(0, "silo-1", fake, {}, 1))
+    finally:
+        sender.close()
+    deployment.wait_for_event("aggregator", "upload_duplicate", silo="silo-0")
+    deployment.wait_for_event("aggregator", "upload_late", silo="silo-1")
+
+    closed = deployment.wait_for_event("aggregator", "round_closed_at_deadline", timeout=60)
+    assert closed["round"] == 1 and closed["missing"] == ["silo-2"]
+    deployment.start_agent("silo-2")
+    deployment.wait_all(timeout=240)
+
+    assert deployment.events("aggregator", "silo_rejoined")[0]["silo"] == "silo-2"
+    skipped = deployment.events("silo-2", "plan_skipped")
+    assert skipped and skipped[0]["round"] == 1  # the stale plan was not trained on
+    summary = deployment.summary()
+    assert set(summary["per_silo"]) == set(deployment.silos)
+    status = json.loads((deployment.aggregator_dir / "status.json").read_text())
+    assert status["counters"]["duplicate"] == 1 and status["counters"]["late"] == 1

@@ -1,0 +1,89 @@
+"""The service commands' behaviour on bad input: one clear line and an exit code, no
+traceback, no secret. (The federation itself is tested in test_deployment.py.)"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from fedsilo.aggregator.config import FederationConfig
+from fedsilo.cli.main import app
+from fedsilo.sdk.config import load_config
+from fedsilo.silo_agent.config import SiloConfig
+
+EXAMPLES = Path(__file__).resolve().parents[2] / "examples" / "local"
+runner = CliRunner()
+
+
+@pytest.mark.parametrize("name", ["federation.toml", "silo-0.toml", "silo-1.toml", "silo-2.toml"])
+def test_example_configs_load(name: str) -> None:
+    cls = FederationConfig if name == "federation.toml" else SiloConfig
+    config = load_config(cls, EXAMPLES / name, env={})
+    assert config.state_dir.is_relative_to(EXAMPLES)
+
+
+def _fed(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "federation.toml"
+    path.write_text(text)
+    return path
+
+
+def test_unknown_key_is_named_with_a_suggestion(tmp_path: Path) -> None:
+    path = _fed(tmp_path, 'silos = ["a"]\n[rounds]\ndedline_s = 5\n')
+    result = runner.invoke(app, ["aggregator", "run", "--config", str(path)])
+    assert result.exit_code == 2
+    assert "rounds.dedline_s" in result.output and "deadline_s" in result.output
+    assert "Traceback" not in result.output
+
+
+def test_bad_value_names_the_allowed_ones(tmp_path: Path) -> None:
+    path = _fed(tmp_path, 'silos = ["a"]\n[rounds]\non_missing = "wait"\n')
+    result = runner.invoke(app, ["aggregator", "run", "--config", str(path)])
+    assert result.exit_code == 2 and '"extend", "abort"' in result.output
+
+
+def test_print_config_masks_the_broker_password(tmp_path: Path) -> None:
+    path = _fed(tmp_path, 'silos = ["a"]\n[broker]\nurls = ["amqp://u:hunter2@h:5672/v"]\n')
+    result = runner.invoke(app, ["aggregator", "run", "--config", str(path), "--print-config",
+                                 "--set", "rounds.deadline_s=5"])
+    assert result.exit_code == 0, result.output
+    assert "hunter2" not in result.output and "u:***@h" in result.output
+    assert "deadline_s = 5" in result.output
+
+
+def test_unreachable_broker_is_one_clear_line_without_the_password(tmp_path: Path) -> None:
+    path = _fed(tmp_path, f'silos = ["a"]\nstate_dir = "{tmp_path / "st"}"\n[broker]\n'
+                'urls = ["amqp://u:hunter2@127.0.0.1:1/v"]\nconnect_timeout_s = 1\n')
+    result = subprocess.run(
+        [sys.executable, "-m", "fedsilo.cli.main", "aggregator", "run", "--config", str(path)],
+        capture_output=True, text=True, timeout=120,
+    )
+    output = result.stdout + result.stderr
+    assert result.returncode == 4, output
+    assert "127.0.0.1:1" in output and "rabbitmq-server" in output
+    assert "hunter2" not in output and "Traceback" not in output
+
+
+def test_status_reads_the_aggregators_status_file(tmp_path: Path) -> None:
+    (tmp_path / "status.json").write_text(json.dumps({
+        "federation": "f", "pid": 999999999, "updated_at": 0, "phase": "collecting",
+        "round": 2, "total_rounds": 5, "deadline_at": 10.0, "deadline_in_s": 30.0,
+        "extensions": 0, "roster": ["a", "b"], "joined": ["a", "b"], "expected": ["a", "b"],
+        "uploaded": {"a": 1000}, "missing": ["b"], "bytes_down": {"a": 10, "b": 10},
+        "counters": {"duplicate": 1}, "reconnects": 2, "last_error": "boom",
+    }))
+    result = runner.invoke(app, ["status", "--state-dir", str(tmp_path)])
+    assert result.exit_code == 0, result.output
+    for text in ("collecting", "round 2 of 5", "uploaded", "waiting", "duplicate 1",
+                 "reconnects: 2", "boom", "not running"):
+        assert text in result.output, text
+
+
+def test_status_without_a_state_folder_says_how_to_start(tmp_path: Path) -> None:
+    result = runner.invoke(app, ["status", "--state-dir", str(tmp_path)])
+    assert result.exit_code == 2 and "fedsilo aggregator run" in result.output
