@@ -68,6 +68,7 @@ class ServiceState:
     round: int = 0
     members: dict[str, Member] = field(default_factory=dict)
     shapes: dict[str, list[int]] = field(default_factory=dict)  # adapted module -> [in, out]
+    model_digest: str = ""  # of the first silo's base model weights; all must match it
     deadline_at: float | None = None
     extensions: int = 0
     counters: dict[str, int] = field(default_factory=dict)
@@ -117,34 +118,44 @@ class AggregatorService:
         self._stop_reason = reason
 
     def run(self) -> ServiceState:
-        owner_only(self.state_dir)
-        restore = self._load()
-        resumed = restore is not None
-        self.transport = self._connect()
-        if restore is not None:
-            restore()
-        log_event(
-            log, "aggregator_started", federation=self.config.name, resumed=resumed,
-            phase=self.state.phase, round=self.state.round, silos=list(self.config.silos),
-        )
+        self.open()
         try:
             while self.state.phase != "done" and self._stop_reason is None:
-                self._step()
+                self.step()
             if self._stop_reason is not None:
                 log_event(log, "aggregator_stopping", reason=self._stop_reason,
                           phase=self.state.phase, round=self.state.round)
         except Exception as exc:
             self.state.last_error = f"{type(exc).__name__}: {exc}"
-            self._write_status()
             raise
         finally:
-            self._checkpoint()
-            self.transport.close()
+            self.close()
         return self.state
+
+    def open(self) -> None:
+        """Load the checkpoint if there is one, connect, restore the engine."""
+        owner_only(self.state_dir)
+        restore = self._load()
+        self.transport = self._connect()
+        if restore is not None:
+            restore()
+        log_event(
+            log, "aggregator_started", federation=self.config.name, resumed=bool(restore),
+            phase=self.state.phase, round=self.state.round, silos=list(self.config.silos),
+        )
+
+    def close(self) -> None:
+        """Checkpoint what was folded (then acknowledge it) and disconnect."""
+        try:
+            self._checkpoint()
+        finally:
+            if self.transport is not None:
+                self.transport.close()
 
     # -- the loop ------------------------------------------------------------------------
 
-    def _step(self) -> None:
+    def step(self) -> None:
+        """One turn of the loop: wait a little for a message, then act on the phase."""
         phase = self.state.phase
         if phase == "waiting":
             self._receive(self.poll_s)
@@ -185,7 +196,10 @@ class AggregatorService:
             problem = (f"its model {msg.model!r} has no linear layer named "
                        f"{list(self.config.adapter.target_modules)}")
         elif state.shapes and wanted != state.shapes:
-            problem = f"its model {msg.model!r} differs from the federation's base model"
+            problem = f"its model {msg.model!r} has other layer shapes than the federation's"
+        elif state.model_digest and msg.model_digest != state.model_digest:
+            problem = (f"its model {msg.model!r} has other weights than the federation's base "
+                       "model (another checkpoint, dtype, or seed of a built-in model)")
         if problem:
             state.count("model_mismatch")
             state.last_error = f"silo {msg.silo_id} refused: {problem}"
@@ -193,6 +207,7 @@ class AggregatorService:
             self._write_status()
             return
         state.shapes = state.shapes or wanted
+        state.model_digest = state.model_digest or msg.model_digest
         member = state.members.get(msg.silo_id)
         if member is None:
             state.members[msg.silo_id] = Member(msg.model, msg.n_samples, msg.incarnation,
