@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping, Sequence
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -24,8 +25,16 @@ class RunningMean:
     """Streaming (weighted) mean per tensor key: memory holds one running sum per key, not one
     copy per silo.
 
-    Sums are kept in float32 (float64 when a contribution is float64), so bf16 uploads do not
-    lose precision while being added up.
+    Sums are kept in float64 whatever the contributions' dtype. Why: uploads arrive over the
+    broker in any order, and an aggregator resumed from a checkpoint may fold them in another
+    order than before the crash; the result must not depend on that order. Float addition is
+    not associative, but float32/fp16/bf16 values (24, 11, 8 significant bits) times integer
+    weights (1.0, or sample counts) are exact in float64 (53 bits), and so is their sum, hence
+    order-free, while the terms span less than about 2^(53 - 24 - bits of the weights and of
+    the silo count) in magnitude; beyond that the float64 error lies far below the output's
+    last bit and rounding to the output dtype removes it except in vanishingly rare ties.
+    float64 contributions and fractional weights get no such guarantee. Float64 sums also keep
+    bf16 uploads from losing precision, at twice float32's accumulator memory.
     """
 
     def __init__(self) -> None:
@@ -53,18 +62,17 @@ class RunningMean:
                     f"earlier contributions had {tuple(held.shape)}"
                 )
         for key, value in tensors.items():
-            value = value.detach()
             held = self._sums.get(key)
+            device = value.device if held is None else held.device
+            # The product is rounded the same way whichever position the upload arrives in.
+            term = value.detach().to(device=device, dtype=torch.float64, copy=True).mul_(weight)
             if held is None:
-                acc_dtype = torch.promote_types(value.dtype, torch.float32)
-                self._sums[key] = value.to(dtype=acc_dtype, copy=True).mul_(weight)
+                self._sums[key] = term
                 self._weights[key] = weight
                 self._counts[key] = 1
                 self._dtypes[key] = value.dtype
             else:
-                if held.dtype != torch.float64 and value.dtype == torch.float64:
-                    held = self._sums[key] = held.double()
-                held.add_(value.to(device=held.device, dtype=held.dtype), alpha=weight)
+                held.add_(term)
                 self._weights[key] += weight
                 self._counts[key] += 1
 
@@ -82,16 +90,50 @@ class RunningMean:
 
         Keys in `previous` that nobody sent keep their previous value (the same tensor, not a
         copy: experts nobody trained keep their values). Output dtype = dtype of the first
-        contribution for that key (or of `previous` for untouched keys).
+        contribution for that key (or of `previous` for untouched keys). Key order: that of
+        `previous`, then new keys sorted, so it does not depend on arrival order either.
         """
         out: TensorDict = {}
         if previous is not None:
             for key, value in previous.items():
-                if key not in self._sums:
-                    out[key] = value
-        for key, total in self._sums.items():
-            out[key] = (total / self._weights[key]).to(self._dtypes[key])
+                out[key] = self._mean(key) if key in self._sums else value
+        for key in sorted(self._sums.keys() - out.keys()):
+            out[key] = self._mean(key)
         return out
+
+    def _mean(self, key: str) -> Tensor:
+        return (self._sums[key] / self._weights[key]).to(self._dtypes[key])
+
+    def state_dict(self) -> tuple[TensorDict, dict[str, Any]]:
+        """Copies of the float64 sums by key, and JSON-able weights, counts and dtypes: all a
+        fresh instance needs (`load_state_dict`) to continue exactly (checkpointing)."""
+        tensors = {key: total.detach().clone() for key, total in self._sums.items()}
+        meta: dict[str, Any] = {
+            "weights": dict(self._weights),
+            "counts": dict(self._counts),
+            "dtypes": {key: str(d).removeprefix("torch.") for key, d in self._dtypes.items()},
+        }
+        return tensors, meta
+
+    def load_state_dict(self, tensors: Mapping[str, Tensor], meta: Mapping[str, Any]) -> None:
+        """Replace the state with one from `state_dict` (the tensors are copied)."""
+        weights, counts, dtypes = meta["weights"], meta["counts"], meta["dtypes"]
+        if not (set(weights) == set(counts) == set(dtypes) == set(tensors)):
+            raise ValueError(
+                "RunningMean state is inconsistent: tensors, weights, counts and dtypes name "
+                f"different keys ({sorted(tensors)} vs {sorted(weights)})"
+            )
+        self._sums = {key: tensors[key].to(torch.float64, copy=True) for key in weights}
+        self._weights = {key: float(w) for key, w in weights.items()}
+        self._counts = {key: int(c) for key, c in counts.items()}
+        self._dtypes = {key: _parse_dtype(name) for key, name in dtypes.items()}
+
+
+def _parse_dtype(name: str) -> torch.dtype:
+    dtype = getattr(torch, str(name), None)
+    if not isinstance(dtype, torch.dtype):
+        raise ValueError(f"unknown torch dtype {name!r} in RunningMean state")
+    return dtype
 
 
 def fedavg(

@@ -10,7 +10,9 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING, Any, Literal
+
+from torch import Tensor
 
 from fedsilo.sdk.amole.config import AMoLEConfig
 from fedsilo.sdk.messages import RoundPlan, Upload
@@ -83,7 +85,10 @@ class ServerStrategy(ABC):
 
     @abstractmethod
     def configure_round(self, round: int, silo_ids: Sequence[str]) -> dict[str, SiloPlan]:
-        """What each silo installs this round."""
+        """What each silo installs this round. `silo_ids` are the round's participants and
+        may differ from the previous round's (a silo joined late or left): the strategy
+        adapts to exactly them. Deterministic given the state, since a resumed aggregator
+        asks again for the plans of the round it was in."""
 
     def configure_final(self, silo_ids: Sequence[str]) -> dict[str, SiloPlan]:
         """The evaluation-only plan after the last aggregation. By default the global
@@ -98,11 +103,28 @@ class ServerStrategy(ABC):
 
     @abstractmethod
     def end_round(self, round: int) -> AggregationReport:
-        """Close the round: aggregate, then decide the next round's architecture."""
+        """Close the round: aggregate the uploads that arrived (a participant may have
+        missed the deadline), then decide the next round's architecture."""
 
     @property
     @abstractmethod
     def global_params(self) -> TensorDict: ...
+
+    @abstractmethod
+    def state_dict(self) -> tuple[TensorDict, dict[str, Any]]:
+        """Everything needed to continue exactly, at any point between calls: tensors under
+        namespaced keys (`params/...`, `sum/...`) and JSON-able metadata (no pickle).
+
+        Why: the aggregator checkpoints after every step and must survive SIGKILL; a
+        resumed run must end with the same parameters as one that never failed. The
+        tensors may alias live state: save them (`save_checkpoint` copies) before the next
+        call."""
+
+    @abstractmethod
+    def load_state_dict(self, tensors: Mapping[str, Tensor], meta: Mapping[str, Any]) -> None:
+        """Restore `state_dict()`'s output into a freshly constructed instance (same
+        constructor arguments; no `initialize` before). Raises CheckpointError if the state
+        was written under other settings."""
 
 
 class ClientStrategy(ABC):

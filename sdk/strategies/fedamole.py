@@ -5,7 +5,8 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Mapping, Sequence
-from dataclasses import replace
+from dataclasses import asdict, replace
+from typing import Any
 
 import numpy as np
 import torch
@@ -17,11 +18,13 @@ from fedsilo.sdk.aggregation.rsea import (
     random_assignment,
 )
 from fedsilo.sdk.amole.config import AMoLEConfig
+from fedsilo.sdk.checkpoint import check_settings, namespaced, take_namespace
 from fedsilo.sdk.messages import RoundPlan, Upload
 from fedsilo.sdk.params import (
     ModuleShape,
     TensorDict,
     client_embedding_key,
+    expert_embedding_key,
     parse_expert_embedding,
     select_for_assignment,
 )
@@ -45,6 +48,7 @@ class FedAMoLEServer(ServerStrategy):
         self.constraints = AssignmentConstraints(
             num_experts=config.num_experts, k_e=adapter.top_k, k_c=config.k_c, b=config.b
         )
+        # The only randomness after initialize; checkpointed, so a resume draws the same.
         self._rng = np.random.default_rng(seed)
         self._params: TensorDict = {}
         self.shapes: dict[str, ModuleShape] = {}
@@ -55,7 +59,8 @@ class FedAMoLEServer(ServerStrategy):
         self.client_embeddings: dict[str, dict[str, torch.Tensor]] = {}
         self._sum = RunningMean()
         self._expert_emb_sum = RunningMean()
-        self._num_uploads = 0
+        self._uploaded: list[str] = []  # silos folded into the open round
+        self._aggregated = 0  # rounds closed so far
 
     @property
     def global_params(self) -> TensorDict:
@@ -83,11 +88,29 @@ class FedAMoLEServer(ServerStrategy):
         return {m: np.flatnonzero(d[row]).tolist() for m, d in self.assignment.items()}
 
     def configure_round(self, round: int, silo_ids: Sequence[str]) -> dict[str, SiloPlan]:
+        """Plans for `silo_ids`; if they are not the current participants (a silo joined
+        late, or left), the assignment is first recomputed for exactly them."""
+        if len(set(silo_ids)) != len(silo_ids):
+            raise ValueError(f"silo ids must be unique: {list(silo_ids)}")
+        if set(silo_ids) != set(self.silo_ids):
+            self._change_members(silo_ids)
         plans = {}
         for silo in silo_ids:
             assignment = self.silo_assignment(silo)
             plans[silo] = SiloPlan(assignment, select_for_assignment(self._params, assignment))
         return plans
+
+    def _change_members(self, silo_ids: Sequence[str]) -> None:
+        """RSEA over the new set with the embeddings at hand (zeros for a newcomer); a
+        random feasible assignment when nothing was aggregated yet or RSEA is off. Raises
+        (state unchanged) if the constraints cannot hold for that many silos."""
+        members = list(silo_ids)
+        self.validate(len(members))
+        if self.config.assignment == "rsea" and self._aggregated > 0:
+            self.assignment = {m: self._rsea(m, members) for m in self.shapes}
+        else:
+            self.assignment = {m: self._random(len(members)) for m in self.shapes}
+        self.silo_ids = members
 
     def configure_final(self, silo_ids: Sequence[str]) -> dict[str, SiloPlan]:
         # Each silo keeps the model it trained last: the final plan only says "finished".
@@ -95,13 +118,18 @@ class FedAMoLEServer(ServerStrategy):
 
     def begin_round(self, round: int) -> None:
         self._sum = RunningMean()
-        self._num_uploads = 0
+        self._uploaded = []
         self._expert_emb_sum = RunningMean()
 
     def accumulate(self, upload: Upload) -> None:
+        if upload.silo_id in self._uploaded:
+            raise ValueError(
+                f"an upload from {upload.silo_id!r} was already folded into this round; "
+                "a redelivered message must be acknowledged and ignored, not aggregated twice"
+            )
         weight = float(upload.n_samples) if self.config.weighting == "samples" else 1.0
         self._sum.add(upload.params, weight)
-        self._num_uploads += 1
+        self._uploaded.append(upload.silo_id)
         experts: TensorDict = {}
         clients: dict[str, torch.Tensor] = {}
         for key, value in upload.embeddings.items():
@@ -120,11 +148,14 @@ class FedAMoLEServer(ServerStrategy):
             assert parsed is not None
             self.expert_embeddings[parsed] = value
         mid = time.perf_counter()
+        # Over every participant, uploaded or not: a silo that missed the deadline keeps
+        # its last client embedding (zeros if it never uploaded).
         self.assignment = self._next_assignment()
+        self._aggregated += 1
         end = time.perf_counter()
         return AggregationReport(
             round=round,
-            num_uploads=self._num_uploads,
+            num_uploads=len(self._uploaded),
             seconds=end - start,
             details={"fedavg_s": mid - start, "assignment_s": end - mid},
         )
@@ -134,9 +165,9 @@ class FedAMoLEServer(ServerStrategy):
             return self.assignment
         if self.config.assignment == "random":
             return {m: self._random(len(self.silo_ids)) for m in self.shapes}
-        return {m: self._rsea(m) for m in self.shapes}
+        return {m: self._rsea(m, self.silo_ids) for m in self.shapes}
 
-    def _rsea(self, module: str) -> np.ndarray:
+    def _rsea(self, module: str, silo_ids: Sequence[str]) -> np.ndarray:
         r = self.adapter.r
         dim = r if self.adapter.score_scale == "r" else self.shapes[module].in_features
         zeros = torch.zeros(r)
@@ -145,7 +176,7 @@ class FedAMoLEServer(ServerStrategy):
         client = torch.stack(
             [
                 self.client_embeddings.get(s, {}).get(client_embedding_key(module), zeros)
-                for s in self.silo_ids
+                for s in silo_ids
             ]
         )
         expert = torch.stack(
@@ -158,6 +189,76 @@ class FedAMoLEServer(ServerStrategy):
             client.float(), expert.float(), self.constraints, 1 / math.sqrt(dim),
             solver=self.config.solver,
         )
+
+    def _settings(self) -> dict[str, Any]:
+        return {
+            "strategy": "fedamole",
+            "seed": self.seed,
+            "config": asdict(self.config),
+            "adapter": asdict(self.adapter),
+        }
+
+    def state_dict(self) -> tuple[TensorDict, dict[str, Any]]:
+        sums, sum_meta = self._sum.state_dict()
+        emb_sums, emb_sum_meta = self._expert_emb_sum.state_dict()
+        experts = {expert_embedding_key(m, j): v for (m, j), v in self.expert_embeddings.items()}
+        matrices = {m: torch.from_numpy(d) for m, d in self.assignment.items()}
+        tensors: TensorDict = {
+            **namespaced("params", self._params),
+            **namespaced("assignment", matrices),
+            **namespaced("expert_emb", experts),
+            **namespaced("sum", sums),
+            **namespaced("expert_emb_sum", emb_sums),
+        }
+        # Indexed by position, so a silo id may hold any character.
+        for i, embeddings in enumerate(self.client_embeddings.values()):
+            tensors.update(namespaced(f"client_emb/{i}", embeddings))
+        meta: dict[str, Any] = {
+            "settings": self._settings(),
+            "shapes": {m: [s.in_features, s.out_features] for m, s in self.shapes.items()},
+            "silo_ids": list(self.silo_ids),
+            "params": list(self._params),
+            "assignment": list(self.assignment),
+            "expert_emb": list(experts),
+            "client_emb": [[silo, list(e)] for silo, e in self.client_embeddings.items()],
+            "sum": sum_meta,
+            "expert_emb_sum": emb_sum_meta,
+            "uploaded": list(self._uploaded),
+            "aggregated": self._aggregated,
+            "rng": self._rng.bit_generator.state,
+        }
+        return tensors, meta
+
+    def load_state_dict(self, tensors: Mapping[str, torch.Tensor], meta: Mapping[str, Any]) -> None:
+        check_settings(meta, self._settings())
+        self.shapes = {m: ModuleShape(*shape) for m, shape in meta["shapes"].items()}
+        self.silo_ids = list(meta["silo_ids"])
+        self._params = take_namespace("params", tensors, meta["params"])
+        self.assignment = {
+            m: d.numpy().astype(bool)
+            for m, d in take_namespace("assignment", tensors, meta["assignment"]).items()
+        }
+        self.expert_embeddings = {}
+        for key, value in take_namespace("expert_emb", tensors, meta["expert_emb"]).items():
+            parsed = parse_expert_embedding(key)
+            assert parsed is not None
+            self.expert_embeddings[parsed] = value
+        self.client_embeddings = {
+            silo: take_namespace(f"client_emb/{i}", tensors, keys)
+            for i, (silo, keys) in enumerate(meta["client_emb"])
+        }
+        self._sum = RunningMean()
+        self._sum.load_state_dict(
+            take_namespace("sum", tensors, list(meta["sum"]["weights"])), meta["sum"]
+        )
+        emb_meta = meta["expert_emb_sum"]
+        self._expert_emb_sum = RunningMean()
+        self._expert_emb_sum.load_state_dict(
+            take_namespace("expert_emb_sum", tensors, list(emb_meta["weights"])), emb_meta
+        )
+        self._uploaded = list(meta["uploaded"])
+        self._aggregated = int(meta["aggregated"])
+        self._rng.bit_generator.state = meta["rng"]
 
 
 class FedAMoLEClient(ClientStrategy):

@@ -11,12 +11,14 @@ from __future__ import annotations
 
 import time
 from collections.abc import Mapping, Sequence
-from dataclasses import replace
+from dataclasses import asdict, replace
+from typing import Any
 
 import torch
 
 from fedsilo.sdk.aggregation.fedavg import RunningMean
 from fedsilo.sdk.amole.config import AMoLEConfig
+from fedsilo.sdk.checkpoint import check_settings, namespaced, take_namespace
 from fedsilo.sdk.messages import RoundPlan, Upload
 from fedsilo.sdk.params import ModuleShape, TensorDict
 from fedsilo.sdk.strategies.base import (
@@ -42,7 +44,7 @@ class FedITServer(ServerStrategy):
         self.seed = seed
         self._params: TensorDict = {}
         self._sum = RunningMean()
-        self._num_uploads = 0
+        self._uploaded: list[str] = []  # silos folded into the open round
 
     @property
     def global_params(self) -> TensorDict:
@@ -53,6 +55,7 @@ class FedITServer(ServerStrategy):
         self._params = initial_params(shapes, self.adapter.r, 0, False, generator)
 
     def configure_round(self, round: int, silo_ids: Sequence[str]) -> dict[str, SiloPlan]:
+        # Every silo gets the same global model, so late joiners need nothing special.
         return {silo: SiloPlan({}, self._params) for silo in silo_ids}
 
     def configure_final(self, silo_ids: Sequence[str]) -> dict[str, SiloPlan]:
@@ -62,17 +65,50 @@ class FedITServer(ServerStrategy):
 
     def begin_round(self, round: int) -> None:
         self._sum = RunningMean()
-        self._num_uploads = 0
+        self._uploaded = []
 
     def accumulate(self, upload: Upload) -> None:
+        if upload.silo_id in self._uploaded:
+            raise ValueError(
+                f"an upload from {upload.silo_id!r} was already folded into this round; "
+                "a redelivered message must be acknowledged and ignored, not aggregated twice"
+            )
         weight = float(upload.n_samples) if self.config.weighting == "samples" else 1.0
         self._sum.add(upload.params, weight)
-        self._num_uploads += 1
+        self._uploaded.append(upload.silo_id)
 
     def end_round(self, round: int) -> AggregationReport:
         start = time.perf_counter()
         self._params = self._sum.result(previous=self._params)
-        return AggregationReport(round, self._num_uploads, time.perf_counter() - start)
+        return AggregationReport(round, len(self._uploaded), time.perf_counter() - start)
+
+    def _settings(self) -> dict[str, Any]:
+        return {
+            "strategy": "fedit-ft" if self.fine_tune_scored else "fedit",
+            "seed": self.seed,
+            "config": asdict(self.config),
+            "adapter": asdict(self.adapter),
+        }
+
+    def state_dict(self) -> tuple[TensorDict, dict[str, Any]]:
+        sums, sum_meta = self._sum.state_dict()
+        tensors = {**namespaced("params", self._params), **namespaced("sum", sums)}
+        meta: dict[str, Any] = {
+            "settings": self._settings(),
+            "params": list(self._params),
+            "sum": sum_meta,
+            "uploaded": list(self._uploaded),
+        }
+        return tensors, meta
+
+    def load_state_dict(self, tensors: Mapping[str, torch.Tensor], meta: Mapping[str, Any]) -> None:
+        check_settings(meta, self._settings())
+        self._params = take_namespace("params", tensors, meta["params"])
+        self._sum = RunningMean()
+        self._sum.load_state_dict(
+            take_namespace("sum", tensors, list(meta["sum"]["weights"])), meta["sum"]
+        )
+        self._uploaded = list(meta["uploaded"])
 
 
 class FedITClient(ClientStrategy):

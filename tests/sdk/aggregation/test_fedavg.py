@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import gc
+import itertools
+import json
 import weakref
 
 import pytest
@@ -121,3 +123,69 @@ def test_inputs_not_aliased() -> None:
     torch.testing.assert_close(out[SH], t(1, 1))
     out[SH].add_(5)
     torch.testing.assert_close(mean.result()[SH], t(1, 1))
+
+
+def _uploads(dtype: torch.dtype) -> list[tuple[dict[str, torch.Tensor], float]]:
+    """4 silos, random tensors of very different magnitudes, some keys missing."""
+    gen = torch.Generator().manual_seed(7)
+    out = []
+    for i, scale in enumerate([1e-3, 1.0, 3e2, 5e3]):  # fp16 tops out at 65504
+        upload = {SH: (torch.randn(64, generator=gen) * scale).to(dtype)}
+        if i % 2 == 0:
+            upload[E0] = (torch.randn(3, 5, generator=gen) * scale).to(dtype)
+        out.append((upload, float(10 + 7 * i)))
+    return out
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("weighted", [False, True])
+def test_mean_does_not_depend_on_arrival_order(dtype: torch.dtype, weighted: bool) -> None:
+    uploads = _uploads(dtype)
+    results = []
+    for order in itertools.permutations(uploads):
+        mean = RunningMean()
+        for tensors, weight in order:
+            mean.add(tensors, weight if weighted else 1.0)
+        results.append(mean.result({E2: t(1)}))
+    first = results[0]
+    assert list(first) == [E2, E0, SH]  # previous's order, then new keys sorted
+    assert first[SH].dtype == dtype
+    for other in results[1:]:
+        assert list(other) == list(first)
+        assert all(torch.equal(other[k], first[k]) for k in first)
+
+
+def test_state_round_trip_mid_stream_continues_exactly() -> None:
+    uploads = [*_uploads(torch.float32), ({SH: torch.randn(64).bfloat16()}, 2.0)]
+    uninterrupted = RunningMean()
+    for tensors, weight in uploads:
+        uninterrupted.add(tensors, weight)
+    for cut in range(len(uploads) + 1):
+        mean = RunningMean()
+        for tensors, weight in uploads[:cut]:
+            mean.add(tensors, weight)
+        state, meta = mean.state_dict()
+        resumed = RunningMean()
+        resumed.load_state_dict(state, json.loads(json.dumps(meta)))  # as a checkpoint would
+        for value in state.values():
+            value.zero_()  # the loaded state must not alias the tensors it was given
+        for tensors, weight in uploads[cut:]:
+            resumed.add(tensors, weight)
+        expected, got = uninterrupted.result(), resumed.result()
+        assert list(got) == list(expected)
+        for key in expected:
+            assert got[key].dtype == expected[key].dtype and torch.equal(got[key], expected[key])
+            assert resumed.contributors(key) == uninterrupted.contributors(key)
+
+
+def test_state_dict_is_a_snapshot_and_bad_state_is_refused() -> None:
+    mean = RunningMean()
+    mean.add({SH: t(1, 2)})
+    state, meta = mean.state_dict()
+    mean.add({SH: t(3, 4)})  # folding on must not change a snapshot being written
+    assert torch.equal(state[SH], torch.tensor([1.0, 2.0], dtype=torch.float64))
+    assert meta == {"weights": {SH: 1.0}, "counts": {SH: 1}, "dtypes": {SH: "float32"}}
+    with pytest.raises(ValueError, match="different keys"):
+        RunningMean().load_state_dict({}, meta)
+    with pytest.raises(ValueError, match="unknown torch dtype"):
+        RunningMean().load_state_dict(state, {**meta, "dtypes": {SH: "Tensor"}})

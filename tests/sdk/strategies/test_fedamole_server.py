@@ -49,7 +49,8 @@ def test_infeasible_settings_are_explained_before_any_work() -> None:
 
 
 def _upload(server: FedAMoLEServer, silo: str, value: float, emb: dict) -> Upload:
-    plan = server.configure_round(0, [silo])[silo]
+    # configure_round with a subset would be a membership change: plan the whole roster
+    plan = server.configure_round(0, server.silo_ids)[silo]
     params = {k: torch.full_like(v, value) for k, v in plan.params.items()}
     return Upload(0, silo, params, emb, n_samples=10)
 
