@@ -1,6 +1,11 @@
 """Transports move encoded messages; they never know which strategy runs."""
 
-from fedsilo.sdk.transport.amqp import AmqpTransport, BrokerUnavailable, PublishError
+from fedsilo.sdk.transport.amqp import (
+    AmqpTransport,
+    BrokerUnavailable,
+    PublishError,
+    TransferProgress,
+)
 from fedsilo.sdk.transport.base import Delivery, TrafficCounter, Transport
 from fedsilo.sdk.transport.memory import MemoryTransport
 
@@ -11,5 +16,6 @@ __all__ = [
     "MemoryTransport",
     "PublishError",
     "TrafficCounter",
+    "TransferProgress",
     "Transport",
 ]

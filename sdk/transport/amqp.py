@@ -25,18 +25,41 @@ Nothing is acked before `Delivery.ack()`; a closed connection returns all unacke
 deliveries to their queue, so they are redelivered. Malformed messages are rejected without
 requeue (they land in `fedsilo.dead`), logged, and counted in `rejected`.
 
-Thread-safety: pika's BlockingConnection is not thread-safe. Use one AmqpTransport per
-thread, and call `Delivery.ack()` on the thread that received it.
+Faults. The transport takes one URL or several (the nodes of a cluster) and connects to the
+first that answers; `startup_timeout` keeps trying that long at start. Any operation that
+finds the connection or channel lost (broker restart, network loss, `rabbitmqctl
+close_connection`, a broker alarm outlasting `blocked_connection_timeout`) reconnects with
+exponential backoff and full jitter, cycling through the URLs, for at most
+`reconnect_timeout` seconds of outage, then raises `BrokerUnavailable`. A reconnect opens a
+new channel, redeclares the topology, drops half-reassembled messages and forgets unacked
+delivery tags (the broker requeues every unacked delivery of a dead connection, so they come
+again), then retries the operation. Each connection/channel has a generation number; the
+`ack()` of a delivery from an older generation is a no-op, since its message is redelivered.
+
+Delivery is therefore AT-LEAST-ONCE: a publish interrupted part-way (or whose confirm was
+lost) is re-sent whole under a fresh message id, so a message can arrive twice (the
+orphaned chunks of the first attempt expire at the receiver after `reassembly_timeout` and
+are dead-lettered), and a message applied but not yet acked when the connection dies is
+delivered again. Consumers must be idempotent (ours are: rounds and silo ids identify
+messages).
+
+Thread-safety: pika's BlockingConnection is not thread-safe. Each AmqpTransport owns one
+connection and must be used from one thread only: use one AmqpTransport per thread, and
+call `Delivery.ack()` and `keep_alive()` on the thread that created it. A long computation
+between transport calls (local training) should call `keep_alive()` now and then so
+heartbeats are answered and the broker does not drop the connection.
 """
 
 from __future__ import annotations
 
 import logging
+import random
 import time
 import uuid
 from collections.abc import Callable, Sequence
-from typing import Any
-from urllib.parse import urlsplit, urlunsplit
+from dataclasses import dataclass
+from typing import Any, Literal, TypeVar
+from urllib.parse import quote, unquote, urlsplit, urlunsplit
 
 import pika
 import pika.exceptions
@@ -56,6 +79,12 @@ UPLOADS_QUEUE = "aggregator.uploads"
 UPLOADS_ROUTING_KEY = "aggregator"
 AGGREGATOR = "aggregator"
 CONTENT_TYPE = "application/x-fedsilo"
+
+#: Channel.Close reply codes that mean "the broker side went away", not "you made a mistake"
+#: (320 connection-forced, 506 resource-error, 541 internal-error).
+_TRANSIENT_CLOSE_CODES = frozenset({320, 506, 541})
+
+T = TypeVar("T")
 
 
 def plans_queue(silo_id: str) -> str:
@@ -84,12 +113,36 @@ class PublishError(RuntimeError):
     """The broker did not accept a message (no queue bound, or a negative confirm)."""
 
 
+@dataclass(frozen=True)
+class TransferProgress:
+    """Progress of one chunked message. `name` is the exchange for sends and the queue for
+    receives. A send interrupted by a reconnect starts again under a new `message_id`."""
+
+    direction: Literal["send", "receive"]
+    name: str
+    message_id: str
+    done_bytes: int
+    total_bytes: int
+    chunks_done: int
+    chunks_total: int
+
+
+class _Lost(Exception):
+    """Internal: the connection is not usable (no pika exception to show for it)."""
+
+
 class AmqpTransport(Transport):
-    """One connection, one channel. `role` is "aggregator" or this process's silo id."""
+    """One connection, one channel, one thread. `role` is "aggregator" or this process's
+    silo id. `url` is one broker URL or several (cluster nodes, tried in turn).
+
+    `reconnects` counts successful reconnections after a loss; `url` is the URL currently
+    (or last) connected to, `urls` all of them. `reconnect_timeout=None` retries forever;
+    `blocked_connection_timeout=None` waits out a broker alarm forever; `heartbeat=None`
+    takes the broker's heartbeat interval."""
 
     def __init__(
         self,
-        url: str,
+        url: str | Sequence[str],
         role: str,
         silo_ids: Sequence[str] = (),
         chunk_size: int = 4 * 2**20,
@@ -97,15 +150,39 @@ class AmqpTransport(Transport):
         connect_timeout: float = 5.0,
         max_pending_bytes: int = 2**31,
         reassembly_timeout: float = 300.0,
+        *,
+        startup_timeout: float = 0.0,
+        reconnect_timeout: float | None = 300.0,
+        backoff_base: float = 0.5,
+        backoff_cap: float = 15.0,
+        heartbeat: int | None = None,
+        blocked_connection_timeout: float | None = 300.0,
+        progress: Callable[[TransferProgress], None] | None = None,
     ) -> None:
         if chunk_size <= 0:
             raise ValueError("chunk_size must be positive")
-        self.url = url
+        urls = (url,) if isinstance(url, str) else tuple(url)
+        if not urls or not all(isinstance(u, str) and u for u in urls):
+            raise ValueError("url must be a broker URL or a non-empty sequence of them")
+        if startup_timeout < 0 or (reconnect_timeout is not None and reconnect_timeout < 0):
+            raise ValueError("startup_timeout and reconnect_timeout must be >= 0")
+        if backoff_base <= 0 or backoff_cap < backoff_base:
+            raise ValueError("need 0 < backoff_base <= backoff_cap")
+        self.urls: tuple[str, ...] = urls
+        self.url = urls[0]
         self.role = role
         self.chunk_size = chunk_size
         self.prefetch = prefetch
         self.traffic = TrafficCounter()
         self.rejected: dict[str, int] = {}
+        self.reconnects = 0
+        self.connect_timeout = connect_timeout
+        self.reconnect_timeout = reconnect_timeout
+        self.backoff_base = backoff_base
+        self.backoff_cap = backoff_cap
+        self.heartbeat = heartbeat
+        self.blocked_connection_timeout = blocked_connection_timeout
+        self.progress = progress
         silos = list(dict.fromkeys(silo_ids))
         if role != AGGREGATOR and role not in silos:
             silos.insert(0, role)
@@ -115,33 +192,256 @@ class AmqpTransport(Transport):
         self._max_pending_bytes = max_pending_bytes
         self._reassembly_timeout = reassembly_timeout
         self._quorum = True
+        self._connection: pika.BlockingConnection | None = None
+        self._channel: Any = None
+        self._generation = 0  # bumped for every channel opened and every connection lost
+        self._url_index = 0
+        self._outage_since: float | None = None  # when the current outage began
+        self._attempts = 0  # reconnect attempts in the current outage
+        self._blocked = False
+        self._closed = False
 
+        deadline = time.monotonic() + startup_timeout
+        attempt = 0
+        while True:
+            errors = self._connect_pass(0)
+            if errors is None:
+                return
+            now = time.monotonic()
+            if now >= deadline:
+                raise BrokerUnavailable(
+                    self._unavailable(errors, "cannot connect to the RabbitMQ broker", None)
+                ) from None
+            log.info("no broker answered (%s); retrying", self._describe(errors))
+            time.sleep(min(self._backoff(attempt), deadline - now))
+            attempt += 1
+
+    @property
+    def blocked(self) -> bool:
+        """Whether the broker currently blocks this connection (memory or disk alarm)."""
+        return self._blocked
+
+    # -- connecting --------------------------------------------------------------------
+
+    def _backoff(self, attempt: int) -> float:
+        """Exponential backoff with full jitter."""
+        return random.uniform(0.0, min(self.backoff_cap, self.backoff_base * 2**attempt))
+
+    def _scrub(self, text: str) -> str:
+        for url in self.urls:
+            password = urlsplit(url).password
+            if password:
+                for form in {password, unquote(password), quote(unquote(password), safe="")}:
+                    if form:
+                        text = text.replace(form, "***")
+        return text
+
+    def _detail(self, exc: BaseException) -> str:
+        """`exc` as "Type: detail", password-free (pika's wrappers often have no str)."""
+        text = str(exc) or ", ".join(str(a) or repr(a) for a in exc.args)
+        return f"{type(exc).__name__}: {self._scrub(text) or 'no detail'}"
+
+    def _describe(self, errors: list[tuple[str, BaseException]]) -> str:
+        return "; ".join(f"{mask_url(u)} ({self._detail(e)})" for u, e in errors)
+
+    def _unavailable(
+        self, errors: list[tuple[str, BaseException]], what: str, outage: float | None
+    ) -> str:
+        plural = len(self.urls) > 1
+        during = "" if outage is None else f" (gave up after an outage of {outage:.1f} s)"
+        return (
+            f"{what}{during}: tried {'each of ' if plural else ''}{self._describe(errors)}. "
+            "Start one (`rabbitmq-server -detached`), or check the URL"
+            f"{'s' if plural else ''}, the credentials and that the vhost exists and the user "
+            "has permissions on it."
+        )
+
+    def _parameters(self, url: str) -> pika.URLParameters:
         params = pika.URLParameters(url)
         params.connection_attempts = 1
         params.retry_delay = 0
-        params.socket_timeout = connect_timeout
-        params.stack_timeout = connect_timeout
-        params.blocked_connection_timeout = max(connect_timeout, 60.0)
-        try:
-            self._connection = pika.BlockingConnection(params)
-        except (pika.exceptions.AMQPError, OSError) as exc:
-            raise BrokerUnavailable(
-                f"cannot connect to the RabbitMQ broker at {mask_url(url)} "
-                f"({type(exc).__name__}: {exc or 'no detail'}). Start one "
-                "(`rabbitmq-server -detached`), or check the URL, the credentials and that "
-                "the vhost exists and the user has permissions on it."
-            ) from None
-        try:
-            self._open_channel()
-            self._declare_topology()
-        except BaseException:
-            self.close()
-            raise
+        params.socket_timeout = self.connect_timeout
+        params.stack_timeout = self.connect_timeout
+        params.blocked_connection_timeout = self.blocked_connection_timeout
+        if self.heartbeat is not None:
+            params.heartbeat = self.heartbeat
+        return params
+
+    def _connect_pass(self, first: int) -> list[tuple[str, BaseException]] | None:
+        """Try every URL once, starting with `first`; None on success, else the errors."""
+        errors: list[tuple[str, BaseException]] = []
+        n = len(self.urls)
+        for k in range(n):
+            i = (first + k) % n
+            url = self.urls[i]
+            try:
+                connection = pika.BlockingConnection(self._parameters(url))
+            except (pika.exceptions.AMQPError, OSError) as exc:
+                errors.append((url, exc))
+                continue
+            self._connection = connection
+            self._url_index = i
+            self.url = url
+            try:
+                self._setup()
+            except Exception as exc:
+                self._drop()
+                if not self._is_loss(exc):
+                    raise
+                errors.append((url, exc))
+                continue
+            return None
+        return errors
+
+    def _setup(self) -> None:
+        assert self._connection is not None
+        impl = getattr(self._connection, "_impl", None)
+        # Registered on the I/O layer so the warning shows while a publish is stuck; the
+        # BlockingConnection API would only report it once the blocking call returned.
+        target = impl if impl is not None else self._connection
+        target.add_on_connection_blocked_callback(self._on_blocked)
+        target.add_on_connection_unblocked_callback(self._on_unblocked)
+        self._open_channel()
+        self._declare_topology()
+
+    def _on_blocked(self, _connection: Any, frame: Any) -> None:
+        if not self._blocked:
+            self._blocked = True
+            reason = getattr(getattr(frame, "method", None), "reason", "") or "no reason given"
+            log.warning("broker blocked publishing: %s; waiting (%s)", reason, mask_url(self.url))
+
+    def _on_unblocked(self, _connection: Any = None, _frame: Any = None) -> None:
+        if self._blocked:
+            self._blocked = False
+            log.info("broker unblocked publishing (%s)", mask_url(self.url))
+
+    def _is_loss(self, exc: BaseException) -> bool:
+        """Whether `exc` means the connection or channel is gone (reconnect and retry)."""
+        if isinstance(exc, BrokerUnavailable):
+            return False
+        if isinstance(exc, _Lost):
+            return True
+        if isinstance(exc, pika.exceptions.ChannelClosed):
+            connection = self._connection
+            return (
+                connection is None
+                or not connection.is_open
+                or exc.reply_code in _TRANSIENT_CLOSE_CODES
+            )
+        return isinstance(
+            exc,
+            (pika.exceptions.AMQPConnectionError, pika.exceptions.ChannelWrongStateError, OSError),
+        )
+
+    def _drop(self) -> None:
+        """Forget the connection, its channel and everything tied to them."""
+        connection, self._connection, self._channel = self._connection, None, None
+        self._generation += 1
+        self._reassemblers.clear()
+        self._held.clear()
+        if connection is not None and connection.is_open:
+            try:
+                connection.close()
+            except Exception as exc:  # already broken: nothing to release
+                log.debug("error closing AMQP connection: %s", exc)
+
+    def _lost(self, exc: BaseException, doing: str) -> None:
+        if self._outage_since is None:
+            self._outage_since = time.monotonic()
+        log.warning(
+            "lost the connection to the broker at %s while %s (%s); reconnecting",
+            mask_url(self.url),
+            doing,
+            self._detail(exc),
+        )
+        self._drop()
+
+    def _usable(self) -> bool:
+        c, ch = self._connection, self._channel
+        return c is not None and c.is_open and ch is not None and ch.is_open
+
+    def _ensure(self, deadline: float | None = None) -> bool:
+        """Connected, reconnecting if needed. False when `deadline` passed first (the outage
+        goes on); BrokerUnavailable once the outage exceeds `reconnect_timeout`."""
+        if self._closed:
+            raise RuntimeError("this AmqpTransport is closed")
+        if self._usable():
+            return True
+        if self._connection is not None:
+            self._lost(_Lost("connection or channel closed"), "checking the connection")
+        if self._outage_since is None:
+            self._outage_since = time.monotonic()
+        limit = (
+            None
+            if self.reconnect_timeout is None
+            else (self._outage_since + self.reconnect_timeout)
+        )
+        while True:
+            if self._attempts:  # the first try is immediate, later ones back off
+                delay = self._backoff(self._attempts - 1)
+                now = time.monotonic()
+                for end in (limit, deadline):
+                    if end is not None:
+                        delay = min(delay, end - now)
+                time.sleep(max(delay, 0.0))
+            self._attempts += 1
+            errors = self._connect_pass(self._url_index + 1)
+            now = time.monotonic()
+            if errors is None:
+                self.reconnects += 1
+                log.warning(
+                    "reconnected to the broker at %s after %.1f s (reconnect #%d)",
+                    mask_url(self.url),
+                    now - self._outage_since,
+                    self.reconnects,
+                )
+                return True
+            # Only a failed attempt ends the outage: a broker that accepts connections but
+            # blocks publishing (alarm) is waited out however long it takes.
+            if limit is not None and now >= limit:
+                raise BrokerUnavailable(
+                    self._unavailable(errors, "lost the RabbitMQ broker", now - self._outage_since)
+                ) from None
+            if deadline is not None and now >= deadline:
+                return False
+            log.info("broker still unreachable (%s); retrying", self._describe(errors))
+
+    def _healthy(self) -> None:
+        """An operation succeeded: any outage is over."""
+        self._outage_since = None
+        self._attempts = 0
+
+    def _call(self, op: Callable[[], T], doing: str) -> T:
+        """`op()` on a live connection; on a loss, reconnect and run it again."""
+        while True:
+            self._ensure()
+            try:
+                result = op()
+            except Exception as exc:
+                if not self._is_loss(exc):
+                    raise
+                self._lost(exc, doing)
+                continue
+            self._healthy()
+            return result
+
+    def keep_alive(self) -> None:
+        """Service heartbeats and broker notifications without consuming anything;
+        reconnects if the connection was lost. Call it between long computation steps."""
+        self._call(
+            lambda: self._conn().process_data_events(time_limit=0), "keeping the connection alive"
+        )
+
+    def _conn(self) -> pika.BlockingConnection:
+        if self._connection is None:
+            raise _Lost("not connected")
+        return self._connection
 
     # -- setup -------------------------------------------------------------------------
 
     def _open_channel(self) -> None:
-        self._channel = self._connection.channel()
+        self._generation += 1
+        self._channel = self._conn().channel()
         self._channel.confirm_delivery()
         self._channel.basic_qos(prefetch_count=self.prefetch)
 
@@ -154,6 +454,8 @@ class AmqpTransport(Transport):
                 )
                 return
             except pika.exceptions.ChannelClosedByBroker as exc:
+                if self._is_loss(exc):
+                    raise
                 log.warning(
                     "broker refused quorum queue %s (%s); using classic durable queues",
                     name,
@@ -178,7 +480,22 @@ class AmqpTransport(Transport):
 
     # -- sending -----------------------------------------------------------------------
 
+    def _report(self, progress: TransferProgress) -> None:
+        if self.progress is None:
+            return
+        try:
+            self.progress(progress)
+        except Exception:  # a broken progress display must not break the transfer
+            log.exception("progress callback failed")
+
     def _publish(self, exchange: str, routing_key: str, data: bytes) -> None:
+        self._call(
+            lambda: self._publish_once(exchange, routing_key, data), f"publishing to {exchange}"
+        )
+
+    def _publish_once(self, exchange: str, routing_key: str, data: bytes) -> None:
+        """Publish `data` whole under a fresh message id (a retry after a reconnect must not
+        mix with the chunks an interrupted attempt left behind)."""
         message_id = uuid.uuid4().hex
         if len(data) <= self.chunk_size:
             pieces: list[tuple[dict[str, Any] | None, bytes]] = [(None, data)]
@@ -186,7 +503,11 @@ class AmqpTransport(Transport):
             pieces = [
                 (c.header.to_headers(), c.data) for c in split(data, message_id, self.chunk_size)
             ]
-        for headers, body in pieces:
+        channel = self._channel
+        if channel is None:
+            raise _Lost("not connected")
+        done = 0
+        for i, (headers, body) in enumerate(pieces):
             props = pika.BasicProperties(
                 delivery_mode=pika.DeliveryMode.Persistent,
                 content_type=CONTENT_TYPE,
@@ -194,13 +515,21 @@ class AmqpTransport(Transport):
                 headers=headers,
             )
             try:
-                self._channel.basic_publish(exchange, routing_key, body, props, mandatory=True)
+                channel.basic_publish(exchange, routing_key, body, props, mandatory=True)
             except pika.exceptions.UnroutableError:
                 raise PublishError(
                     f"no queue bound to {exchange!r} for routing key {routing_key!r}"
                 ) from None
             except pika.exceptions.NackError:
                 raise PublishError(f"broker nacked a message to {exchange!r}") from None
+            done += len(body)
+            if len(pieces) > 1:
+                self._report(
+                    TransferProgress(
+                        "send", exchange, message_id, done, len(data), i + 1, len(pieces)
+                    )
+                )
+        self._on_unblocked()  # confirmed, so not blocked (whatever notifications said)
 
     def send_plan(self, plan: RoundPlan) -> int:
         data = protocol.encode(plan)
@@ -260,25 +589,37 @@ class AmqpTransport(Transport):
     def _receive(
         self, queue: str, kind: type | tuple[type, ...], timeout: float | None
     ) -> Delivery | None:
+        """Poll `queue`. During an outage this keeps reconnecting until the broker is back
+        (then goes on), `timeout` passes (None), or `reconnect_timeout` (BrokerUnavailable)."""
         deadline = None if timeout is None else time.monotonic() + timeout
         delay = 0.005
         while True:
-            method, props, body = self._channel.basic_get(queue, auto_ack=False)
-            if method is None:
-                self._expire(queue)
-                remaining = None if deadline is None else deadline - time.monotonic()
-                if remaining is not None and remaining <= 0:
-                    return None
-                step = delay if remaining is None else min(delay, remaining)
-                self._connection.sleep(step)
-                delay = min(delay * 2, 0.1)
+            if not self._ensure(deadline):
+                return None
+            try:
+                method, props, body = self._channel.basic_get(queue, auto_ack=False)
+                self._healthy()
+                if method is None:
+                    self._expire(queue)
+                    remaining = None if deadline is None else deadline - time.monotonic()
+                    if remaining is not None and remaining <= 0:
+                        return None
+                    step = delay if remaining is None else min(delay, remaining)
+                    self._conn().sleep(step)
+                    delay = min(delay * 2, 0.1)
+                    continue
+                delay = 0.005
+                delivery = self._handle(queue, kind, method.delivery_tag, props, body or b"")
+            except Exception as exc:
+                if not self._is_loss(exc):
+                    raise
+                self._lost(exc, f"receiving from {queue}")
                 continue
-            delay = 0.005
-            delivery = self._handle(queue, kind, method.delivery_tag, props, body or b"")
             if delivery is not None:
                 return delivery
-            if deadline is not None and time.monotonic() >= deadline:
-                return None
+            # A chunk (or a rejected message) was taken: keep reading while the queue has
+            # more, even past the deadline, so `timeout=0` still completes a chunked message
+            # that is already waiting; an empty queue ends the wait above.
 
     def _handle(
         self, queue: str, kind: type | tuple[type, ...], tag: int, props: Any, body: bytes
@@ -294,6 +635,7 @@ class AmqpTransport(Transport):
             tags, data = [tag], body
         else:
             mid = header.message_id
+            before = reassembler.received(mid)
             try:
                 data = reassembler.add(Chunk(header, body))
             except ChunkError as exc:
@@ -303,40 +645,75 @@ class AmqpTransport(Transport):
                 self._reject(tags, f"chunk: {exc.reason}", str(exc))
                 return None
             held.setdefault(mid, []).append(tag)
+            if header.count > 1:
+                now = (
+                    (header.count, header.total_size)
+                    if data is not None
+                    else (reassembler.received(mid) or (0, 0))
+                )
+                if before is None or now[0] != before[0]:
+                    self._report(
+                        TransferProgress(
+                            "receive",
+                            queue,
+                            mid,
+                            now[1],
+                            header.total_size,
+                            now[0],
+                            header.count,
+                        )
+                    )
             if data is None:
                 return None
             tags = held.pop(mid)
         try:
             message = protocol.decode(data)
             if not isinstance(message, kind):
-                raise protocol.ProtocolError(
-                    f"unexpected {type(message).__name__} on {queue}"
-                )
+                raise protocol.ProtocolError(f"unexpected {type(message).__name__} on {queue}")
         except protocol.ProtocolError as exc:
             self._reject(tags, "protocol", str(exc))
             return None
         return Delivery(message, len(data), self._acker(tags))
 
     def _acker(self, tags: list[int]) -> Callable[[], None]:
-        channel = self._channel
+        generation = self._generation
         done = False
+
+        def ack_tags() -> None:
+            if self._generation != generation or self._channel is None:
+                log.debug(
+                    "ack of %d deliver%s from an earlier connection skipped: the broker "
+                    "requeued %s and will deliver %s again",
+                    len(tags),
+                    "y" if len(tags) == 1 else "ies",
+                    "it" if len(tags) == 1 else "them",
+                    "it" if len(tags) == 1 else "them",
+                )
+                return
+            for tag in tags:
+                self._channel.basic_ack(tag)
 
         def ack() -> None:
             nonlocal done
             if done:
                 return
-            for tag in tags:
-                channel.basic_ack(tag)
+            if self._closed:
+                log.debug("ack after close skipped: the broker requeued the message")
+            else:
+                self._call(ack_tags, "acknowledging a delivery")
             done = True
 
         return ack
 
     def close(self) -> None:
-        connection = getattr(self, "_connection", None)
+        """Close the connection; the transport cannot be used afterwards (except `close`)."""
+        self._closed = True
+        connection, self._connection, self._channel = self._connection, None, None
+        self._generation += 1
         if connection is not None and connection.is_open:
             try:
                 connection.close()
-            except pika.exceptions.AMQPError as exc:  # already broken: nothing to release
+            except Exception as exc:  # already broken: nothing to release
                 log.debug("error closing AMQP connection: %s", exc)
 
 
@@ -351,6 +728,7 @@ __all__ = [
     "AmqpTransport",
     "BrokerUnavailable",
     "PublishError",
+    "TransferProgress",
     "mask_url",
     "plans_queue",
 ]

@@ -122,6 +122,11 @@ class Reassembler:
         """message id -> (chunks received, chunks expected), for incomplete messages."""
         return {mid: (len(p.parts), p.first.count) for mid, p in self._pending.items()}
 
+    def received(self, message_id: str) -> tuple[int, int] | None:
+        """(chunks, bytes) held so far for the incomplete message `message_id`, else None."""
+        pending = self._pending.get(message_id)
+        return None if pending is None else (len(pending.parts), pending.size)
+
     def discard(self, message_id: str) -> None:
         pending = self._pending.pop(message_id, None)
         if pending is not None:

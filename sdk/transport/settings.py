@@ -22,7 +22,9 @@ class BrokerSettings:
     """Where the broker is and how hard to try. One vhost per federation: put it in the URL
     path (`amqp://user@host:5672/my-federation`). Several URLs = the nodes of a cluster."""
 
-    urls: tuple[str, ...] = field(default=(DEFAULT_URL,), metadata={"secret": "url"})
+    urls: tuple[str, ...] = field(
+        default=(DEFAULT_URL,), metadata={"secret": "url"}, repr=False  # URLs hold passwords
+    )
     password_file: Path | None = None
     """Read the broker password from this owner-only file instead of writing it in a URL."""
     chunk_size_mb: float = 4.0

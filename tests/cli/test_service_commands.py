@@ -87,3 +87,9 @@ def test_status_reads_the_aggregators_status_file(tmp_path: Path) -> None:
 def test_status_without_a_state_folder_says_how_to_start(tmp_path: Path) -> None:
     result = runner.invoke(app, ["status", "--state-dir", str(tmp_path)])
     assert result.exit_code == 2 and "fedsilo aggregator run" in result.output
+
+
+def test_broker_settings_repr_hides_the_urls() -> None:
+    from fedsilo.sdk.transport.settings import BrokerSettings
+
+    assert "hunter2" not in repr(BrokerSettings(urls=("amqp://u:hunter2@h/",)))
