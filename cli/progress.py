@@ -46,7 +46,7 @@ class TrainingProgress:
             self.task = None
         self.progress.stop()
         shown = "  ".join(f"{k} {v:.4f}" for k, v in metrics.items())
-        self.console.print(f"{self.silo_id}: round {round} done  {shown}".rstrip())
+        self.console.print(f"{self.silo_id}: round {round} done  {shown}".rstrip(), highlight=False)
 
 
 class TransferProgress:

@@ -94,7 +94,10 @@ def test_aggregator_killed_during_aggregation_and_mid_round_resumes_exactly(
     _assert_same_params(deployment, _reference(deployment))
 
 
-def test_broker_closing_every_connection_mid_round_is_survived(deployment, one_thread) -> None:
+def test_broker_dropping_connections_and_an_agent_stopped_mid_round_change_nothing(
+    deployment, one_thread
+) -> None:
+    deployment.sim = replace(deployment.sim, local_steps=40)  # long enough to stop mid-way
     deployment.write()
     deployment.start_all()
     deployment.wait_for_event("aggregator", "round_opened", round=1)
@@ -102,6 +105,13 @@ def test_broker_closing_every_connection_mid_round_is_survived(deployment, one_t
         ["rabbitmqctl", "close_all_connections", "-p", _vhost(deployment.broker_url),
          "test: broker-side close"], check=True, capture_output=True, timeout=60,
     )
+    # SIGTERM mid-training: the agent abandons the round, keeps the plan unacknowledged,
+    # exits 0; started again, it re-runs the round exactly.
+    deployment.processes["silo-1"].send_signal(signal.SIGTERM)
+    assert deployment.wait("silo-1", timeout=60) == 0
+    stopping = deployment.events("silo-1", "agent_stopping")
+    assert stopping and stopping[0]["reason"] == "SIGTERM"
+    deployment.start_agent("silo-1")
     deployment.wait_all(timeout=240)
     status = json.loads((deployment.aggregator_dir / "status.json").read_text())
     assert status["reconnects"] >= 1
