@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Literal
 
 from fedsilo.aggregator.schedule import Schedule
+from fedsilo.privacy.settings import SecuritySettings
 from fedsilo.sdk.amole.config import AMoLEConfig
 from fedsilo.sdk.federation import FederationSetup
 from fedsilo.sdk.strategies import STRATEGIES, StrategyConfig
@@ -93,6 +94,7 @@ class FederationConfig:
     """Start round 0 once this many have joined (0: all of them); later ones join next round."""
     state_dir: Path = Path("state/aggregator")
     broker: BrokerSettings = field(default_factory=BrokerSettings)
+    security: SecuritySettings = field(default_factory=SecuritySettings)
     schedule: ScheduleSection = field(default_factory=ScheduleSection)
     rounds: RoundsSection = field(default_factory=RoundsSection)
     strategy: StrategyConfig = field(default_factory=StrategyConfig)

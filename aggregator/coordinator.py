@@ -16,10 +16,16 @@ from enum import StrEnum
 from typing import Any
 
 from fedsilo.aggregator.schedule import Schedule
+from fedsilo.privacy.validation import InvalidTensors, check_tensors
 from fedsilo.sdk.logs import log_event
 from fedsilo.sdk.messages import RoundPlan, Upload
 from fedsilo.sdk.params import ModuleShape, TensorDict
-from fedsilo.sdk.strategies.base import AggregationReport, ServerStrategy, SiloPlan
+from fedsilo.sdk.strategies.base import (
+    AggregationReport,
+    ServerStrategy,
+    SiloPlan,
+    UploadSchema,
+)
 from fedsilo.sdk.transport.base import Transport
 
 log = logging.getLogger(__name__)
@@ -32,6 +38,7 @@ class Verdict(StrEnum):
     DUPLICATE = "duplicate"  # this silo's upload for this round was already folded
     LATE = "late"  # for a round that is not the open one
     UNKNOWN = "unknown"  # from a silo that is not part of this round
+    INVALID = "invalid"  # tensors not those of the silo's plan, or NaN/Inf, or too large
 
 
 @dataclass
@@ -73,13 +80,19 @@ class Aggregator:
         transport: Transport,
         schedule: Schedule,
         setup: Mapping[str, Any] | None = None,
+        max_norm: float | None = None,
     ) -> None:
         self.strategy = strategy
+        self.max_norm = max_norm  # bound on each uploaded tensor's L2 norm (None: none)
         self.setup = dict(setup or {})  # federation settings, sent in every plan
         self.transport = transport
         self.schedule = schedule
         self.silo_ids: list[str] = []
         self.history: list[RoundRecord] = []
+        # What each silo must upload for the plans last sent; rebuilt by send_plans (so a
+        # resumed aggregator has it again), not checkpointed.
+        self._expected: dict[tuple[int, str], UploadSchema] = {}
+        self.last_rejection: InvalidTensors | None = None
 
     def start(self, shapes: Mapping[str, ModuleShape], silo_ids: Sequence[str]) -> None:
         """Create the global state for the first participants."""
@@ -111,10 +124,8 @@ class Aggregator:
         """(Re)send the plans of `record`; a resumed aggregator calls this again, and silos
         ignore a plan for a round they already handled."""
         if parts is None:
-            parts = (
-                self.strategy.configure_final(record.expected) if record.final
-                else self.strategy.configure_round(record.round, record.expected)
-            )
+            parts = self._parts(record)
+        self._expect(record, parts)
         for silo, part in parts.items():
             plan = RoundPlan(
                 round=record.round,
@@ -138,6 +149,15 @@ class Aggregator:
             verdict = Verdict.UNKNOWN
         elif upload.silo_id in record.bytes_up:
             verdict = Verdict.DUPLICATE
+        elif (problem := self.check(record, upload)) is not None:
+            verdict = Verdict.INVALID
+            self.last_rejection = problem
+            record.ignored[problem.reason] = record.ignored.get(problem.reason, 0) + 1
+            log_event(
+                log, "upload_invalid", logging.ERROR, silo=upload.silo_id, round=upload.round,
+                reason=problem.reason, detail=problem.detail,
+            )
+            return verdict
         else:
             if not record.final:
                 self.strategy.accumulate(upload)
@@ -152,6 +172,34 @@ class Aggregator:
         )
         return verdict
 
+    def check(self, record: RoundRecord, upload: Upload) -> InvalidTensors | None:
+        """Why `upload` must not be folded in (wrong tensors for its plan, NaN/Inf, norm
+        above the bound), or None. Nothing reaches the strategy before this passed."""
+        schema = self._expected.get((record.round, upload.silo_id))
+        if schema is None:  # plans not (re)sent by this engine: derive them again
+            self._expect(record, self._parts(record))
+            schema = self._expected[(record.round, upload.silo_id)]
+        who = f"upload of {upload.silo_id} for round {upload.round}"
+        try:
+            check_tensors(upload.params, schema.params, what=f"{who}: params",
+                          max_norm=self.max_norm)
+            check_tensors(upload.embeddings, schema.embeddings, what=f"{who}: embeddings")
+        except InvalidTensors as exc:
+            return exc
+        return None
+
+    def _parts(self, record: RoundRecord) -> Mapping[str, SiloPlan]:
+        return (
+            self.strategy.configure_final(record.expected) if record.final
+            else self.strategy.configure_round(record.round, record.expected)
+        )
+
+    def _expect(self, record: RoundRecord, parts: Mapping[str, SiloPlan]) -> None:
+        self._expected = {
+            (record.round, silo): self.strategy.upload_schema(silo, part, record.final)
+            for silo, part in parts.items()
+        }
+
     def collect(self, record: RoundRecord, deadline: float | None = None) -> RoundRecord:
         """Fold in uploads until every silo answered or `deadline` (monotonic) passed,
         acknowledging each at once (for in-process use: nothing to checkpoint)."""
@@ -160,9 +208,13 @@ class Aggregator:
             delivery = self.transport.receive_upload(timeout=timeout)
             if delivery is None:
                 break
+            verdict = None
             if isinstance(delivery.message, Upload):
-                self.offer(record, delivery.message, delivery.size)
-            delivery.ack()
+                verdict = self.offer(record, delivery.message, delivery.size)
+            if verdict is Verdict.INVALID and self.last_rejection is not None:
+                delivery.reject(self.last_rejection.reason, self.last_rejection.detail)
+            else:
+                delivery.ack()
         return record
 
     def close(self, record: RoundRecord) -> RoundRecord:

@@ -30,6 +30,7 @@ from safetensors.torch import save_file
 from fedsilo.aggregator.config import FederationConfig
 from fedsilo.aggregator.coordinator import Aggregator, RoundRecord, Verdict
 from fedsilo.aggregator.report import latest_metrics, summarise
+from fedsilo.privacy.validation import norm_bound
 from fedsilo.sdk.amole.model import target_shapes
 from fedsilo.sdk.checkpoint import load_checkpoint, save_checkpoint
 from fedsilo.sdk.evaluation.metrics import mtal
@@ -39,6 +40,7 @@ from fedsilo.sdk.messages import Announce, Upload
 from fedsilo.sdk.params import ModuleShape
 from fedsilo.sdk.strategies import get_strategy
 from fedsilo.sdk.transport.base import Delivery, Transport
+from fedsilo.sdk.transport.codec import Codec, PlainCodec
 from fedsilo.sdk.transport.settings import owner_only
 
 log = logging.getLogger(__name__)
@@ -97,7 +99,7 @@ class AggregatorService:
     ) -> None:
         self.config = config
         self.state_dir = Path(config.state_dir)
-        self._connect = connect or (lambda: config.broker.connect("aggregator", config.silos))
+        self._connect = connect or self._connect_broker
         self.clock = clock
         self.poll_s = poll_s
         self.setup = config.setup()
@@ -110,6 +112,10 @@ class AggregatorService:
         self._last_checkpoint = 0.0
         self._stop_reason: str | None = None
         self._join_started = clock()
+
+    def _connect_broker(self) -> Transport:
+        codec = self.config.security.codec("aggregator", self.config.name)
+        return self.config.broker.connect("aggregator", self.config.silos, codec=codec)
 
     # -- lifecycle -----------------------------------------------------------------------
 
@@ -139,6 +145,7 @@ class AggregatorService:
         self.transport = self._connect()
         if restore is not None:
             restore()
+        self._codec().advance(self.state.round - 1)
         log_event(
             log, "aggregator_started", federation=self.config.name, resumed=bool(restore),
             phase=self.state.phase, round=self.state.round, silos=list(self.config.silos),
@@ -178,8 +185,8 @@ class AggregatorService:
             return
         if isinstance(delivery.message, Announce):
             self._on_announce(delivery.message)
-        else:
-            self._on_upload(delivery)  # type: ignore[arg-type]
+        elif not self._on_upload(delivery):  # type: ignore[arg-type]
+            return  # rejected: dead-lettered, nothing to acknowledge
         self._pending.append(delivery.ack)
 
     def _on_announce(self, msg: Announce) -> None:
@@ -220,15 +227,23 @@ class AggregatorService:
             log_event(log, "silo_rejoined", silo=msg.silo_id, round=state.round)
         self._write_status()
 
-    def _on_upload(self, delivery: Delivery[Upload]) -> None:
+    def _on_upload(self, delivery: Delivery[Upload]) -> bool:
+        """Apply an upload; False if it was rejected (invalid tensors) instead."""
         upload = delivery.message
         if self.state.phase != "collecting" or self.engine is None:
             self.state.count("late")
             log_event(log, "upload_late", logging.WARNING, silo=upload.silo_id,
                       upload_round=upload.round, phase=self.state.phase)
-            return
+            return True
         record = self.engine.history[-1]
         verdict = self.engine.offer(record, upload, delivery.size)
+        if verdict is Verdict.INVALID and self.engine.last_rejection is not None:
+            problem = self.engine.last_rejection
+            self.state.count(f"rejected: {problem.reason}")
+            self.state.last_error = f"upload of {upload.silo_id} rejected: {problem}"
+            delivery.reject(problem.reason, problem.detail)
+            self._write_status()
+            return False
         if verdict is Verdict.FOLDED:
             log_event(log, "upload_folded", silo=upload.silo_id, round=upload.round,
                       bytes=delivery.size, missing=record.missing)
@@ -236,6 +251,7 @@ class AggregatorService:
         else:
             self.state.count(verdict.value)
         self._write_status()
+        return True
 
     # -- phases --------------------------------------------------------------------------
 
@@ -263,6 +279,8 @@ class AggregatorService:
     def _publish(self) -> None:
         assert self.engine is not None
         round = self.state.round
+        # Uploads of the round before stay "late" (counted); older ones are replays.
+        self._codec().advance(round - 1)
         record = self.engine.publish(round, self._participants())
         self.faults.reach("published", round)
         self.state.phase = "collecting"
@@ -328,13 +346,17 @@ class AggregatorService:
 
     # -- persistence ---------------------------------------------------------------------
 
+    def _codec(self) -> Codec:
+        return getattr(self.transport, "codec", None) or PlainCodec()
+
     def _new_engine(self) -> Aggregator:
         spec = get_strategy(self.setup.strategy.name)
         server = spec.server(self.setup.resolved_adapter(), self.setup.strategy, self.setup.seed)
         server.validate(self.config.start_with)
         assert self.transport is not None
         return Aggregator(server, self.transport, self.config.schedule.schedule(),
-                          setup=self.setup.to_json())
+                          setup=self.setup.to_json(),
+                          max_norm=norm_bound(self.config.security.max_update_norm))
 
     def _checkpoint(self) -> None:
         tensors: dict[str, Any] = {}
@@ -344,6 +366,7 @@ class AggregatorService:
             "fingerprint": self.fingerprint,
             "service": self.state.to_json(),
             "engine": None,
+            "codec": self._codec().state_dict(),
         }
         if self.engine is not None:
             tensors, meta["engine"] = self.engine.state_dict()
@@ -371,10 +394,12 @@ class AggregatorService:
                 "federation.toml, or use a new state_dir to start afresh."
             )
         self.state = ServiceState.from_json(meta["service"])
+        codec_state = meta.get("codec") or {}
         log_event(log, "state_loaded", path=str(path), phase=self.state.phase,
                   round=self.state.round)
 
         def restore() -> None:
+            self._codec().load_state_dict(codec_state)
             if meta["engine"] is not None:
                 self.engine = self._new_engine()
                 self.engine.load_state_dict(tensors, meta["engine"])
@@ -417,6 +442,7 @@ class AggregatorService:
             "bytes_down": dict(record.bytes_down) if record else {},
             "counters": dict(state.counters),
             "reconnects": getattr(self.transport, "reconnects", 0),
+            "rejected": dict(getattr(self.transport, "rejected", {})),
             "last_error": state.last_error,
         }
 

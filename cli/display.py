@@ -68,3 +68,26 @@ class RichObserver:
             self.console.print("final round: every silo kept its personalised adapter")
             return
         self.console.print(round_table(summary, summary.metric_name))
+
+
+def render_privacy(console: Console, silo_id: str, dp: object, summary: dict) -> None:
+    """`fedsilo agent privacy`: the silo's DP ledger in one table."""
+    enabled = getattr(dp, "enabled", False)
+    table = Table(title=f"privacy ledger of {silo_id}", show_header=False)
+    table.add_column("what")
+    table.add_column("value", justify="right")
+    spent, budget = summary["epsilon_spent"], summary["epsilon_budget"]
+    table.add_row("differential privacy", "on" if enabled else "[bold red]off[/]")
+    table.add_row("epsilon spent", f"{spent:.4g}")
+    table.add_row("epsilon budget", f"{budget:.4g}")
+    table.add_row("epsilon remaining", f"{summary['epsilon_remaining']:.4g}")
+    table.add_row("delta", f"{summary['delta']:g}")
+    table.add_row("accountant", str(summary["accountant"]))
+    table.add_row("releases", str(summary["releases"]))
+    for kind, n in sorted(summary.get("by_kind", {}).items()):
+        table.add_row(f"  {kind}", str(n))
+    last = summary.get("last")
+    if last:
+        table.add_row("last release", f"{last['kind']} round {last['round']}, "
+                      f"noise multiplier {last['noise_multiplier']:.4g}")
+    console.print(table)

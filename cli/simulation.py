@@ -16,18 +16,22 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any, Protocol
 
+import torch
 from torch import nn
 
 from fedsilo.aggregator.coordinator import Aggregator
 from fedsilo.aggregator.report import RoundSummary, latest_metrics, summarise
 from fedsilo.aggregator.schedule import Schedule
+from fedsilo.privacy.dp import DPConfig
+from fedsilo.privacy.ledger import PrivacyLedger
+from fedsilo.privacy.silo import SiloPrivacy
 from fedsilo.sdk.amole.config import AMoLEConfig
 from fedsilo.sdk.data.examples import SiloData, TaskInfo
 from fedsilo.sdk.data.silos import build_silo_data as build_federation_data
 from fedsilo.sdk.evaluation.metrics import mtal
 from fedsilo.sdk.models.loading import load_model
 from fedsilo.sdk.strategies import StrategyConfig, get_strategy
-from fedsilo.sdk.training import LocalTrainer, TrainingConfig
+from fedsilo.sdk.training import LocalTrainer, TrainingConfig, stable_seed
 from fedsilo.sdk.transport.memory import MemoryTransport
 from fedsilo.silo_agent.agent import SiloAgent
 
@@ -69,6 +73,10 @@ class SimulationConfig:
     examples_per_silo: int = 300
     eval_limit: int | None = None
     max_new_tokens: int = 64
+    # differential privacy of the embedding uploads: None = off (the paper's setting)
+    dp_epsilon: float | None = None
+    dp_delta: float = 1e-5
+    dp_clip: float = 1.0
     # output
     out_dir: str = "runs"
 
@@ -179,6 +187,12 @@ def run_simulation(
             config.training(), seed=config.seed, silo_id=silo,
         )
         trainer.on_step = _step_hook(observer, silo)
+        if config.dp_epsilon is not None:
+            # Seeded noise: reproducible simulations. Deployments draw it from OS entropy.
+            noise = torch.Generator().manual_seed(stable_seed(config.seed, silo, "dp"))
+            dp = DPConfig(epsilon=config.dp_epsilon, delta=config.dp_delta, clip=config.dp_clip)
+            trainer.privacy = SiloPrivacy(dp, PrivacyLedger(dp.epsilon, dp.delta), None,
+                                          noise, silo)
         agents.append(
             SiloAgent(silo, spec.client(strategy_config), trainer, transport,
                       out_dir=run_dir / "silos" / silo)

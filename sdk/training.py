@@ -10,11 +10,12 @@ import time
 import zlib
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 
+from fedsilo.privacy.dpsgd import private_gradients
 from fedsilo.sdk.amole.config import AMoLEConfig
 from fedsilo.sdk.amole.model import (
     assignment_of,
@@ -25,6 +26,7 @@ from fedsilo.sdk.amole.model import (
     load_balance,
     load_trainable,
     module_shapes,
+    per_example_embedding_tensors,
     routing_context,
     set_assignment,
 )
@@ -33,6 +35,9 @@ from fedsilo.sdk.data.tokenize import TrainStream, batches, encode_example
 from fedsilo.sdk.evaluation.scoring import classification_accuracy, generation_rouge_l
 from fedsilo.sdk.messages import RoundPlan, Upload
 from fedsilo.sdk.params import ModuleShape, TensorDict
+
+if TYPE_CHECKING:
+    from fedsilo.privacy.silo import SiloPrivacy
 
 
 @dataclass(frozen=True)
@@ -92,6 +97,7 @@ class LocalTrainer:
         self._train = [encode(e) for e in data.train]
         self._emb = [encode(e) for e in (data.emb or data.train)]
         self.on_step: StepCallback | None = None  # progress hook, set by the agent or CLI
+        self.privacy: SiloPrivacy | None = None  # differential privacy, set by the agent
 
     def _encode(self, example: Example):
         return encode_example(self.tokenizer, example, self.config.max_length)
@@ -125,6 +131,10 @@ class LocalTrainer:
         stats = TrainStats(steps=steps, seconds=0.0)
         if steps <= 0 or not params:
             return stats
+        private = self.privacy is not None and self.privacy.protects_training
+        if private:
+            assert self.privacy is not None
+            self.privacy.charge_training(steps, self.config.batch_size, self.num_train)
         optimizer = torch.optim.Adam(params, lr=lr)
         self.model.train()
         start = time.perf_counter()
@@ -134,18 +144,14 @@ class LocalTrainer:
             torch.manual_seed(round_seed)
             for step in range(steps):
                 batch = self._to_device(stream.next())
-                mask = batch["attention_mask"]
-                with routing_context(self.model, mask, record=True):
-                    out = self.model(
-                        input_ids=batch["input_ids"], attention_mask=mask, labels=batch["labels"]
-                    )
-                    loss = out.loss
-                    if self.adapter.use_router and self.adapter.lb_coef > 0:
-                        loss = loss + self.adapter.lb_coef * load_balance(self.model, mask)
                 optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                if self.config.grad_clip:
-                    torch.nn.utils.clip_grad_norm_(params, self.config.grad_clip)
+                if private:
+                    loss = self._private_step(params, batch)
+                else:
+                    loss = self._loss(batch)
+                    loss.backward()
+                    if self.config.grad_clip:
+                        torch.nn.utils.clip_grad_norm_(params, self.config.grad_clip)
                 optimizer.step()
                 stats.losses.append(float(loss.detach()))
                 if self.on_step is not None:
@@ -153,6 +159,38 @@ class LocalTrainer:
         self.model.eval()
         stats.seconds = time.perf_counter() - start
         return stats
+
+    def _loss(self, batch: Mapping[str, Tensor]) -> Tensor:
+        """NLL on response tokens plus beta * load balance."""
+        mask = batch["attention_mask"]
+        with routing_context(self.model, mask, record=True):
+            out = self.model(
+                input_ids=batch["input_ids"], attention_mask=mask, labels=batch["labels"]
+            )
+            loss = out.loss
+            if self.adapter.use_router and self.adapter.lb_coef > 0:
+                loss = loss + self.adapter.lb_coef * load_balance(self.model, mask)
+        return loss
+
+    def _private_step(self, params: list[nn.Parameter], batch: Mapping[str, Tensor]) -> Tensor:
+        """DP-SGD gradients: one backward pass per example, clipped, summed, noised."""
+        assert self.privacy is not None
+        n = batch["input_ids"].shape[0]
+        losses: list[Tensor] = []
+
+        def example_loss(i: int) -> Callable[[], Tensor]:
+            def closure() -> Tensor:
+                loss = self._loss({k: v[i : i + 1] for k, v in batch.items()})
+                losses.append(loss.detach())
+                return loss
+
+            return closure
+
+        sgd = self.privacy.config.sgd
+        private_gradients(params, [example_loss(i) for i in range(n)], clip=sgd.clip,
+                          noise_multiplier=sgd.noise_multiplier,
+                          generator=self.privacy.generator)
+        return torch.stack(losses).mean()
 
     def evaluate(self, split: str = "test") -> float:
         """Accuracy (candidate scoring) for classification, Rouge-L F for generation."""
@@ -182,11 +220,16 @@ class LocalTrainer:
         return {"metric": metric}, {"test_s": time.perf_counter() - start}
 
     def embed(self) -> TensorDict:
-        """Client and expert embeddings (eq. 23, 25) on the embedding set."""
+        """Client and expert embeddings (eq. 23, 25) on the embedding set; with DP, the
+        clipped and noised mean of per-example embeddings instead (charged to the ledger)."""
         loader = (
             self._to_device(b)
             for b in batches(self._emb, self.config.eval_batch_size, self.pad_id)
         )
+        if self.privacy is not None and self.privacy.protects_embeddings:
+            return self.privacy.release_embeddings(
+                per_example_embedding_tensors(self.model, loader)
+            )
         return embeddings_to_tensors(compute_embeddings(self.model, loader))
 
     def upload(

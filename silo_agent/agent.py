@@ -45,6 +45,10 @@ class SiloAgent:
     def handle(self, plan: RoundPlan) -> Upload:
         if plan.silo_id != self.silo_id:
             raise ValueError(f"plan for {plan.silo_id!r} reached silo {self.silo_id!r}")
+        privacy = self.trainer.privacy
+        if privacy is not None and not plan.final:
+            privacy.begin_round(plan.round, plan.total_rounds, plan.local_steps,
+                                self.trainer.config.batch_size, self.trainer.num_train)
         upload = self.client.run_round(plan, self.trainer)
         self.transport.send_upload(upload)
         if plan.final and self.out_dir is not None:

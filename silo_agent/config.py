@@ -9,6 +9,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
+from fedsilo.privacy.dp import DPConfig
+from fedsilo.privacy.settings import SecuritySettings
 from fedsilo.sdk.transport.settings import BrokerSettings
 
 
@@ -55,6 +57,9 @@ class SiloConfig:
     """torch CPU threads (0: torch's default)."""
     poll_s: float = 1.0
     broker: BrokerSettings = field(default_factory=BrokerSettings)
+    security: SecuritySettings = field(default_factory=SecuritySettings)
+    dp: DPConfig = field(default_factory=DPConfig)
+    """Differential privacy of what this silo releases; the silo decides, not the aggregator."""
     data: DataSection = field(default_factory=DataSection)
 
     def __post_init__(self) -> None:

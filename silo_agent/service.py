@@ -21,6 +21,9 @@ from typing import Any, Protocol
 
 import torch
 
+from fedsilo.privacy.ledger import BudgetExceeded
+from fedsilo.privacy.silo import SiloPrivacy
+from fedsilo.privacy.validation import InvalidTensors, check_tensors
 from fedsilo.sdk.amole.model import linear_shapes, load_trainable, set_assignment
 from fedsilo.sdk.checkpoint import load_checkpoint, save_checkpoint
 from fedsilo.sdk.data.examples import SiloData
@@ -34,6 +37,7 @@ from fedsilo.sdk.models.loading import LoadedModel, load_model
 from fedsilo.sdk.strategies import get_strategy
 from fedsilo.sdk.training import LocalTrainer
 from fedsilo.sdk.transport.base import Delivery, Transport
+from fedsilo.sdk.transport.codec import Codec, PlainCodec
 from fedsilo.sdk.transport.settings import owner_only
 from fedsilo.silo_agent.agent import ADAPTER_FILE, SiloAgent
 from fedsilo.silo_agent.config import SiloConfig
@@ -42,6 +46,10 @@ log = logging.getLogger(__name__)
 
 CHECKPOINT = "agent.ckpt"
 STATE_VERSION = 1
+
+
+class PrivacyBudgetExhausted(RuntimeError):
+    """The next release would exceed the silo's DP budget: the agent stops, sends nothing."""
 
 
 class StopRequested(Exception):
@@ -82,10 +90,12 @@ class AgentService:
         self.config = config
         self.silo_id = config.silo_id
         self.state_dir = Path(config.state_dir)
-        self._connect = connect or (lambda: config.broker.connect(config.silo_id))
+        self._connect = connect or self._connect_broker
         self.observer = observer or _Quiet()
         self.keep_alive_s = keep_alive_s
         self.state = AgentState()
+        self.privacy: SiloPrivacy | None = None
+        self._codec_state: dict[str, Any] = {}
         self.transport: Transport | None = None
         self.trainer: LocalTrainer | None = None
         self.agent: SiloAgent | None = None
@@ -97,6 +107,10 @@ class AgentService:
     def request_stop(self, reason: str) -> None:
         self._stop_reason = reason
 
+    def _connect_broker(self) -> Transport:
+        codec = self.config.security.codec(self.silo_id)
+        return self.config.broker.connect(self.silo_id, codec=codec)
+
     # -- lifecycle -----------------------------------------------------------------------
 
     def run(self) -> AgentState:
@@ -104,6 +118,7 @@ class AgentService:
         if self.config.threads:
             torch.set_num_threads(self.config.threads)
         saved = self._load()
+        self.privacy = SiloPrivacy.open(self.config.dp, self.state_dir, self.silo_id)
         data = self._data()
         loaded = load_model(self.config.model, dtype=self.config.dtype, seed=self.config.seed,
                             device=self.config.device)
@@ -117,6 +132,8 @@ class AgentService:
         )
         self.transport = self._connect()
         try:
+            self._codec().load_state_dict(self._codec_state)
+            self._codec().advance(self.state.last_round or 0)
             if saved is not None and self.state.setup is not None:
                 self._build(FederationSetup.from_json(self.state.setup), loaded, data)
                 self._restore(saved)
@@ -165,6 +182,13 @@ class AgentService:
                       last_round=self.state.last_round)
             delivery.ack()
             return
+        try:
+            check_tensors(plan.params, None, what=f"plan for round {plan.round}")
+        except InvalidTensors as exc:
+            log_event(log, "plan_rejected", logging.ERROR, silo=self.silo_id,
+                      round=plan.round, reason=exc.reason, detail=exc.detail)
+            delivery.reject(exc.reason, exc.detail)
+            return
         self.faults.reach("plan_received", plan.round)
         setup = FederationSetup.from_json(plan.setup)
         if self.trainer is None:
@@ -178,6 +202,14 @@ class AgentService:
         self.observer.round_started(plan.round, plan.local_steps)
         try:
             upload = self.agent.handle(plan)
+        except BudgetExceeded as exc:
+            log_event(log, "privacy_budget_exhausted", logging.ERROR, silo=self.silo_id,
+                      round=plan.round, detail=str(exc))
+            raise PrivacyBudgetExhausted(
+                f"silo {self.silo_id} refuses round {plan.round}: {exc}. Nothing was sent. "
+                "Raise dp.epsilon only if your privacy policy allows it; "
+                "`fedsilo agent privacy` shows what was spent."
+            ) from None
         except StopRequested:
             log_event(log, "round_abandoned", silo=self.silo_id, round=plan.round)
             return  # not acknowledged: the plan waits in the queue for the next start
@@ -185,6 +217,7 @@ class AgentService:
         self.state.last_round = plan.round
         self.state.finished = plan.final
         self.state.assignment = self.trainer.assignment()
+        self._codec().advance(plan.round)
         self._checkpoint()
         delivery.ack()
         self.observer.round_finished(plan.round, dict(upload.metrics))
@@ -211,6 +244,7 @@ class AgentService:
             seed=setup.seed, silo_id=self.silo_id,
         )
         self.trainer.on_step = self._on_step
+        self.trainer.privacy = self.privacy
         client = get_strategy(setup.strategy.name).client(setup.strategy)
         self.agent = SiloAgent(self.silo_id, client, self.trainer, self.transport,
                                out_dir=self.state_dir)
@@ -227,6 +261,9 @@ class AgentService:
                 keep_alive()
             self._last_keep_alive = now
 
+    def _codec(self) -> Codec:
+        return getattr(self.transport, "codec", None) or PlainCodec()
+
     # -- persistence ---------------------------------------------------------------------
 
     def _checkpoint(self) -> None:
@@ -239,6 +276,7 @@ class AgentService:
             "setup": self.state.setup,
             "assignment": self.state.assignment,
             "skipped": self.state.skipped,
+            "codec": self._codec().state_dict(),
         }
         save_checkpoint(self.state_dir / CHECKPOINT, tensors, meta)
 
@@ -252,6 +290,7 @@ class AgentService:
                 f"{path} belongs to silo {meta.get('silo_id')!r}, not {self.silo_id!r}; "
                 "give each silo its own state_dir"
             )
+        self._codec_state = meta.get("codec") or {}
         self.state = AgentState(
             last_round=meta["last_round"], finished=meta["finished"], setup=meta["setup"],
             assignment=meta["assignment"], skipped=meta.get("skipped", 0),

@@ -327,6 +327,21 @@ def compute_embeddings_per_example(
     return out
 
 
+def per_example_embedding_tensors(
+    model: nn.Module, batches: Iterable[Mapping[str, Tensor]]
+) -> TensorDict:
+    """Wire keys of `embeddings_to_tensors`, each holding one row per example (N, r): the
+    input of differentially private release, which clips per example."""
+    out: TensorDict = {}
+    for name, (layer, sums) in _collect_token_sums(model, batches).items():
+        counts = sums.counts.clamp(min=1.0)
+        out[client_embedding_key(name)] = sums.query / counts[:, None]
+        experts = sums.keys / counts[:, None, None]
+        for pos, eid in enumerate(layer.expert_ids):
+            out[expert_embedding_key(name, eid)] = experts[:, pos]
+    return out
+
+
 def embeddings_to_tensors(emb: Mapping[str, ModuleEmbedding]) -> TensorDict:
     """Wire form: '{module}.client' and '{module}.expert.{id}' (see fedsilo.sdk.params)."""
     out: TensorDict = {}

@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Any, Literal
 
 from torch import Tensor
 
+from fedsilo.privacy.validation import Schema, schema_of
 from fedsilo.sdk.amole.config import AMoLEConfig
 from fedsilo.sdk.messages import RoundPlan, Upload
 from fedsilo.sdk.params import ModuleShape, TensorDict
@@ -63,6 +64,15 @@ class SiloPlan:
     params: TensorDict
 
 
+@dataclass(frozen=True)
+class UploadSchema:
+    """The tensors a silo's upload must hold (names, shapes, dtypes), checked before the
+    upload is folded in."""
+
+    params: Schema
+    embeddings: Schema
+
+
 @dataclass
 class AggregationReport:
     round: int
@@ -94,6 +104,13 @@ class ServerStrategy(ABC):
         """The evaluation-only plan after the last aggregation. By default the global
         state, for strategies whose score is the global model's."""
         return self.configure_round(-1, silo_ids)
+
+    def upload_schema(self, silo_id: str, part: SiloPlan, final: bool) -> UploadSchema:
+        """What `silo_id` must send back for the plan `part`. By default: exactly the
+        tensors it was sent, trained; nothing after the final (evaluation-only) plan."""
+        if final:
+            return UploadSchema({}, {})
+        return UploadSchema(schema_of(part.params), {})
 
     @abstractmethod
     def begin_round(self, round: int) -> None: ...

@@ -11,6 +11,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from fedsilo.privacy.validation import TensorSpec
 from fedsilo.sdk.aggregation.fedavg import RunningMean
 from fedsilo.sdk.aggregation.rsea import (
     AssignmentConstraints,
@@ -35,6 +36,7 @@ from fedsilo.sdk.strategies.base import (
     SiloPlan,
     StrategyConfig,
     StrategySpec,
+    UploadSchema,
 )
 from fedsilo.sdk.strategies.init import initial_params
 from fedsilo.sdk.training import LocalTrainer
@@ -115,6 +117,19 @@ class FedAMoLEServer(ServerStrategy):
     def configure_final(self, silo_ids: Sequence[str]) -> dict[str, SiloPlan]:
         # Each silo keeps the model it trained last: the final plan only says "finished".
         return {silo: SiloPlan({}, {}) for silo in silo_ids}
+
+    def upload_schema(self, silo_id: str, part: SiloPlan, final: bool) -> UploadSchema:
+        """The default plus the embeddings RSEA needs: per module the client embedding and
+        one expert embedding per assigned expert, each of size r."""
+        schema = super().upload_schema(silo_id, part, final)
+        if final:
+            return schema
+        spec = TensorSpec((self.adapter.r,), torch.float32)
+        embeddings = {}
+        for module, experts in part.assignment.items():
+            embeddings[client_embedding_key(module)] = spec
+            embeddings.update({expert_embedding_key(module, j): spec for j in experts})
+        return UploadSchema(schema.params, embeddings)
 
     def begin_round(self, round: int) -> None:
         self._sum = RunningMean()

@@ -64,10 +64,11 @@ from urllib.parse import quote, unquote, urlsplit, urlunsplit
 import pika
 import pika.exceptions
 
-from fedsilo.sdk import protocol
 from fedsilo.sdk.messages import Announce, RoundPlan, Upload
 from fedsilo.sdk.transport.base import Delivery, Inbound, TrafficCounter, Transport
 from fedsilo.sdk.transport.chunking import Chunk, ChunkError, ChunkHeader, Reassembler, split
+from fedsilo.sdk.transport.codec import Codec, PlainCodec, Rejected
+from fedsilo.sdk.transport.tls import TlsFiles, describe_tls_error, ssl_options
 
 log = logging.getLogger(__name__)
 
@@ -158,6 +159,9 @@ class AmqpTransport(Transport):
         heartbeat: int | None = None,
         blocked_connection_timeout: float | None = 300.0,
         progress: Callable[[TransferProgress], None] | None = None,
+        tls: TlsFiles | None = None,
+        declare_topology: bool = True,
+        codec: Codec | None = None,
     ) -> None:
         if chunk_size <= 0:
             raise ValueError("chunk_size must be positive")
@@ -183,6 +187,9 @@ class AmqpTransport(Transport):
         self.heartbeat = heartbeat
         self.blocked_connection_timeout = blocked_connection_timeout
         self.progress = progress
+        self.tls = tls or TlsFiles()  # used by amqps:// URLs only
+        self.declare_topology = declare_topology  # False: the broker's definitions provide it
+        self.codec = codec or PlainCodec()
         silos = list(dict.fromkeys(silo_ids))
         if role != AGGREGATOR and role not in silos:
             silos.insert(0, role)
@@ -238,6 +245,9 @@ class AmqpTransport(Transport):
 
     def _detail(self, exc: BaseException) -> str:
         """`exc` as "Type: detail", password-free (pika's wrappers often have no str)."""
+        tls = describe_tls_error(exc)
+        if tls is not None:  # plain words and a remedy instead of an OpenSSL code
+            return self._scrub(tls)
         text = str(exc) or ", ".join(str(a) or repr(a) for a in exc.args)
         return f"{type(exc).__name__}: {self._scrub(text) or 'no detail'}"
 
@@ -258,6 +268,14 @@ class AmqpTransport(Transport):
 
     def _parameters(self, url: str) -> pika.URLParameters:
         params = pika.URLParameters(url)
+        # Replaces pika's default amqps:// context (and any ?ssl_options= in the URL).
+        params.ssl_options = ssl_options(
+            url,
+            ca_file=self.tls.ca_file,
+            cert_file=self.tls.cert_file,
+            key_file=self.tls.key_file,
+            server_name=self.tls.server_name,
+        )
         params.connection_attempts = 1
         params.retry_delay = 0
         params.socket_timeout = self.connect_timeout
@@ -302,7 +320,8 @@ class AmqpTransport(Transport):
         target.add_on_connection_blocked_callback(self._on_blocked)
         target.add_on_connection_unblocked_callback(self._on_unblocked)
         self._open_channel()
-        self._declare_topology()
+        if self.declare_topology:
+            self._declare_topology()
 
     def _on_blocked(self, _connection: Any, frame: Any) -> None:
         if not self._blocked:
@@ -532,19 +551,19 @@ class AmqpTransport(Transport):
         self._on_unblocked()  # confirmed, so not blocked (whatever notifications said)
 
     def send_plan(self, plan: RoundPlan) -> int:
-        data = protocol.encode(plan)
+        data = self.codec.seal(plan)
         self._publish(PLANS_EXCHANGE, plan.silo_id, data)
         self.traffic.add("down", plan.silo_id, len(data))
         return len(data)
 
     def send_upload(self, upload: Upload) -> int:
-        data = protocol.encode(upload)
+        data = self.codec.seal(upload)
         self._publish(UPLOADS_EXCHANGE, UPLOADS_ROUTING_KEY, data)
         self.traffic.add("up", upload.silo_id, len(data))
         return len(data)
 
     def send_announce(self, announce: Announce) -> int:
-        data = protocol.encode(announce)
+        data = self.codec.seal(announce)
         self._publish(UPLOADS_EXCHANGE, UPLOADS_ROUTING_KEY, data)
         self.traffic.add("up", announce.silo_id, len(data))
         return len(data)
@@ -667,13 +686,17 @@ class AmqpTransport(Transport):
                 return None
             tags = held.pop(mid)
         try:
-            message = protocol.decode(data)
+            message = self.codec.open(data)
             if not isinstance(message, kind):
-                raise protocol.ProtocolError(f"unexpected {type(message).__name__} on {queue}")
-        except protocol.ProtocolError as exc:
-            self._reject(tags, "protocol", str(exc))
+                raise Rejected("protocol", f"unexpected {type(message).__name__} on {queue}")
+        except Rejected as exc:
+            self._reject(tags, exc.reason, exc.detail)
             return None
-        return Delivery(message, len(data), self._acker(tags))
+        except Exception as exc:  # a codec bug must not stop the consumer: dead-letter it
+            log.exception("codec failed on a message from %s", queue)
+            self._reject(tags, "codec error", repr(exc))
+            return None
+        return Delivery(message, len(data), self._acker(tags), self._rejecter(tags))
 
     def _acker(self, tags: list[int]) -> Callable[[], None]:
         generation = self._generation
@@ -704,6 +727,28 @@ class AmqpTransport(Transport):
             done = True
 
         return ack
+
+    def _rejecter(self, tags: list[int]) -> Callable[[str, str], None]:
+        """Application-level refusal: dead-letter (never requeue) and count."""
+        generation = self._generation
+
+        def reject_tags(reason: str, detail: str) -> None:
+            if self._generation != generation or self._channel is None:
+                self.rejected[reason] = self.rejected.get(reason, 0) + 1
+                log.warning(
+                    "rejected a message (%s): %s; its delivery belonged to an earlier "
+                    "connection, so the broker will deliver it again", reason, detail,
+                )
+                return
+            self._reject(tags, reason, detail)
+
+        def reject(reason: str, detail: str) -> None:
+            if self._closed:
+                reject_tags(reason, detail)
+            else:
+                self._call(lambda: reject_tags(reason, detail), "rejecting a delivery")
+
+        return reject
 
     def close(self) -> None:
         """Close the connection; the transport cannot be used afterwards (except `close`)."""

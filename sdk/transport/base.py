@@ -37,20 +37,30 @@ def _nothing() -> None:
     return None
 
 
+def _drop(reason: str, detail: str) -> None:
+    return None
+
+
 @dataclass
 class Delivery(Generic[M]):
     """A received message, its size on the wire, and how to acknowledge it.
 
     Consumers call `ack()` only once the message has been applied (and, where it
-    matters, checkpointed); a transport may redeliver anything not acknowledged."""
+    matters, checkpointed); a transport may redeliver anything not acknowledged.
+    `reject(reason, detail)` refuses a message the application found invalid (a tensor
+    of the wrong shape, a NaN): it is dead-lettered, counted under `reason`, and never
+    redelivered."""
 
     message: M
     size: int
     ack: Callable[[], None] = _nothing
+    reject: Callable[[str, str], None] = _drop
 
 
 class Transport(ABC):
     traffic: TrafficCounter
+    #: Messages refused (by the codec or the application), by reason.
+    rejected: dict[str, int]
 
     @abstractmethod
     def send_plan(self, plan: RoundPlan) -> int:

@@ -48,6 +48,10 @@ class Deployment:
     broker_url: str
     sim: SimulationConfig
     rounds: dict[str, Any] = field(default_factory=dict)
+    secure: bool = True  # signed, encrypted envelopes with keys made here
+    dp: dict[str, Any] = field(default_factory=lambda: {"enabled": False})  # as `simulate`
+    broker: dict[str, Any] = field(default_factory=dict)  # extra [broker] keys for all
+    security_extra: dict[str, Any] = field(default_factory=dict)  # extra [security], aggregator
     processes: dict[str, subprocess.Popen[str]] = field(default_factory=dict)
 
     @property
@@ -61,15 +65,45 @@ class Deployment:
     def silo_dir(self, silo: str) -> Path:
         return self.root / silo
 
+    def security(self, party: str) -> dict[str, Any]:
+        if not self.secure:
+            return {"enabled": False}
+        return {"keys_dir": self.root / "keys" / party,
+                "trust_file": self.root / "keys" / f"{party}.trust.json"}
+
+    def _make_keys(self) -> None:
+        """What `fedsilo provision` hands each party: its keys and its peers' public keys."""
+        from fedsilo.privacy.keys import Keyring, TrustStore
+
+        parties = ["aggregator", *self.silos]
+        public = {p: Keyring.create(self.root / "keys" / p, p).public() for p in parties}
+        TrustStore("test", {s: public[s] for s in self.silos}).save(
+            self.root / "keys" / "aggregator.trust.json"
+        )
+        for silo in self.silos:
+            TrustStore("test", {"aggregator": public["aggregator"]}).save(
+                self.root / "keys" / f"{silo}.trust.json"
+            )
+
+    def codec(self, party: str) -> Any:
+        """The codec `party` speaks (to send messages as it from a test)."""
+        from fedsilo.privacy.settings import SecuritySettings
+
+        settings = {k: Path(v) if k != "enabled" else v for k, v in self.security(party).items()}
+        return SecuritySettings(**settings).codec(party, "test" if party == "aggregator" else None)
+
     def write(self) -> None:
         s = self.sim
+        if self.secure and not (self.root / "keys").exists():
+            self._make_keys()
         broker = {"urls": [self.broker_url], "reconnect_timeout_s": 120.0,
-                  "chunk_size_mb": 0.25}
+                  "chunk_size_mb": 0.25, **self.broker}
         _write(self.root / "federation.toml", {
             "name": "test", "seed": s.seed, "silos": self.silos,
             "state_dir": self.aggregator_dir,
         }, {
             "broker": broker,
+            "security": {**self.security("aggregator"), **self.security_extra},
             "schedule": {"rounds": s.rounds, "local_steps": s.local_steps, "lr": s.lr,
                          "lr_decay": s.lr_decay},
             "rounds": {"deadline_s": 120.0, "checkpoint_interval_s": 1.0, **self.rounds},
@@ -88,6 +122,8 @@ class Deployment:
                 "seed": s.seed, "poll_s": 0.2, "threads": 1,
             }, {
                 "broker": broker,
+                "security": self.security(silo),
+                "dp": self.dp,
                 "data": {"source": s.data or "synthetic", "partitions": s.silos,
                          "index": index, "partition": s.partition, "alpha": s.alpha,
                          "examples": s.examples_per_silo},

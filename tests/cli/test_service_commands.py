@@ -58,7 +58,8 @@ def test_print_config_masks_the_broker_password(tmp_path: Path) -> None:
 
 def test_unreachable_broker_is_one_clear_line_without_the_password(tmp_path: Path) -> None:
     path = _fed(tmp_path, f'silos = ["a"]\nstate_dir = "{tmp_path / "st"}"\n[broker]\n'
-                'urls = ["amqp://u:hunter2@127.0.0.1:1/v"]\nconnect_timeout_s = 1\n')
+                'urls = ["amqp://u:hunter2@127.0.0.1:1/v"]\nconnect_timeout_s = 1\n'
+                '[security]\nenabled = false\n')
     result = subprocess.run(
         [sys.executable, "-m", "fedsilo.cli.main", "aggregator", "run", "--config", str(path)],
         capture_output=True, text=True, timeout=120,
@@ -67,6 +68,18 @@ def test_unreachable_broker_is_one_clear_line_without_the_password(tmp_path: Pat
     assert result.returncode == 4, output
     assert "127.0.0.1:1" in output and "rabbitmq-server" in output
     assert "hunter2" not in output and "Traceback" not in output
+
+
+def test_missing_keys_are_one_clear_line_naming_the_fix(tmp_path: Path) -> None:
+    path = _fed(tmp_path, f'silos = ["a"]\nstate_dir = "{tmp_path / "st"}"\n[security]\n'
+                f'keys_dir = "{tmp_path / "nokeys"}"\n')
+    result = subprocess.run(
+        [sys.executable, "-m", "fedsilo.cli.main", "aggregator", "run", "--config", str(path)],
+        capture_output=True, text=True, timeout=120,
+    )
+    output = result.stdout + result.stderr
+    assert result.returncode == 2, output
+    assert "nokeys" in output and "fedsilo provision" in output and "Traceback" not in output
 
 
 def test_status_reads_the_aggregators_status_file(tmp_path: Path) -> None:

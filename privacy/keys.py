@@ -1,0 +1,668 @@
+"""Party identities: key pairs on disk, the public keys peers pin, and the trust store.
+
+Each party (a silo or the aggregator) holds one or more key *generations*. A generation is an
+Ed25519 key (signs what the party sends) and an X25519 key (receives what is sealed to it),
+named by a key id derived from both public keys. Several generations coexist during a
+rotation: the newest is *active* (it signs, and peers encrypt to it); older ones are kept
+only so messages already sealed to them can still be opened, until they are retired.
+
+Why pinning: a peer's public keys reach a party out of band (`fedsilo provision`) and are
+stored with their fingerprint; every load recomputes the fingerprint and key id, so an edited
+or corrupted trust file is refused instead of silently trusting a substituted key.
+
+Keyring folder (owner-only, 0700)::
+
+    keyring.json                 0600  party, active key id, key ids with creation time
+    <key_id>.ed25519.pem         0600  PKCS8 PEM, unencrypted (the folder is the protection)
+    <key_id>.x25519.pem          0600
+    public.json                  0644  PartyKeys: what to hand to peers
+
+Every file is written atomically (temporary file in the same folder, fsync, rename) and
+created with its final mode, so a secret is never readable by others, not even briefly.
+`keyring.json` is the commit point: a key exists once it is listed there, and `public.json`
+is rewritten after it, so a crash in between leaves peers encrypting to a key still held.
+One writer at a time (the `fedsilo keys` command); readers pick changes up via `refresh`.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import contextlib
+import hashlib
+import json
+import os
+import secrets
+import stat
+from collections.abc import Mapping
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from types import MappingProxyType
+from typing import Any
+
+from cryptography.exceptions import UnsupportedAlgorithm
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
+from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X25519PublicKey
+
+__all__ = [
+    "KEYRING_FILE",
+    "PUBLIC_FILE",
+    "Keyring",
+    "KeysError",
+    "PartyKeys",
+    "PublicKey",
+    "TrustFile",
+    "TrustStore",
+]
+
+KEYRING_FILE = "keyring.json"
+PUBLIC_FILE = "public.json"
+_KEYRING_FORMAT = "fedsilo-keyring"
+_KEYRING_VERSION = 1
+_FINGERPRINT_DOMAIN = b"fedsilo-key-v1"
+_FINGERPRINT_PREFIX = "sha256:"
+_KEY_ID_LEN = 16
+_MAX_NAME_LEN = 256
+_PUBLIC_FIELDS = frozenset({"key_id", "signing", "encryption", "fingerprint"})
+
+
+class KeysError(ValueError):
+    """A key file or trust file that cannot be used; says why and what to do."""
+
+
+def _check_name(value: object, what: str) -> str:
+    """Party and federation names end up in headers and log lines: keep them printable."""
+    if (
+        not isinstance(value, str)
+        or not value
+        or len(value) > _MAX_NAME_LEN
+        or not value.isprintable()
+        or value != value.strip()
+    ):
+        raise KeysError(
+            f"{what} must be a non-empty printable string of at most {_MAX_NAME_LEN} "
+            f"characters without surrounding spaces, got {value!r}"
+        )
+    return value
+
+
+def _is_int(value: object, expected: int) -> bool:
+    return type(value) is int and value == expected  # not a bool, not 1.0
+
+
+def _fingerprint(signing: bytes, encryption: bytes) -> str:
+    digest = hashlib.sha256(_FINGERPRINT_DOMAIN + signing + encryption).hexdigest()
+    return _FINGERPRINT_PREFIX + digest
+
+
+def _b64decode(value: object, what: str) -> bytes:
+    if not isinstance(value, str):
+        raise KeysError(f"{what} must be a base64 string, got {type(value).__name__}")
+    try:
+        return base64.b64decode(value.encode("ascii"), validate=True)
+    except (binascii.Error, UnicodeEncodeError):
+        raise KeysError(f"{what} is not valid base64: {value!r}") from None
+
+
+def _raw_public(key: Ed25519PrivateKey | X25519PrivateKey) -> bytes:
+    return key.public_key().public_bytes(
+        serialization.Encoding.Raw, serialization.PublicFormat.Raw
+    )
+
+
+@dataclass(frozen=True)
+class PublicKey:
+    """One key generation's public half. The key id is derived, so it cannot be forged apart
+    from the keys it names; construct from raw keys with `from_raw`."""
+
+    key_id: str
+    signing: bytes
+    encryption: bytes
+
+    def __post_init__(self) -> None:
+        for name in ("signing", "encryption"):
+            value = getattr(self, name)
+            if not isinstance(value, bytes) or len(value) != 32:
+                got = len(value) if isinstance(value, bytes) else type(value).__name__
+                raise KeysError(f"{name} key must be 32 raw bytes, got {got}")
+        try:
+            Ed25519PublicKey.from_public_bytes(self.signing)
+        except ValueError as exc:
+            raise KeysError(f"signing key is not a valid Ed25519 public key ({exc})") from None
+        expected = self.fingerprint.removeprefix(_FINGERPRINT_PREFIX)[:_KEY_ID_LEN]
+        if self.key_id != expected:
+            raise KeysError(
+                f"key id {self.key_id!r} does not match its keys (expected {expected!r}); "
+                "the key material was altered or mixed up: fetch the party's public keys again"
+            )
+
+    @classmethod
+    def from_raw(cls, signing: bytes, encryption: bytes) -> PublicKey:
+        """The public key for raw Ed25519 and X25519 public keys, with its derived id."""
+        signing, encryption = bytes(signing), bytes(encryption)
+        digest = _fingerprint(signing, encryption).removeprefix(_FINGERPRINT_PREFIX)
+        return cls(digest[:_KEY_ID_LEN], signing, encryption)
+
+    @property
+    def fingerprint(self) -> str:
+        """What operators compare out of band: `sha256:` + hex over both public keys."""
+        return _fingerprint(self.signing, self.encryption)
+
+    def to_dict(self) -> dict[str, str]:
+        return {
+            "key_id": self.key_id,
+            "signing": base64.b64encode(self.signing).decode("ascii"),
+            "encryption": base64.b64encode(self.encryption).decode("ascii"),
+            "fingerprint": self.fingerprint,
+        }
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> PublicKey:
+        """Parse and re-check a pinned key: the stored fingerprint and key id must be the
+        ones recomputed from the keys, else the entry was tampered with."""
+        if not isinstance(d, Mapping):
+            raise KeysError(f"a public key must be a JSON object, got {type(d).__name__}")
+        missing = sorted(_PUBLIC_FIELDS - d.keys())
+        unknown = sorted(set(d) - _PUBLIC_FIELDS)
+        if missing or unknown:
+            raise KeysError(
+                f"a public key needs exactly the fields {sorted(_PUBLIC_FIELDS)}; "
+                f"missing {missing}, unknown {unknown}"
+            )
+        signing = _b64decode(d["signing"], "signing key")
+        encryption = _b64decode(d["encryption"], "encryption key")
+        key = cls.from_raw(signing, encryption)  # validates lengths
+        if d["fingerprint"] != key.fingerprint or d["key_id"] != key.key_id:
+            raise KeysError(
+                f"pinned key {d['key_id']!r} does not match its stored fingerprint "
+                f"{d['fingerprint']!r} (recomputed {key.key_id!r}, {key.fingerprint!r}); "
+                "the entry was altered: get the party's public keys again and compare the "
+                "fingerprint with its operator"
+            )
+        return key
+
+    def __repr__(self) -> str:
+        return f"PublicKey(key_id={self.key_id!r}, fingerprint={self.fingerprint!r})"
+
+
+@dataclass(frozen=True)
+class PartyKeys:
+    """The public side of one party: what its peers pin."""
+
+    party: str
+    keys: tuple[PublicKey, ...]  # newest first; keys[0] is the active key senders encrypt to
+
+    def __post_init__(self) -> None:
+        _check_name(self.party, "party name")
+        keys = tuple(self.keys)
+        object.__setattr__(self, "keys", keys)
+        if not keys:
+            raise KeysError(f"party {self.party!r} has no public keys; pin at least one")
+        if not all(isinstance(k, PublicKey) for k in keys):
+            raise KeysError(f"party {self.party!r}: keys must be PublicKey instances")
+        ids = [k.key_id for k in keys]
+        if len(set(ids)) != len(ids):
+            raise KeysError(f"party {self.party!r} lists a key id twice: {ids}")
+
+    @property
+    def active(self) -> PublicKey:
+        return self.keys[0]
+
+    def get(self, key_id: str) -> PublicKey | None:
+        return next((k for k in self.keys if k.key_id == key_id), None)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"party": self.party, "keys": [k.to_dict() for k in self.keys]}
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> PartyKeys:
+        if not isinstance(d, Mapping) or set(d) != {"party", "keys"}:
+            got = sorted(d) if isinstance(d, Mapping) else type(d).__name__
+            raise KeysError(f"party keys must be an object with 'party' and 'keys', got {got}")
+        party = _check_name(d["party"], "party name")
+        if not isinstance(d["keys"], list):
+            raise KeysError(f"party {party!r}: 'keys' must be a list of public keys")
+        try:
+            keys = tuple(PublicKey.from_dict(k) for k in d["keys"])
+        except KeysError as exc:
+            raise KeysError(f"party {party!r}: {exc}") from None
+        return cls(party, keys)
+
+    def save(self, path: Path) -> None:
+        """Write atomically, world-readable (0644): this is what peers are handed."""
+        _write_atomic(Path(path), _dump_json(self.to_dict()), 0o644)
+
+    @classmethod
+    def load(cls, path: Path) -> PartyKeys:
+        path = Path(path)
+        document = _read_json(path, "party public keys")
+        try:
+            return cls.from_dict(document)
+        except KeysError as exc:
+            raise KeysError(f"party public keys {path}: {exc}") from None
+
+
+@dataclass(frozen=True)
+class _Generation:
+    """One key generation with its private halves (never printed: no repr)."""
+
+    public: PublicKey
+    created: str
+    signing: Ed25519PrivateKey
+    encryption: X25519PrivateKey
+
+
+@dataclass(frozen=True)
+class _KeyringState:
+    """What `keyring.json` and the PEM files said when read; swapped whole on refresh."""
+
+    party: str
+    generations: tuple[_Generation, ...]  # active first, then as listed
+    stamp: tuple[int, ...]  # identity of the keyring.json that was read
+
+
+class Keyring:
+    """A party's private keys, in an owner-only folder. Several keys during a rotation:
+    the active one signs and is advertised; older ones still decrypt messages sealed to them."""
+
+    def __init__(self, folder: Path, state: _KeyringState) -> None:
+        """Use `create` or `load`; this only wraps state already read from `folder`."""
+        self.folder = Path(folder)
+        self._state = state
+
+    def __repr__(self) -> str:
+        return f"Keyring(party={self.party!r}, folder={str(self.folder)!r}, active={self.active})"
+
+    # -- lifecycle -----------------------------------------------------------------------
+
+    @classmethod
+    def create(cls, folder: Path, party: str) -> Keyring:
+        """A new keyring with one key (`fedsilo keys init`). Refuses a folder that already
+        holds one, so an existing identity is never overwritten."""
+        folder = Path(folder)
+        party = _check_name(party, "party name")
+        if (folder / KEYRING_FILE).exists():
+            raise KeysError(
+                f"{folder} already holds a keyring; load it (or rotate its key with "
+                "`fedsilo keys rotate`) instead, or choose an empty folder"
+            )
+        folder.mkdir(mode=0o700, parents=True, exist_ok=True)
+        os.chmod(folder, 0o700)  # an existing folder may have been made with a wider mode
+        generation = _new_generation(folder)
+        _write_keyring(folder, party, (generation,))
+        keyring = cls(folder, _read_state(folder))
+        keyring.public().save(folder / PUBLIC_FILE)
+        return keyring
+
+    @classmethod
+    def load(cls, folder: Path) -> Keyring:
+        """Read a keyring, refusing one whose files others could read."""
+        return cls(Path(folder), _read_state(Path(folder)))
+
+    def refresh(self) -> None:
+        """Re-read the folder if `keyring.json` changed (a rotation by `fedsilo keys`), so a
+        running service adopts the new key without a restart. Keeps the old state and raises
+        KeysError if the changed keyring cannot be used."""
+        if _stamp(self.folder / KEYRING_FILE) != self._state.stamp:
+            self._state = _read_state(self.folder)
+
+    # -- reading -------------------------------------------------------------------------
+
+    @property
+    def party(self) -> str:
+        return self._state.party
+
+    @property
+    def active(self) -> PublicKey:
+        return self._state.generations[0].public
+
+    def public(self) -> PartyKeys:
+        """All keys, active (newest) first."""
+        return PartyKeys(self.party, tuple(g.public for g in self._state.generations))
+
+    def sign(self, data: bytes) -> tuple[str, bytes]:
+        """(active key id, Ed25519 signature of `data`)."""
+        generation = self._state.generations[0]  # one read: consistent under refresh
+        return generation.public.key_id, generation.signing.sign(data)
+
+    def exchange(self, key_id: str, peer_public: bytes) -> bytes:
+        """X25519 shared secret between private key `key_id` and a peer's public key."""
+        generation = self._generation(key_id)
+        try:
+            peer = X25519PublicKey.from_public_bytes(bytes(peer_public))
+            return generation.encryption.exchange(peer)
+        except ValueError as exc:  # wrong length, or a low-order point (all-zero secret)
+            raise KeysError(f"cannot agree a key with the peer's public key: {exc}") from None
+
+    def _generation(self, key_id: str) -> _Generation:
+        for generation in self._state.generations:
+            if generation.public.key_id == key_id:
+                return generation
+        raise KeysError(
+            f"keyring {self.folder} ({self.party}) has no key {key_id!r}; it holds "
+            f"{[g.public.key_id for g in self._state.generations]} (was it retired?)"
+        )
+
+    # -- rotation ------------------------------------------------------------------------
+
+    def rotate(self) -> PublicKey:
+        """Add a new key and make it active; older keys stay to open messages in flight.
+        Hand the new `public.json` to peers, then `retire` the old key once they use it."""
+        self.refresh()
+        generation = _new_generation(self.folder)
+        _write_keyring(self.folder, self.party, (generation, *self._state.generations))
+        self._state = _read_state(self.folder)
+        self.public().save(self.folder / PUBLIC_FILE)
+        return generation.public
+
+    def retire(self, key_id: str) -> None:
+        """Forget a non-active key and delete its private files."""
+        self.refresh()
+        retired = self._generation(key_id)
+        if retired is self._state.generations[0]:
+            raise KeysError(
+                f"key {key_id!r} is the active key of {self.party!r}; rotate first, then "
+                "retire it once peers have the new public keys"
+            )
+        remaining = tuple(g for g in self._state.generations if g is not retired)
+        _write_keyring(self.folder, self.party, remaining)
+        self._state = _read_state(self.folder)
+        self.public().save(self.folder / PUBLIC_FILE)
+        for suffix in (".ed25519.pem", ".x25519.pem"):
+            with contextlib.suppress(FileNotFoundError):
+                (self.folder / f"{key_id}{suffix}").unlink()
+        _fsync_dir(self.folder)
+
+
+def _new_generation(folder: Path) -> _Generation:
+    signing = Ed25519PrivateKey.generate()
+    encryption = X25519PrivateKey.generate()
+    public = PublicKey.from_raw(_raw_public(signing), _raw_public(encryption))
+    for suffix, key in ((".ed25519.pem", signing), (".x25519.pem", encryption)):
+        pem = key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+        _write_atomic(folder / f"{public.key_id}{suffix}", pem, 0o600)
+    created = datetime.now(UTC).isoformat(timespec="seconds")
+    return _Generation(public, created, signing, encryption)
+
+
+def _write_keyring(folder: Path, party: str, generations: tuple[_Generation, ...]) -> None:
+    document = {
+        "format": _KEYRING_FORMAT,
+        "version": _KEYRING_VERSION,
+        "party": party,
+        "active": generations[0].public.key_id,
+        "keys": [{"key_id": g.public.key_id, "created": g.created} for g in generations],
+    }
+    _write_atomic(folder / KEYRING_FILE, _dump_json(document), 0o600)
+
+
+def _check_private_mode(path: Path, st: os.stat_result, is_folder: bool) -> None:
+    mode = stat.S_IMODE(st.st_mode)
+    if mode & 0o077:
+        wanted = "700" if is_folder else "600"
+        raise KeysError(
+            f"{path} is accessible by group or others (mode {mode:04o}); private keys must be "
+            f"owner-only: run chmod {wanted} {path}"
+        )
+
+
+def _read_state(folder: Path) -> _KeyringState:
+    try:
+        folder_stat = folder.stat()
+    except FileNotFoundError:
+        raise KeysError(
+            f"no keyring at {folder}: create one with `fedsilo keys init`, or fix the path"
+        ) from None
+    except OSError as exc:
+        raise KeysError(f"cannot read keyring folder {folder}: {exc}") from None
+    if not stat.S_ISDIR(folder_stat.st_mode):
+        raise KeysError(f"keyring path {folder} is not a folder; point to the keyring folder")
+    _check_private_mode(folder, folder_stat, is_folder=True)
+    path = folder / KEYRING_FILE
+    if not path.exists():
+        raise KeysError(
+            f"no keyring at {folder} ({KEYRING_FILE} is missing): create one with "
+            "`fedsilo keys init`, or fix the path"
+        )
+    stamp = _stamp(path)  # before reading: a change during the read shows up next refresh
+    document = _read_json(path, "keyring")
+    version = document.get("version")
+    if document.get("format") != _KEYRING_FORMAT or not _is_int(version, _KEYRING_VERSION):
+        raise KeysError(
+            f"{path} is not a version-{_KEYRING_VERSION} fedsilo keyring (format "
+            f"{document.get('format')!r}, version {version!r}); point to a keyring folder"
+        )
+    try:
+        party = _check_name(document.get("party"), "party name")
+    except KeysError as exc:
+        raise KeysError(f"{path}: {exc}") from None
+    entries = document.get("keys")
+    if not isinstance(entries, list) or not entries:
+        raise KeysError(f"{path}: 'keys' must be a non-empty list; restore the keyring")
+    generations: list[_Generation] = []
+    for entry in entries:
+        if (
+            not isinstance(entry, dict)
+            or not isinstance(entry.get("key_id"), str)
+            or not isinstance(entry.get("created"), str)
+        ):
+            raise KeysError(f"{path}: malformed key entry {entry!r}; restore the keyring")
+        generations.append(_read_generation(folder, entry["key_id"], entry["created"]))
+    ids = [g.public.key_id for g in generations]
+    if len(set(ids)) != len(ids):
+        raise KeysError(f"{path} lists a key id twice: {ids}; restore the keyring")
+    active = document.get("active")
+    if active not in ids:
+        raise KeysError(f"{path}: active key {active!r} is not among its keys {ids}")
+    generations.sort(key=lambda g: g.public.key_id != active)  # stable: active first
+    return _KeyringState(party, tuple(generations), stamp)
+
+
+def _read_generation(folder: Path, key_id: str, created: str) -> _Generation:
+    keys: list[Any] = []
+    for suffix, kind in ((".ed25519.pem", Ed25519PrivateKey), (".x25519.pem", X25519PrivateKey)):
+        path = folder / f"{key_id}{suffix}"
+        try:
+            fd = os.open(path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0))
+        except FileNotFoundError:
+            raise KeysError(
+                f"private key file {path} is missing; restore it from a backup, or retire "
+                f"key {key_id!r}"
+            ) from None
+        except OSError as exc:
+            raise KeysError(f"cannot read private key file {path}: {exc}") from None
+        with os.fdopen(fd, "rb") as f:
+            _check_private_mode(path, os.fstat(f.fileno()), is_folder=False)
+            pem = f.read()
+        try:
+            key = serialization.load_pem_private_key(pem, password=None)
+        except (ValueError, TypeError, UnsupportedAlgorithm):
+            raise KeysError(
+                f"{path} is not an unencrypted PKCS8 PEM private key; restore it from a backup"
+            ) from None
+        if not isinstance(key, kind):
+            raise KeysError(f"{path} holds a {type(key).__name__}, expected {kind.__name__}")
+        keys.append(key)
+    signing, encryption = keys
+    public = PublicKey.from_raw(_raw_public(signing), _raw_public(encryption))
+    if public.key_id != key_id:
+        raise KeysError(
+            f"the private key files of {key_id!r} in {folder} belong to key "
+            f"{public.key_id!r}; they were swapped or replaced: restore them from a backup"
+        )
+    return _Generation(public, created, signing, encryption)
+
+
+class TrustStore:
+    """Pinned public keys of the parties this one talks to (what `fedsilo provision` hands out)."""
+
+    federation: str
+    parties: dict[str, PartyKeys]
+
+    def __init__(
+        self, federation: str, parties: Mapping[str, PartyKeys] = MappingProxyType({})
+    ) -> None:
+        self.federation = _check_name(federation, "federation name")
+        self.parties = {}
+        for name, keys in parties.items():
+            if not isinstance(keys, PartyKeys) or keys.party != name:
+                raise KeysError(f"trust entry {name!r} must be the PartyKeys of party {name!r}")
+            self.parties[name] = keys
+
+    def __repr__(self) -> str:
+        return f"TrustStore(federation={self.federation!r}, parties={sorted(self.parties)})"
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, TrustStore):
+            return NotImplemented
+        return self.federation == other.federation and self.parties == other.parties
+
+    __hash__ = None  # type: ignore[assignment]  # mutable
+
+    def add(self, keys: PartyKeys) -> None:
+        """Pin `keys`, replacing what was pinned for that party."""
+        self.parties[keys.party] = keys
+
+    def party(self, name: str) -> PartyKeys:
+        keys = self.parties.get(name)
+        if keys is None:
+            raise KeysError(
+                f"unknown party {name!r} in federation {self.federation!r}; pinned parties: "
+                f"{sorted(self.parties)}. Add its public keys to the trust file"
+            )
+        return keys
+
+    def key(self, party: str, key_id: str) -> PublicKey:
+        key = self.party(party).get(key_id)
+        if key is None:
+            pinned = [k.key_id for k in self.party(party).keys]
+            raise KeysError(
+                f"key {key_id!r} is not pinned for party {party!r} (pinned: {pinned}); if the "
+                "party rotated its key, add its new public keys to the trust file"
+            )
+        return key
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "federation": self.federation,
+            "parties": {name: keys.to_dict() for name, keys in sorted(self.parties.items())},
+        }
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> TrustStore:
+        if not isinstance(d, Mapping) or set(d) != {"federation", "parties"}:
+            got = sorted(d) if isinstance(d, Mapping) else type(d).__name__
+            raise KeysError(f"a trust file must hold 'federation' and 'parties', got {got}")
+        if not isinstance(d["parties"], Mapping):
+            raise KeysError("'parties' must map party names to their public keys")
+        parties = {name: PartyKeys.from_dict(keys) for name, keys in d["parties"].items()}
+        return cls(d["federation"], parties)
+
+    def save(self, path: Path) -> None:
+        """Write atomically (0644: public keys only)."""
+        _write_atomic(Path(path), _dump_json(self.to_dict()), 0o644)
+
+    @classmethod
+    def load(cls, path: Path) -> TrustStore:
+        path = Path(path)
+        document = _read_json(path, "trust file")
+        try:
+            return cls.from_dict(document)
+        except KeysError as exc:
+            raise KeysError(f"trust file {path}: {exc}") from None
+
+
+class TrustFile:
+    """A TrustStore that re-reads its file when it changes (mtime/size), so a peer's new key
+    can be added and an old one retired without restarting the process."""
+
+    def __init__(self, path: Path) -> None:
+        """Reads the file now, so a missing or broken trust file fails at startup."""
+        self.path = Path(path)
+        self._stamp = _stamp(self.path)
+        self._store = TrustStore.load(self.path)
+
+    def current(self) -> TrustStore:
+        """The store as of the file's latest content. If a changed file cannot be read (say,
+        an editor mid-save) this raises KeysError and retries on the next call."""
+        stamp = _stamp(self.path)
+        if stamp != self._stamp:
+            store = TrustStore.load(self.path)
+            self._store, self._stamp = store, stamp
+        return self._store
+
+
+# -- files -----------------------------------------------------------------------------
+
+
+def _stamp(path: Path) -> tuple[int, ...]:
+    """Identity of a file's current content: a rename over it changes the inode, an
+    in-place edit the size or mtime."""
+    try:
+        st = path.stat()
+    except OSError:
+        return ()
+    return (st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+
+
+def _dump_json(document: Mapping[str, Any]) -> bytes:
+    return (json.dumps(document, indent=2, sort_keys=True) + "\n").encode("utf-8")
+
+
+def _read_json(path: Path, what: str) -> dict[str, Any]:
+    try:
+        text = path.read_bytes()
+    except FileNotFoundError:
+        raise KeysError(f"{what} {path} does not exist; check the path") from None
+    except OSError as exc:
+        raise KeysError(f"cannot read {what} {path}: {exc}") from None
+    try:
+        document = json.loads(text)
+    except (ValueError, RecursionError) as exc:
+        raise KeysError(
+            f"{what} {path} is not valid JSON ({exc}); restore it or fetch it again"
+        ) from None
+    if not isinstance(document, dict):
+        raise KeysError(f"{what} {path} must hold a JSON object")
+    return document
+
+
+def _write_atomic(path: Path, data: bytes, mode: int) -> None:
+    """Replace `path` with `data` so readers see the old or the new file, never a mix, and
+    the file never has a wider mode than `mode` (created with it, umask only narrows)."""
+    folder = path.parent
+    tmp = folder / f".{path.name}.{secrets.token_hex(8)}.tmp"
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0), mode)
+    try:
+        try:
+            os.fchmod(fd, mode)  # exactly `mode` (the umask may have narrowed a public file)
+            view = memoryview(data)
+            while view:
+                view = view[os.write(fd, view) :]
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+        raise
+    _fsync_dir(folder)
+
+
+def _fsync_dir(folder: Path) -> None:
+    """Persist renames and deletions: a directory entry is only durable once its folder is."""
+    try:
+        fd = os.open(folder, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

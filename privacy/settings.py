@@ -1,0 +1,79 @@
+"""The `[security]` section of federation.toml and silo.toml, and the codec it builds."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+from fedsilo.sdk.transport.codec import Codec, PlainCodec
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class SecuritySettings:
+    """Where this party's keys and its pinned peers are (`fedsilo provision` writes both).
+
+    `enabled = false` sends plaintext: only for a broker and network you fully trust (a
+    laptop demo); the process says so loudly at start."""
+
+    enabled: bool = True
+    keys_dir: Path = Path("keys")
+    trust_file: Path = Path("trust.json")
+    max_message_mb: float = 4096.0
+    """Refuse larger messages before reading them."""
+    max_message_age_s: float = 7 * 86400.0
+    """Refuse messages signed longer ago than this (replays of old traffic)."""
+    max_clock_skew_s: float = 300.0
+    """Tolerated clock difference for messages that seem to come from the future."""
+    max_update_norm: float = 0.0
+    """Aggregator: refuse an upload with a tensor whose L2 norm exceeds this (0: no bound)."""
+
+    def __post_init__(self) -> None:
+        for name in ("max_message_mb", "max_message_age_s"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"security.{name} must be > 0 (got {getattr(self, name)})")
+        if self.max_clock_skew_s < 0 or self.max_update_norm < 0:
+            raise ValueError("security.max_clock_skew_s and max_update_norm must be >= 0")
+
+    def codec(self, party: str, federation: str | None = None) -> Codec:
+        """The codec for `party` ("aggregator" or a silo id). A silo learns the federation's
+        name from its trust file; the aggregator checks it against federation.toml."""
+        if not self.enabled:
+            log.warning(
+                "security.enabled = false: messages cross the broker UNENCRYPTED and UNSIGNED; "
+                "anyone with access to the broker can read and forge them. Use this only on a "
+                "broker and network you fully trust."
+            )
+            return PlainCodec()
+        from fedsilo.privacy.codec import EnvelopeCodec, EnvelopeLimits
+        from fedsilo.privacy.keys import Keyring, KeysError, TrustFile
+
+        try:
+            keyring = Keyring.load(self.keys_dir)
+        except KeysError as exc:
+            raise KeysError(
+                f"security.keys_dir: {exc}. `fedsilo provision --federation federation.toml` "
+                "makes every party's keys and trust file (or set security.enabled = false for "
+                "a broker you fully trust)"
+            ) from None
+        if keyring.party != party:
+            raise KeysError(
+                f"the keys in {self.keys_dir} belong to {keyring.party!r}, not {party!r}: point "
+                "security.keys_dir at this party's own keys"
+            )
+        trust = TrustFile(self.trust_file)
+        return EnvelopeCodec(
+            federation or trust.current().federation,
+            keyring,
+            trust,
+            EnvelopeLimits(
+                max_bytes=int(self.max_message_mb * 2**20),
+                max_age_s=self.max_message_age_s,
+                max_skew_s=self.max_clock_skew_s,
+            ),
+        )
+
+
+__all__ = ["SecuritySettings"]

@@ -1,0 +1,93 @@
+"""Received tensors are checked against what the receiver expects before anything touches
+a model: a malicious or broken silo must not be able to poison the aggregate with a NaN, a
+tensor of the wrong shape, or an update blown up to an enormous norm."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+
+    @classmethod
+    def of(cls, tensor: Tensor) -> TensorSpec:
+        return cls(tuple(tensor.shape), tensor.dtype)
+
+
+Schema = Mapping[str, TensorSpec]
+
+
+class InvalidTensors(ValueError):
+    """Tensors that must not be used; `reason` is a short counter name."""
+
+    def __init__(self, reason: str, detail: str) -> None:
+        super().__init__(f"{reason}: {detail}")
+        self.reason = reason
+        self.detail = detail
+
+
+def schema_of(tensors: Mapping[str, Tensor]) -> dict[str, TensorSpec]:
+    return {name: TensorSpec.of(t) for name, t in tensors.items()}
+
+
+def _names(names: set[str], limit: int = 5) -> str:
+    shown = sorted(names)[:limit]
+    more = f" and {len(names) - limit} more" if len(names) > limit else ""
+    return ", ".join(shown) + more
+
+
+def check_tensors(
+    tensors: Mapping[str, Tensor],
+    expected: Schema | None,
+    *,
+    what: str,
+    max_norm: float | None = None,
+) -> None:
+    """Raise `InvalidTensors` unless `tensors` has exactly the names, shapes and dtypes of
+    `expected` (None: any names), only finite values, and (if `max_norm`) no tensor with an
+    L2 norm above it. `what` names the tensors in messages ("upload params of silo-2")."""
+    if expected is not None:
+        missing, unexpected = set(expected) - set(tensors), set(tensors) - set(expected)
+        if missing or unexpected:
+            parts = []
+            if missing:
+                parts.append(f"missing {_names(missing)}")
+            if unexpected:
+                parts.append(f"unexpected {_names(unexpected)}")
+            raise InvalidTensors("tensor schema", f"{what}: " + "; ".join(parts))
+        for name, spec in expected.items():
+            got = TensorSpec.of(tensors[name])
+            if got != spec:
+                raise InvalidTensors(
+                    "tensor schema",
+                    f"{what}: {name} is {list(got.shape)} {got.dtype}, expected "
+                    f"{list(spec.shape)} {spec.dtype}",
+                )
+    for name, tensor in tensors.items():
+        if not tensor.is_floating_point():
+            raise InvalidTensors("tensor schema", f"{what}: {name} is {tensor.dtype}, not float")
+        if not bool(torch.isfinite(tensor).all()):
+            raise InvalidTensors("non-finite", f"{what}: {name} holds NaN or Inf values")
+        if max_norm is not None:
+            norm = float(torch.linalg.vector_norm(tensor.double()))
+            if not norm <= max_norm:
+                raise InvalidTensors(
+                    "norm bound",
+                    f"{what}: {name} has L2 norm {norm:.4g} > the bound {max_norm:g}",
+                )
+
+
+def norm_bound(value: float) -> float | None:
+    """Config convention: 0 (or inf) means no bound."""
+    return None if value <= 0 or math.isinf(value) else value
+
+
+__all__ = ["InvalidTensors", "Schema", "TensorSpec", "check_tensors", "norm_bound", "schema_of"]
