@@ -21,6 +21,7 @@ from typing import Any, Protocol
 
 import torch
 
+from fedsilo.privacy.dp import DPError
 from fedsilo.privacy.ledger import BudgetExceeded
 from fedsilo.privacy.silo import SiloPrivacy
 from fedsilo.privacy.validation import InvalidTensors, check_tensors
@@ -202,7 +203,7 @@ class AgentService:
         self.observer.round_started(plan.round, plan.local_steps)
         try:
             upload = self.agent.handle(plan)
-        except BudgetExceeded as exc:
+        except (BudgetExceeded, DPError) as exc:
             log_event(log, "privacy_budget_exhausted", logging.ERROR, silo=self.silo_id,
                       round=plan.round, detail=str(exc))
             raise PrivacyBudgetExhausted(

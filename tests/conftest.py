@@ -56,3 +56,21 @@ def broker_url() -> Iterator[str]:
         yield urlunsplit((parts.scheme, parts.netloc, f"/{vhost}", "", ""))
     finally:
         subprocess.run(["rabbitmqctl", "delete_vhost", vhost], capture_output=True, check=False)
+
+
+@pytest.fixture(scope="session")
+def tls_broker() -> Iterator[object]:
+    """A second RabbitMQ node, TLS only, with a fresh CA (see tests/tls_broker.py): yields a
+    `tls_broker.TlsBroker` (url, limited_url, ca_file, client_cert, client_key, node,
+    ctl(*args)). Starting it takes several seconds, once per session; same skip/fail policy
+    as `broker_url`."""
+    import tls_broker as node  # tests/ is on sys.path (rootdir conftest, prepend mode)
+
+    try:
+        broker, process = node.start()
+    except node.BrokerStartError as exc:
+        _unavailable(f"cannot start a TLS RabbitMQ node: {exc}")
+    try:
+        yield broker
+    finally:
+        node.stop(broker, process)

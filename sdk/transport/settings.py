@@ -3,6 +3,7 @@ connected transport. Kept apart from the AMQP code so configs load without pika.
 
 from __future__ import annotations
 
+import logging
 import os
 import stat
 from collections.abc import Callable, Sequence
@@ -13,6 +14,9 @@ from urllib.parse import quote, urlsplit, urlunsplit
 
 if TYPE_CHECKING:
     from fedsilo.sdk.transport.amqp import AmqpTransport
+    from fedsilo.sdk.transport.codec import Codec
+
+log = logging.getLogger(__name__)
 
 DEFAULT_URL = "amqp://guest:guest@127.0.0.1:5672/"
 
@@ -27,6 +31,19 @@ class BrokerSettings:
     )
     password_file: Path | None = None
     """Read the broker password from this owner-only file instead of writing it in a URL."""
+    tls_ca_file: Path | None = None
+    """CA certificate (PEM) that signed the broker's certificate, for amqps:// URLs (unset:
+    the system's CA store). The broker is always verified."""
+    tls_cert_file: Path | None = None
+    """Client certificate (PEM) to present to the broker (needs `tls_key_file`)."""
+    tls_key_file: Path | None = None
+    """Private key (PEM, unencrypted, mode 0600) of `tls_cert_file`."""
+    tls_server_name: str | None = None
+    """Name to expect in the broker's certificate (and send as SNI) instead of the URL's host:
+    for a broker reached through a tunnel or by an IP address its certificate does not name."""
+    declare_topology: bool = True
+    """False for a provisioned silo whose broker user may not configure anything: the
+    topology comes from the definitions file."""
     chunk_size_mb: float = 4.0
     connect_timeout_s: float = 5.0
     startup_timeout_s: float = 0.0
@@ -52,6 +69,11 @@ class BrokerSettings:
                      "reassembly_timeout_s"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"broker.{name} must be > 0 (got {getattr(self, name)})")
+        if (self.tls_cert_file is None) != (self.tls_key_file is None):
+            raise ValueError(
+                "broker.tls_cert_file and broker.tls_key_file go together: set both "
+                "(a client certificate and its private key) or neither"
+            )
 
     def resolved_urls(self) -> list[str]:
         """The URLs with the password from `password_file` filled in where one is missing."""
@@ -75,9 +97,27 @@ class BrokerSettings:
         role: str,
         silo_ids: Sequence[str] = (),
         progress: Callable[[Any], None] | None = None,
+        codec: Codec | None = None,
     ) -> AmqpTransport:
-        from fedsilo.sdk.transport.amqp import AmqpTransport
+        from fedsilo.sdk.transport.amqp import AmqpTransport, mask_url
+        from fedsilo.sdk.transport.tls import TlsFiles, insecure_remote
 
+        tls = TlsFiles(
+            self.tls_ca_file, self.tls_cert_file, self.tls_key_file, self.tls_server_name
+        )
+        for url in self.urls:
+            if insecure_remote(url):
+                log.warning(
+                    "plain amqp:// to %s (%s): credentials and metadata cross the network in "
+                    "clear; use amqps://",
+                    urlsplit(url).hostname,
+                    mask_url(url),
+                )
+            elif tls != TlsFiles() and urlsplit(url).scheme == "amqp":
+                log.warning(
+                    "broker.tls_* settings apply to amqps:// URLs only; %s does not use TLS",
+                    mask_url(url),
+                )
         return AmqpTransport(
             self.resolved_urls(),
             role,
@@ -90,6 +130,9 @@ class BrokerSettings:
             reconnect_timeout=self.reconnect_timeout_s,
             heartbeat=self.heartbeat_s,
             progress=progress,
+            tls=tls,
+            declare_topology=self.declare_topology,
+            codec=codec,
         )
 
 
