@@ -11,6 +11,7 @@ from typing import Annotated, Any
 import typer
 from rich.console import Console
 
+from fedsilo.cli.keys import keys_app, provision_command, trust_app
 from fedsilo.cli.simulation import SimulationConfig, run_simulation
 from fedsilo.sdk.logs import setup_logging
 
@@ -85,6 +86,14 @@ def simulate(
         int | None, typer.Option(help="Score at most this many test examples per silo.")
     ] = None,
     seed: Annotated[int, typer.Option(help="Seed for data, init and assignment.")] = _D.seed,
+    dp_epsilon: Annotated[
+        float | None,
+        typer.Option(help="Differentially private embedding uploads with this epsilon budget "
+                     "over the run (default: off, as in the paper)."),
+    ] = None,
+    dp_clip: Annotated[
+        float, typer.Option(help="Per-example L2 bound of the embeddings under DP.")
+    ] = _D.dp_clip,
     out: Annotated[Path, typer.Option(help="Folder for run folders.")] = Path(_D.out_dir),
 ) -> None:
     """Run a whole federation in one process (no broker, no downloads by default)."""
@@ -97,6 +106,7 @@ def simulate(
         data=data, data_dir=data_dir, partition=partition, alpha=alpha,
         examples_per_silo=examples_per_silo, model=model, lr=lr, batch_size=batch_size,
         max_length=max_length, eval_limit=eval_limit, seed=seed, out_dir=str(out),
+        dp_epsilon=dp_epsilon, dp_clip=dp_clip,
     )
     try:
         config.strategy_config()
@@ -115,6 +125,9 @@ aggregator_app = typer.Typer(help="The coordinator's long-running process.",
 agent_app = typer.Typer(help="A silo's long-running process.", no_args_is_help=True)
 app.add_typer(aggregator_app, name="aggregator")
 app.add_typer(agent_app, name="agent")
+app.add_typer(keys_app, name="keys")
+app.add_typer(trust_app, name="trust")
+app.command("provision")(provision_command)
 
 ConfigOption = Annotated[Path, typer.Option("--config", "-c", help="The TOML config file.")]
 SetOption = Annotated[
@@ -177,13 +190,40 @@ def agent_start(
     transfers = TransferProgress(console) if interactive else None
     service = AgentService(
         cfg,
-        connect=lambda: cfg.broker.connect(cfg.silo_id, progress=transfers),
+        connect=lambda: cfg.broker.connect(
+            cfg.silo_id, progress=transfers, codec=cfg.security.codec(cfg.silo_id)
+        ),
         observer=observer,
     )
     _run_service(console, service, f"agent {cfg.silo_id}")
     if service.state.finished:
         console.print(f"[bold green]{cfg.silo_id} finished[/]; personalised adapter in "
                       f"{cfg.state_dir}/adapter.safetensors")
+
+
+@agent_app.command("privacy")
+def agent_privacy(
+    config: ConfigOption,
+    set_: SetOption = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the ledger summary as JSON.")]
+    = False,
+) -> None:
+    """What this silo has released under differential privacy, and the epsilon spent."""
+    from fedsilo.cli.display import render_privacy
+    from fedsilo.privacy.silo import SiloPrivacy
+    from fedsilo.silo_agent.config import SiloConfig
+
+    console = Console()
+    cfg = _load(console, SiloConfig, config, set_, False)
+    try:
+        privacy = SiloPrivacy.open(cfg.dp, cfg.state_dir, cfg.silo_id)
+    except ValueError as exc:
+        raise _fail(console, str(exc)) from None
+    summary = privacy.ledger.summary()
+    if as_json:
+        console.print_json(data=summary)
+    else:
+        render_privacy(console, cfg.silo_id, cfg.dp, summary)
 
 
 @app.command()
@@ -238,6 +278,7 @@ def _run_service(console: Console, service: Any, name: str) -> None:
     from fedsilo.sdk.data.examples import DataError
     from fedsilo.sdk.models.loading import ModelLoadError
     from fedsilo.sdk.transport.amqp import BrokerUnavailable
+    from fedsilo.silo_agent.service import PrivacyBudgetExhausted
 
     signals = {"count": 0}
 
@@ -253,7 +294,7 @@ def _run_service(console: Console, service: Any, name: str) -> None:
     except BrokerUnavailable as exc:
         console.print(f"[bold red]error:[/] {exc}", highlight=False)
         raise typer.Exit(code=4) from None
-    except FederationAborted as exc:
+    except (FederationAborted, PrivacyBudgetExhausted) as exc:
         console.print(f"[bold red]aborted:[/] {exc}", highlight=False)
         raise typer.Exit(code=3) from None
     except (ValueError, FileNotFoundError, DataError, ModelLoadError, CheckpointError) as exc:

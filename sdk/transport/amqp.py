@@ -304,6 +304,13 @@ class AmqpTransport(Transport):
                 self._setup()
             except Exception as exc:
                 self._drop()
+                if getattr(exc, "reply_code", None) == 403:  # permanent: retrying won't help
+                    raise BrokerUnavailable(
+                        f"the broker at {mask_url(url)} refused access while setting up "
+                        f"({self._detail(exc)}). Check the user's permissions on the vhost; "
+                        "a provisioned silo may not configure anything and needs "
+                        "broker.declare_topology = false (its kit's config sets it)."
+                    ) from None
                 if not self._is_loss(exc):
                     raise
                 errors.append((url, exc))
