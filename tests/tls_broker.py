@@ -188,7 +188,10 @@ def _environment(workdir: Path, node: str, dist_port: int) -> dict[str, str]:
 
 
 def start(
-    timeout: float = 90.0, certs_from: Path | None = None, definitions: Path | None = None
+    timeout: float = 90.0,
+    certs_from: Path | None = None,
+    definitions: Path | None = None,
+    port: int | None = None,
 ) -> tuple[TlsBroker, subprocess.Popen[bytes]]:
     """Start a TLS node in a fresh temp folder; BrokerStartError (folder removed) on failure.
     Stop it with `stop(broker, process)`.
@@ -215,7 +218,7 @@ def start(
         issue(ca, "fedsilo-test-client", client=True).write(
             certs / "client.pem", certs / "client.key"
         )
-        port, dist_port = _free_port(), _free_port()
+        port, dist_port = port or _free_port(), _free_port()
         node = f"fedsilo-tls-{secrets.token_hex(4)}@localhost"
         users = {USER: secrets.token_urlsafe(12), LIMITED_USER: secrets.token_urlsafe(12)}
         _write_config(workdir, port, certs, users, definitions)

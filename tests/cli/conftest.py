@@ -52,6 +52,8 @@ class Deployment:
     dp: dict[str, Any] = field(default_factory=lambda: {"enabled": False})  # as `simulate`
     broker: dict[str, Any] = field(default_factory=dict)  # extra [broker] keys for all
     security_extra: dict[str, Any] = field(default_factory=dict)  # extra [security], aggregator
+    # Per-party sections that replace the generated ones (e.g. a `fedsilo provision` kit's).
+    party_sections: dict[str, dict[str, dict[str, Any]]] = field(default_factory=dict)
     processes: dict[str, subprocess.Popen[str]] = field(default_factory=dict)
 
     @property
@@ -115,6 +117,7 @@ class Deployment:
                         "lb_coef": s.lb_coef},
             "training": {"batch_size": s.batch_size, "max_length": s.max_length,
                          "eval_limit": s.eval_limit, "max_new_tokens": s.max_new_tokens},
+            **self.party_sections.get("aggregator", {}),
         })
         for index, silo in enumerate(self.silos):
             _write(self.root / f"{silo}.toml", {
@@ -127,6 +130,7 @@ class Deployment:
                 "data": {"source": s.data or "synthetic", "partitions": s.silos,
                          "index": index, "partition": s.partition, "alpha": s.alpha,
                          "examples": s.examples_per_silo},
+                **self.party_sections.get(silo, {}),
             })
 
     def _spawn(self, name: str, args: list[str], env: dict[str, str] | None) -> None:
