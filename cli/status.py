@@ -72,5 +72,9 @@ def render_status(console: Console, data: dict[str, Any]) -> None:
         shown = ", ".join(f"{k} {v}" for k, v in sorted(counters.items()))
         console.print(f"ignored/refused: {shown or 'none'}; broker reconnects: "
                       f"{data.get('reconnects', 0)}")
+    rejected = data.get("rejected") or {}
+    if rejected:
+        shown = ", ".join(f"{k} {v}" for k, v in sorted(rejected.items()))
+        console.print(f"[bold red]rejected messages[/] (dead-lettered to fedsilo.dead): {shown}")
     if data.get("last_error"):
         console.print(f"[red]last error:[/] {data['last_error']}", highlight=False)

@@ -89,11 +89,12 @@ def test_status_reads_the_aggregators_status_file(tmp_path: Path) -> None:
         "extensions": 0, "roster": ["a", "b"], "joined": ["a", "b"], "expected": ["a", "b"],
         "uploaded": {"a": 1000}, "missing": ["b"], "bytes_down": {"a": 10, "b": 10},
         "counters": {"duplicate": 1}, "reconnects": 2, "last_error": "boom",
+        "rejected": {"signature": 3},
     }))
     result = runner.invoke(app, ["status", "--state-dir", str(tmp_path)])
     assert result.exit_code == 0, result.output
     for text in ("collecting", "round 2 of 5", "uploaded", "waiting", "duplicate 1",
-                 "reconnects: 2", "boom", "not running"):
+                 "reconnects: 2", "boom", "not running", "signature 3"):
         assert text in result.output, text
 
 
