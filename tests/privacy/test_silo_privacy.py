@@ -99,3 +99,28 @@ def test_agent_privacy_command_prints_the_ledger(tmp_path: Path) -> None:
     assert '"releases": 1' in result.output and '"epsilon_budget": 4.0' in result.output
     table = CliRunner().invoke(app, ["agent", "privacy", "--config", str(config)])
     assert "epsilon spent" in table.output and "embeddings" in table.output
+
+
+def test_dp_sgd_training_is_charged_and_moves_the_adapter(tmp_path: Path) -> None:
+    from fedsilo.cli.simulation import build_silo_data
+    from fedsilo.sdk.models.loading import load_model
+    from fedsilo.sdk.training import LocalTrainer
+
+    sim = SimulationConfig(silos=2, examples_per_silo=40, batch_size=2)
+    loaded = load_model(sim.model, seed=0)
+    trainer = LocalTrainer(loaded.model, loaded.tokenizer, build_silo_data(sim)[0],
+                           sim.adapter(), sim.training(), seed=0, silo_id="s")
+    config = DPConfig(epsilon=8.0, sgd=DPSGDConfig(enabled=True, noise_multiplier=1.0))
+    trainer.privacy = SiloPrivacy.open(config, tmp_path, "s", torch.Generator().manual_seed(1))
+    trainer.privacy.begin_round(0, total_rounds=2, local_steps=3, batch_size=2,
+                                num_train=trainer.num_train)
+    before = {k: v.clone() for k, v in trainer.extract().items()}
+    stats = trainer.train(3, 1e-2, 0)
+    assert len(stats.losses) == 3 and all(math.isfinite(x) for x in stats.losses)
+    after = trainer.extract()
+    assert any(not torch.equal(before[k], after[k]) for k in before)
+    (release,) = trainer.privacy.ledger.releases
+    assert release.kind == "dp-sgd" and release.steps == 3
+    assert math.isclose(release.sample_rate, 2 / trainer.num_train)
+    embeddings = trainer.embed()  # noised and charged as well
+    assert len(trainer.privacy.ledger.releases) == 2 and embeddings
