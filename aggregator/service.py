@@ -35,6 +35,7 @@ from fedsilo.sdk.amole.model import target_shapes
 from fedsilo.sdk.checkpoint import load_checkpoint, save_checkpoint
 from fedsilo.sdk.evaluation.metrics import mtal
 from fedsilo.sdk.faults import FaultPlan
+from fedsilo.sdk.files import write_atomic
 from fedsilo.sdk.logs import log_event
 from fedsilo.sdk.messages import Announce, Upload
 from fedsilo.sdk.params import ModuleShape
@@ -456,6 +457,5 @@ def _fingerprint(setup: dict[str, Any], schedule: Any) -> str:
 
 
 def _write_json(path: Path, data: Any) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(data, indent=1, default=str))
-    os.replace(tmp, path)
+    # 0644: what the former plain write gave under the usual umask; the folder is owner-only.
+    write_atomic(path, json.dumps(data, indent=1, default=str).encode("utf-8"), 0o644)

@@ -11,8 +11,6 @@ from __future__ import annotations
 import datetime as dt
 import hashlib
 import ipaddress
-import os
-import secrets
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,6 +19,8 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+from fedsilo.sdk.files import write_atomic
 
 #: Backdate `not_valid_before` a little so a peer whose clock runs slightly behind accepts a
 #: certificate made a moment ago.
@@ -47,8 +47,12 @@ class CertPair:
     def write(self, cert_path: Path, key_path: Path) -> None:
         """Write the certificate (0644) and the key (0600, created with that mode so it is
         never readable by others, even for a moment). Each file is replaced atomically."""
-        _write_atomic(Path(key_path), self.key_pem, 0o600)
-        _write_atomic(Path(cert_path), self.cert_pem, 0o644)
+        for where, data, mode in (
+            (Path(key_path), self.key_pem, 0o600),
+            (Path(cert_path), self.cert_pem, 0o644),
+        ):
+            where.parent.mkdir(parents=True, exist_ok=True)
+            write_atomic(where, data, mode)
 
     @classmethod
     def read(cls, cert_path: Path, key_path: Path) -> CertPair:
@@ -67,23 +71,6 @@ class CertPair:
         except (ValueError, TypeError):
             raise ValueError(f"{key_path} does not hold an unencrypted PEM private key") from None
         return cls(cert_pem, key_pem)
-
-
-def _write_atomic(path: Path, data: bytes, mode: int) -> None:
-    """Write `data` to a temporary file created with `mode` beside `path`, then rename it."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{secrets.token_hex(6)}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0), mode)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, mode)  # the umask may have removed bits from a 0644 file
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
 
 
 def _spki(public_key: object) -> bytes:

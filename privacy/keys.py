@@ -32,7 +32,6 @@ import contextlib
 import hashlib
 import json
 import os
-import secrets
 import stat
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -45,6 +44,8 @@ from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X25519PublicKey
+
+from fedsilo.sdk.files import fsync_dir, write_atomic
 
 __all__ = [
     "KEYRING_FILE",
@@ -232,7 +233,7 @@ class PartyKeys:
 
     def save(self, path: Path) -> None:
         """Write atomically, world-readable (0644): this is what peers are handed."""
-        _write_atomic(Path(path), _dump_json(self.to_dict()), 0o644)
+        write_atomic(Path(path), _dump_json(self.to_dict()), 0o644)
 
     @classmethod
     def load(cls, path: Path) -> PartyKeys:
@@ -373,7 +374,7 @@ class Keyring:
         for suffix in (".ed25519.pem", ".x25519.pem"):
             with contextlib.suppress(FileNotFoundError):
                 (self.folder / f"{key_id}{suffix}").unlink()
-        _fsync_dir(self.folder)
+        fsync_dir(self.folder)
 
 
 def _new_generation(folder: Path) -> _Generation:
@@ -386,7 +387,7 @@ def _new_generation(folder: Path) -> _Generation:
             serialization.PrivateFormat.PKCS8,
             serialization.NoEncryption(),
         )
-        _write_atomic(folder / f"{public.key_id}{suffix}", pem, 0o600)
+        write_atomic(folder / f"{public.key_id}{suffix}", pem, 0o600)
     created = datetime.now(UTC).isoformat(timespec="seconds")
     return _Generation(public, created, signing, encryption)
 
@@ -399,7 +400,7 @@ def _write_keyring(folder: Path, party: str, generations: tuple[_Generation, ...
         "active": generations[0].public.key_id,
         "keys": [{"key_id": g.public.key_id, "created": g.created} for g in generations],
     }
-    _write_atomic(folder / KEYRING_FILE, _dump_json(document), 0o600)
+    write_atomic(folder / KEYRING_FILE, _dump_json(document), 0o600)
 
 
 def _check_private_mode(path: Path, st: os.stat_result, is_folder: bool) -> None:
@@ -566,7 +567,7 @@ class TrustStore:
 
     def save(self, path: Path) -> None:
         """Write atomically (0644: public keys only)."""
-        _write_atomic(Path(path), _dump_json(self.to_dict()), 0o644)
+        write_atomic(Path(path), _dump_json(self.to_dict()), 0o644)
 
     @classmethod
     def load(cls, path: Path) -> TrustStore:
@@ -631,38 +632,3 @@ def _read_json(path: Path, what: str) -> dict[str, Any]:
     if not isinstance(document, dict):
         raise KeysError(f"{what} {path} must hold a JSON object")
     return document
-
-
-def _write_atomic(path: Path, data: bytes, mode: int) -> None:
-    """Replace `path` with `data` so readers see the old or the new file, never a mix, and
-    the file never has a wider mode than `mode` (created with it, umask only narrows)."""
-    folder = path.parent
-    tmp = folder / f".{path.name}.{secrets.token_hex(8)}.tmp"
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0), mode)
-    try:
-        try:
-            os.fchmod(fd, mode)  # exactly `mode` (the umask may have narrowed a public file)
-            view = memoryview(data)
-            while view:
-                view = view[os.write(fd, view) :]
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            tmp.unlink()
-        raise
-    _fsync_dir(folder)
-
-
-def _fsync_dir(folder: Path) -> None:
-    """Persist renames and deletions: a directory entry is only durable once its folder is."""
-    try:
-        fd = os.open(folder, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)

@@ -12,12 +12,9 @@ under one delta or accountant can be re-read under another.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import json
 import math
-import os
-import tempfile
 import time
 import warnings
 from collections.abc import Iterable, Mapping, Sequence
@@ -27,6 +24,8 @@ from typing import Any
 
 import numpy as np
 from opacus.accountants import PRVAccountant, RDPAccountant
+
+from fedsilo.sdk.files import write_atomic
 
 __all__ = [
     "ACCOUNTANTS",
@@ -249,25 +248,8 @@ class PrivacyLedger:
         """Atomically replace `path` (temp file, fsync, rename, folder fsync); mode 0600."""
         path = Path(path)
         text = json.dumps(self.to_dict(), indent=1, allow_nan=False)
-        folder = path.parent
-        folder.mkdir(mode=0o700, parents=True, exist_ok=True)
-        fd, tmp_name = tempfile.mkstemp(dir=folder, prefix=f".{path.name}.", suffix=".tmp")
-        try:
-            os.fchmod(fd, 0o600)
-            with os.fdopen(fd, "w", encoding="utf-8") as f:
-                f.write(text)
-                f.flush()
-                os.fsync(f.fileno())  # on disk before the rename makes it visible
-            os.replace(tmp_name, path)
-        except BaseException:
-            with contextlib.suppress(OSError):
-                os.unlink(tmp_name)
-            raise
-        dir_fd = os.open(folder, os.O_RDONLY)
-        try:
-            os.fsync(dir_fd)  # the rename itself survives a power cut
-        finally:
-            os.close(dir_fd)
+        path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+        write_atomic(path, text.encode("utf-8"), 0o600)
 
     @classmethod
     def load(

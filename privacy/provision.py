@@ -37,6 +37,7 @@ from urllib.parse import quote, unquote, urlsplit, urlunsplit
 from fedsilo.privacy.certs import CertPair, issue, make_ca
 from fedsilo.privacy.keys import Keyring, PartyKeys, TrustStore
 from fedsilo.sdk.config import ConfigError, dump_toml, load_config
+from fedsilo.sdk.files import write_atomic
 from fedsilo.sdk.transport.amqp import (
     AGGREGATOR,
     DEAD_EXCHANGE,
@@ -311,21 +312,9 @@ def _private_dir(path: Path) -> Path:
 
 
 def _write(path: Path, data: str | bytes, mode: int) -> None:
-    """Replace `path` atomically with a file created with `mode` (never wider, not even
+    """Replace `path` atomically with a file of exactly `mode` (never wider, not even
     briefly: a password file must not be readable by others while it is written)."""
-    blob = data.encode("utf-8") if isinstance(data, str) else data
-    tmp = path.parent / f".{path.name}.{secrets.token_hex(6)}.tmp"
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0), mode)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            os.fchmod(f.fileno(), mode)
-            f.write(blob)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    write_atomic(path, data.encode("utf-8") if isinstance(data, str) else data, mode)
 
 
 def _existing_password(path: Path) -> str | None:

@@ -26,6 +26,8 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from fedsilo.sdk.files import fsync_dir
+
 __all__ = [
     "FORMAT",
     "FORMAT_VERSION",
@@ -97,7 +99,7 @@ def save_checkpoint(
         with contextlib.suppress(OSError):
             tmp.unlink()
         raise
-    _fsync_dir(folder)
+    fsync_dir(folder)
 
 
 def load_checkpoint(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
@@ -140,18 +142,6 @@ def load_checkpoint(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]
     if not isinstance(meta, dict):
         raise CheckpointError(f"checkpoint {path}: metadata is not a JSON object")
     return tensors, meta
-
-
-def _fsync_dir(folder: Path) -> None:
-    """Persist the rename: on POSIX a directory entry is only durable once the folder is."""
-    try:
-        fd = os.open(folder, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
-    except OSError:  # e.g. platforms that cannot open folders
-        return
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def namespaced(prefix: str, tensors: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
