@@ -334,6 +334,7 @@ class AggregatorService:
             log, "round_closed", round=record.round, final=record.final,
             uploads=len(record.bytes_up), missing=record.missing, mta=summary.mta,
             aggregate_s=summary.aggregate_s, bytes_up=sum(record.bytes_up.values()),
+            **(record.aggregation.details if record.aggregation is not None else {}),
         )
         if record.final:
             self.state.phase = "done"
@@ -354,6 +355,7 @@ class AggregatorService:
         spec = get_strategy(self.setup.strategy.name)
         server = spec.server(self.setup.resolved_adapter(), self.setup.strategy, self.setup.seed)
         server.validate(self.config.start_with)
+        server.validate_rounds(self.config.schedule.rounds)
         assert self.transport is not None
         return Aggregator(server, self.transport, self.config.schedule.schedule(),
                           setup=self.setup.to_json(),

@@ -48,7 +48,9 @@ def simulate(
     local_steps: Annotated[int, typer.Option(help="Local training steps per round.")] = (
         _D.local_steps
     ),
-    strategy: Annotated[str, typer.Option(help="fedamole | fedit | fedit-ft.")] = _D.strategy,
+    strategy: Annotated[
+        str, typer.Option(help="fedamole | fedlease | fedit | fedit-ft | fdlora.")
+    ] = _D.strategy,
     experts: Annotated[int, typer.Option(help="Domain experts per module (E).")] = (
         _D.num_experts
     ),
@@ -61,6 +63,15 @@ def simulate(
     solver: Annotated[str, typer.Option(help="scip | flow (exact LP fast path).")] = (
         _D.solver
     ),
+    warmup_rounds: Annotated[
+        int, typer.Option(help="FedLEASE: warm-up rounds before the silos are clustered.")
+    ] = _D.warmup_rounds,
+    max_clusters: Annotated[
+        int, typer.Option(help="FedLEASE: most experts (clusters) per module.")
+    ] = _D.max_clusters,
+    sync_every: Annotated[
+        int, typer.Option(help="FDLoRA: rounds between personal <- shared resets.")
+    ] = _D.sync_every,
     data: Annotated[
         str | None,
         typer.Option(help="Real data: agnews | sst2 | snli | dolly (default: built-in "
@@ -106,7 +117,8 @@ def simulate(
         data=data, data_dir=data_dir, partition=partition, alpha=alpha,
         examples_per_silo=examples_per_silo, model=model, lr=lr, batch_size=batch_size,
         max_length=max_length, eval_limit=eval_limit, seed=seed, out_dir=str(out),
-        dp_epsilon=dp_epsilon, dp_clip=dp_clip,
+        dp_epsilon=dp_epsilon, dp_clip=dp_clip, warmup_rounds=warmup_rounds,
+        max_clusters=max_clusters, sync_every=sync_every,
     )
     try:
         config.strategy_config()

@@ -65,6 +65,17 @@ class SimulationConfig:
     assignment: str = "rsea"
     solver: str = "scip"
     weighting: str = "uniform"
+    # FedLEASE
+    warmup_rounds: int = 2
+    max_clusters: int = 8
+    expert_init: str = "own"
+    # FDLoRA
+    sync_every: int = 5
+    outer_lr: float = 1.0
+    outer_momentum: float = 0.5
+    fusion_budget: int = 5
+    fusion_l1: float = 0.05
+    fusion_batches: int = 2
     # data: None = the embedded synthetic multi-task set
     data: str | None = None
     data_dir: str | None = None
@@ -93,6 +104,11 @@ class SimulationConfig:
             assignment=self.assignment,  # type: ignore[arg-type]
             solver=self.solver,  # type: ignore[arg-type]
             weighting=self.weighting,  # type: ignore[arg-type]
+            warmup_rounds=self.warmup_rounds, max_clusters=self.max_clusters,
+            expert_init=self.expert_init,  # type: ignore[arg-type]
+            sync_every=self.sync_every, outer_lr=self.outer_lr,
+            outer_momentum=self.outer_momentum, fusion_budget=self.fusion_budget,
+            fusion_l1=self.fusion_l1, fusion_batches=self.fusion_batches,
         )
 
     def training(self) -> TrainingConfig:
@@ -172,6 +188,7 @@ def run_simulation(
     ids = silo_ids(config.silos)
     server = spec.server(adapter, strategy_config, config.seed)
     server.validate(config.silos)  # fail before loading anything
+    server.validate_rounds(config.rounds)
 
     datasets = build_silo_data(config)
     loaded = load_model(config.model, dtype=config.dtype, seed=config.seed)

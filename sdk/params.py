@@ -8,6 +8,7 @@ plus what it is, so both sides agree on meaning without sharing Python objects:
     {module}.router.W_t        token projection, r x d_in
     {module}.expert.{id}.A     domain expert `id` (global id within the module's pool)
     {module}.expert.{id}.B
+    {module}.router.gate       FedLEASE's adaptive top-M router, (2M-1) x d_in
     {module}.client            client embedding h_t (eq. 23), r
     {module}.expert.{id}       expert embedding h_e (eq. 25), r
 """
@@ -32,6 +33,10 @@ def shared_key(module: str, part: str) -> str:
 
 def router_key(module: str) -> str:
     return f"{module}.router.W_t"
+
+
+def gate_key(module: str) -> str:
+    return f"{module}.router.gate"
 
 
 def expert_key(module: str, expert_id: int, part: str) -> str:

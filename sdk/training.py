@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import time
 import zlib
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -21,7 +22,9 @@ from fedsilo.sdk.amole.model import (
     assignment_of,
     compute_embeddings,
     embeddings_to_tensors,
+    extract_state,
     extract_trainable,
+    fused_lora,
     inject_amole,
     load_balance,
     load_trainable,
@@ -115,7 +118,38 @@ class LocalTrainer:
         load_trainable(self.model, params, strict=True)
 
     def extract(self) -> TensorDict:
+        """What the silo trained: the tensors an upload carries."""
         return extract_trainable(self.model)
+
+    def state(self) -> TensorDict:
+        """Every adapter tensor installed (trained or frozen): what a checkpoint restores."""
+        return extract_state(self.model)
+
+    @contextmanager
+    def fused(self, adapters: Sequence[TensorDict], weights: Sequence[float]) -> Iterator[None]:
+        """The model with sum_k w_k * adapter_k in place of its LoRA (FDLoRA's fusion)."""
+        with fused_lora(self.model, adapters, weights):
+            yield
+
+    @torch.no_grad()
+    def validation_loss(self, max_batches: int) -> float:
+        """Mean training loss (NLL of the response tokens) over the first `max_batches`
+        batches of the validation split (the training split if it has none)."""
+        encoded = [self._encode(e) for e in (self.data.val or self.data.train)]
+        losses = []
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            for i, batch in enumerate(batches(encoded, self.config.batch_size, self.pad_id)):
+                if i >= max_batches:
+                    break
+                batch = self._to_device(batch)
+                out = self.model(input_ids=batch["input_ids"],
+                                 attention_mask=batch["attention_mask"], labels=batch["labels"])
+                losses.append(float(out.loss))
+        finally:
+            self.model.train(was_training)
+        return sum(losses) / len(losses) if losses else float("nan")
 
     def assignment(self) -> dict[str, list[int]]:
         return assignment_of(self.model)
@@ -123,22 +157,26 @@ class LocalTrainer:
     def _to_device(self, batch: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         return {k: v.to(self.device) for k, v in batch.items()}
 
-    def train(self, steps: int, lr: float, round: int) -> TrainStats:
+    def train(
+        self, steps: int, lr: float, round: int, stream: str = "train", released: bool = True
+    ) -> TrainStats:
         """`steps` Adam steps with a fresh optimiser (as the paper): NLL on response tokens
-        plus beta * load balance. Batch order and dropout are seeded by (seed, silo, round)
-        alone, so a rerun of the round in another process repeats it exactly."""
+        plus beta * load balance. Batch order and dropout are seeded by (seed, silo, round,
+        stream) alone, so a rerun of the round in another process repeats it exactly.
+        `released=False` marks training whose result never leaves the silo (FDLoRA's
+        personal adapter): DP-SGD does not apply to it and nothing is charged."""
         params = [p for p in self.model.parameters() if p.requires_grad]
         stats = TrainStats(steps=steps, seconds=0.0)
         if steps <= 0 or not params:
             return stats
-        private = self.privacy is not None and self.privacy.protects_training
+        private = released and self.privacy is not None and self.privacy.protects_training
         if private:
             assert self.privacy is not None
             self.privacy.charge_training(steps, self.config.batch_size, self.num_train)
         optimizer = torch.optim.Adam(params, lr=lr)
         self.model.train()
         start = time.perf_counter()
-        round_seed = stable_seed(self.seed, self.silo_id, "train", round)
+        round_seed = stable_seed(self.seed, self.silo_id, stream, round)
         stream = TrainStream(self._train, self.config.batch_size, self.pad_id, seed=round_seed)
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(round_seed)

@@ -56,12 +56,16 @@ class SiloAgent:
         return upload
 
     def save_adapter(self, path: Path, plan: RoundPlan) -> None:
-        """The silo's personalised adapter: its trained tensors and its architecture."""
+        """The silo's personalised adapter: every adapter tensor it holds, what the strategy
+        keeps on the silo (under `client/`, e.g. FDLoRA's personal LoRA and fusion), and
+        its architecture."""
         path.parent.mkdir(parents=True, exist_ok=True)
         metadata = {
             "silo_id": self.silo_id,
             "round": str(plan.round),
             "assignment": json.dumps(self.trainer.assignment()),
         }
-        save_file(self.trainer.extract(), str(path), metadata=metadata)
+        tensors = self.trainer.state()
+        tensors.update({f"client/{k}": v for k, v in self.client.state_dict().items()})
+        save_file(tensors, str(path), metadata=metadata)
         log.info("saved personalised adapter of %s to %s", self.silo_id, path)

@@ -26,7 +26,7 @@ from fedsilo.privacy.ledger import BudgetExceeded
 from fedsilo.privacy.silo import SiloPrivacy
 from fedsilo.privacy.validation import InvalidTensors, check_tensors
 from fedsilo.sdk.amole.model import linear_shapes, load_trainable, set_assignment
-from fedsilo.sdk.checkpoint import load_checkpoint, save_checkpoint
+from fedsilo.sdk.checkpoint import load_checkpoint, namespaced, save_checkpoint
 from fedsilo.sdk.data.examples import SiloData
 from fedsilo.sdk.data.silos import build_silo_data
 from fedsilo.sdk.faults import FaultPlan
@@ -47,6 +47,7 @@ log = logging.getLogger(__name__)
 
 CHECKPOINT = "agent.ckpt"
 STATE_VERSION = 1
+CLIENT_STATE = "client"  # checkpoint namespace of ClientStrategy.state_dict()
 
 
 class PrivacyBudgetExhausted(RuntimeError):
@@ -268,7 +269,9 @@ class AgentService:
     # -- persistence ---------------------------------------------------------------------
 
     def _checkpoint(self) -> None:
-        tensors = self.trainer.extract() if self.trainer is not None else {}
+        tensors = self.trainer.state() if self.trainer is not None else {}
+        if self.agent is not None:  # what the strategy keeps on the silo (never uploaded)
+            tensors.update(namespaced(CLIENT_STATE, self.agent.client.state_dict()))
         meta = {
             "version": STATE_VERSION,
             "silo_id": self.silo_id,
@@ -302,8 +305,12 @@ class AgentService:
 
     def _restore(self, tensors: dict[str, torch.Tensor]) -> None:
         """The adapter as it was after the last finished round (FedAMoLE's final plan
-        keeps it: it is the silo's personalised model)."""
-        assert self.trainer is not None
+        keeps it: it is the silo's personalised model) and the strategy's silo state."""
+        assert self.trainer is not None and self.agent is not None
+        prefix = f"{CLIENT_STATE}/"
+        client = {k.removeprefix(prefix): v for k, v in tensors.items() if k.startswith(prefix)}
+        adapter = {k: v for k, v in tensors.items() if not k.startswith(prefix)}
         set_assignment(self.trainer.model, self.state.assignment)
-        if tensors:
-            load_trainable(self.trainer.model, tensors, strict=True)
+        if adapter:
+            load_trainable(self.trainer.model, adapter, strict=True)
+        self.agent.client.load_state_dict(client)

@@ -4,7 +4,7 @@ from .config import AMoLEConfig
 from .layer import AMoLELinear, EmbeddingAccumulator
 from .model import (
     ModuleEmbedding,
-    amole_layers,
+    adapter_layers,
     assignment_of,
     compute_embeddings,
     compute_embeddings_per_example,
@@ -24,7 +24,7 @@ __all__ = [
     "AMoLELinear",
     "EmbeddingAccumulator",
     "ModuleEmbedding",
-    "amole_layers",
+    "adapter_layers",
     "assignment_of",
     "compute_embeddings",
     "compute_embeddings_per_example",

@@ -27,6 +27,9 @@ class AMoLEConfig:
     """Routing logits are divided by sqrt(r) (authors' code, default) or sqrt(d_in) (paper)."""
     lb_coef: float = 1e-3
     """beta: weight of the load-balance loss."""
+    layer: Literal["amole", "lease"] = "amole"
+    """The layer injected: AMoLE's (FedAMoLE, FedIT, FDLoRA) or FedLEASE's (cluster experts,
+    adaptive top-M router; r, alpha, dropout and target_modules apply, the rest not)."""
 
     def __post_init__(self) -> None:
         # Accept one name or any sequence of names, but store a tuple so the config stays hashable.
@@ -54,6 +57,8 @@ class AMoLEConfig:
                 f"AMoLEConfig.score_scale must be 'r' (divide by sqrt(r)) or 'd' "
                 f"(divide by sqrt(d_in)), got {self.score_scale!r}"
             )
+        if self.layer not in ("amole", "lease"):
+            raise ValueError(f"AMoLEConfig.layer must be 'amole' or 'lease', got {self.layer!r}")
         if self.lb_coef < 0:
             raise ValueError(f"AMoLEConfig.lb_coef must be >= 0, got {self.lb_coef!r}")
 

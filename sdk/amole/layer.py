@@ -9,6 +9,9 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor, nn
 
+from fedsilo.sdk.adapter_layer import AdapterLayer
+from fedsilo.sdk.params import expert_key, router_key, shared_key
+
 from .config import AMoLEConfig
 from .routing import route
 
@@ -34,7 +37,7 @@ def _init_lora_A(rows: int, cols: int, *, device: torch.device, dtype: torch.dty
     return weight
 
 
-class AMoLELinear(nn.Module):
+class AMoLELinear(AdapterLayer):
     """y = W x + s B_s A_s drop(x) + sum_{j in top-k} g_j s B_j A_j drop(x)   (eqs. 8-15).
 
     The backbone weight stays frozen. Adapter parameters are kept in float32 whatever the base
@@ -69,11 +72,7 @@ class AMoLELinear(nn.Module):
         dim = r if config.score_scale == "r" else d_in
         self.score_scale = 1.0 / math.sqrt(dim)
 
-        # Set by the model-level helpers (routing_context, compute_embeddings); inert otherwise.
-        self.token_mask: Tensor | None = None
-        self.record_routing = False
-        self.last_probs: Tensor | None = None
-        self.last_topk: Tensor | None = None
+        # Set by compute_embeddings; inert otherwise.
         self.embedding_accumulator: EmbeddingAccumulator | None = None
 
         self.expert_ids: list[int] = []
@@ -84,18 +83,6 @@ class AMoLELinear(nn.Module):
     @staticmethod
     def _param_dtype(base_dtype: torch.dtype) -> torch.dtype:
         return torch.float32 if base_dtype in (torch.float16, torch.bfloat16) else base_dtype
-
-    @property
-    def in_features(self) -> int:
-        return self.base.in_features
-
-    @property
-    def out_features(self) -> int:
-        return self.base.out_features
-
-    @property
-    def num_experts(self) -> int:
-        return len(self.expert_ids)
 
     def set_experts(
         self,
@@ -144,6 +131,15 @@ class AMoLELinear(nn.Module):
         self.expert_A = nn.Parameter(new_A.clone())
         self.expert_B = nn.Parameter(new_B.clone())
         self.expert_ids = ids
+
+    def wire_tensors(self, name: str) -> dict[str, Tensor]:
+        out = {shared_key(name, "A"): self.shared_A, shared_key(name, "B"): self.shared_B}
+        if self.token_proj is not None:
+            out[router_key(name)] = self.token_proj.weight
+        for pos, expert_id in enumerate(self.expert_ids):
+            out[expert_key(name, expert_id, "A")] = self.expert_A[pos]
+            out[expert_key(name, expert_id, "B")] = self.expert_B[pos]
+        return out
 
     def _real_token_mask(self, lead_shape: torch.Size, device: torch.device) -> Tensor:
         """token_mask flattened to (N,), or all-True when it is unset or does not fit x.

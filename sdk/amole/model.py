@@ -13,15 +13,14 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
+from fedsilo.sdk.adapter_layer import AdapterLayer
+from fedsilo.sdk.lease.layer import LeaseLinear
 from fedsilo.sdk.params import (
     ModuleShape,
     TensorDict,
     client_embedding_key,
     expert_embedding_key,
-    expert_key,
     parse_expert_param,
-    router_key,
-    shared_key,
 )
 
 from .config import AMoLEConfig
@@ -52,15 +51,16 @@ def target_shapes(
     return {name: shape for name, shape in shapes.items() if is_target(name, targets)}
 
 
-def inject_amole(model: nn.Module, config: AMoLEConfig) -> dict[str, AMoLELinear]:
-    """Wrap every targeted nn.Linear in an AMoLELinear and freeze everything else.
+def inject_amole(model: nn.Module, config: AMoLEConfig) -> dict[str, AdapterLayer]:
+    """Wrap every targeted nn.Linear in an adapter layer (AMoLELinear, or LeaseLinear when
+    config.layer is "lease") and freeze everything else.
 
     A layer is targeted when the last component of its dotted name is in
     config.target_modules (LLaMA: q_proj/v_proj; BERT: query/value). Layers start with no
     domain experts: call set_assignment. Returns {dotted path: layer}.
     """
-    if amole_layers(model):
-        raise ValueError("model already has AMoLE layers; inject into a fresh model")
+    if adapter_layers(model):
+        raise ValueError("model already has adapter layers; inject into a fresh model")
     targets = set(config.target_modules)
     linear_names = [name for name, mod in model.named_modules() if isinstance(mod, nn.Linear)]
     chosen = [name for name in linear_names if is_target(name, targets)]
@@ -71,26 +71,27 @@ def inject_amole(model: nn.Module, config: AMoLEConfig) -> dict[str, AMoLELinear
             f"linear layer names available: {available[:12]}"
         )
     model.requires_grad_(False)
-    layers: dict[str, AMoLELinear] = {}
+    layers: dict[str, AdapterLayer] = {}
     for name in chosen:
         parent_name, _, attr = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
         base = getattr(parent, attr)
-        layer = AMoLELinear(base, config).train(base.training)  # keep the model's train/eval mode
+        kind = LeaseLinear if config.layer == "lease" else AMoLELinear
+        layer = kind(base, config).train(base.training)  # keep the model's train/eval mode
         setattr(parent, attr, layer)
         layers[name] = layer
     return layers
 
 
-def amole_layers(model: nn.Module) -> dict[str, AMoLELinear]:
-    """All AMoLE layers by dotted path, in named_modules order (stable across processes)."""
-    return {name: mod for name, mod in model.named_modules() if isinstance(mod, AMoLELinear)}
+def adapter_layers(model: nn.Module) -> dict[str, AdapterLayer]:
+    """All adapter layers by dotted path, in named_modules order (stable across processes)."""
+    return {name: mod for name, mod in model.named_modules() if isinstance(mod, AdapterLayer)}
 
 
-def _layers_or_raise(model: nn.Module) -> dict[str, AMoLELinear]:
-    layers = amole_layers(model)
+def _layers_or_raise(model: nn.Module) -> dict[str, AdapterLayer]:
+    layers = adapter_layers(model)
     if not layers:
-        raise ValueError(f"{type(model).__name__} has no AMoLE layers; call inject_amole first")
+        raise ValueError(f"{type(model).__name__} has no adapter layers; call inject_amole first")
     return layers
 
 
@@ -98,7 +99,7 @@ def module_shapes(model: nn.Module) -> dict[str, ModuleShape]:
     """What the aggregator needs to build a module's global state, with no weights."""
     return {
         name: ModuleShape(in_features=layer.in_features, out_features=layer.out_features)
-        for name, layer in amole_layers(model).items()
+        for name, layer in adapter_layers(model).items()
     }
 
 
@@ -111,7 +112,7 @@ def routing_context(
     Inside, each forward overwrites layer.last_probs / last_topk; call load_balance after the
     forward that the loss belongs to. Everything is cleared on exit.
     """
-    layers = list(amole_layers(model).values())
+    layers = list(adapter_layers(model).values())
     mask = attention_mask.bool() if attention_mask is not None else None
     for layer in layers:
         layer.token_mask = mask
@@ -133,7 +134,7 @@ def load_balance(model: nn.Module, mask: Tensor | None) -> Tensor:
     config.lb_coef (beta) yourself. A 0-dim zero when no layer routed anything.
     """
     total: Tensor | None = None
-    for layer in amole_layers(model).values():
+    for layer in adapter_layers(model).values():
         if layer.last_probs is None or layer.last_topk is None:
             continue
         n_tokens = layer.last_probs.shape[0]
@@ -148,6 +149,40 @@ def load_balance(model: nn.Module, mask: Tensor | None) -> Tensor:
 def _device_of(model: nn.Module) -> torch.device:
     param = next(model.parameters(), None)
     return param.device if param is not None else torch.device("cpu")
+
+
+@contextmanager
+def fused_lora(
+    model: nn.Module, adapters: Sequence[Mapping[str, Tensor]], weights: Sequence[float]
+) -> Iterator[None]:
+    """Inside, every plain-LoRA layer computes s * sum_k w_k B_k A_k x (FDLoRA's fusion of
+    its shared and personal adapters), the layer's own shared tensors set aside.
+
+    Exact in any dtype, with no weight merged: the K adapters are stacked into one LoRA of
+    rank K*r (A_k rows on top of each other, w_k B_k side by side).
+    """
+    if len(adapters) != len(weights) or not adapters:
+        raise ValueError(f"{len(adapters)} adapters for {len(weights)} weights")
+    layers = _layers_or_raise(model)
+    saved: dict[str, tuple[nn.Parameter, nn.Parameter]] = {}
+    try:
+        for name, layer in layers.items():
+            if not isinstance(layer, AMoLELinear) or layer.token_proj is not None:
+                raise ValueError(f"{name}: fusion works on plain LoRA layers (use_router=False)")
+            a_key, b_key = (f"{name}.shared.A", f"{name}.shared.B")
+            dtype, device = layer.shared_A.dtype, layer.shared_A.device
+            a = torch.cat([adapter[a_key].to(device, dtype) for adapter in adapters])
+            b = torch.cat(
+                [w * adapter[b_key].to(device, dtype) for adapter, w in zip(adapters, weights,
+                                                                            strict=True)],
+                dim=1,
+            )
+            saved[name] = (layer.shared_A, layer.shared_B)
+            layer.shared_A, layer.shared_B = nn.Parameter(a, False), nn.Parameter(b, False)
+        yield
+    finally:
+        for name, (a, b) in saved.items():
+            layers[name].shared_A, layers[name].shared_B = a, b
 
 
 def set_assignment(model: nn.Module, assignment: Mapping[str, Sequence[int]]) -> None:
@@ -165,33 +200,29 @@ def set_assignment(model: nn.Module, assignment: Mapping[str, Sequence[int]]) ->
 
 def assignment_of(model: nn.Module) -> dict[str, list[int]]:
     """The expert ids each layer holds, in stacking order."""
-    return {name: list(layer.expert_ids) for name, layer in amole_layers(model).items()}
-
-
-def _layer_tensors(name: str, layer: AMoLELinear) -> dict[str, Tensor]:
-    """The travelling tensors of one layer, keyed by wire name; expert slices are views."""
-    out = {shared_key(name, "A"): layer.shared_A, shared_key(name, "B"): layer.shared_B}
-    if layer.token_proj is not None:
-        out[router_key(name)] = layer.token_proj.weight
-    for pos, expert_id in enumerate(layer.expert_ids):
-        out[expert_key(name, expert_id, "A")] = layer.expert_A[pos]
-        out[expert_key(name, expert_id, "B")] = layer.expert_B[pos]
-    return out
+    return {name: list(layer.expert_ids) for name, layer in adapter_layers(model).items()}
 
 
 def extract_trainable(model: nn.Module) -> TensorDict:
-    """Exactly what a silo uploads: shared A/B, W_t (if routed), each local expert's A/B.
+    """Exactly what a silo uploads: the tensors it trains (AMoLE: shared A/B, W_t if
+    routed, each local expert's A/B; FedLEASE: its own expert and the router).
 
     Detached CPU clones, so later training does not change what was extracted.
     """
+    return extract_state(model, trainable_only=True)
+
+
+def extract_state(model: nn.Module, trainable_only: bool = False) -> TensorDict:
+    """Every travelling tensor (what a checkpoint needs to restore the adapter exactly)."""
     out: TensorDict = {}
     for name, layer in _layers_or_raise(model).items():
-        for key, value in _layer_tensors(name, layer).items():
-            out[key] = value.detach().to("cpu", copy=True)
+        for key, value in layer.wire_tensors(name).items():
+            if value.requires_grad or not trainable_only:
+                out[key] = value.detach().to("cpu", copy=True)
     return out
 
 
-def _describe_unexpected(key: str, layers: Mapping[str, AMoLELinear]) -> str:
+def _describe_unexpected(key: str, layers: Mapping[str, AdapterLayer]) -> str:
     expert = parse_expert_param(key)
     if expert is not None and expert.module in layers:
         assigned = layers[expert.module].expert_ids
@@ -212,7 +243,7 @@ def load_trainable(model: nn.Module, tensors: Mapping[str, Tensor], strict: bool
     layers = _layers_or_raise(model)
     targets: dict[str, Tensor] = {}
     for name, layer in layers.items():
-        targets.update(_layer_tensors(name, layer))
+        targets.update(layer.wire_tensors(name))
     unexpected = [key for key in tensors if key not in targets]
     if unexpected:
         raise ValueError(_describe_unexpected(unexpected[0], layers))
@@ -249,11 +280,15 @@ def _collect_token_sums(
     model: nn.Module, batches: Iterable[Mapping[str, Tensor]]
 ) -> dict[str, tuple[AMoLELinear, _TokenSums]]:
     """Run the model over `batches` (eval, no_grad) and gather per-example token sums per layer."""
-    layers = _layers_or_raise(model)
-    no_router = [name for name, layer in layers.items() if layer.token_proj is None]
+    layers = {
+        name: layer for name, layer in _layers_or_raise(model).items()
+        if isinstance(layer, AMoLELinear) and layer.token_proj is not None
+    }
+    no_router = [name for name in adapter_layers(model) if name not in layers]
     if no_router:
         raise ValueError(
-            f"embeddings need the router (W_t), but {no_router[0]} has use_router=False"
+            f"embeddings need the AMoLE router (W_t), but {no_router[0]} has none "
+            "(use_router=False, or not an AMoLE layer)"
         )
     accumulators = {name: EmbeddingAccumulator() for name in layers}
     device = _device_of(model)

@@ -31,6 +31,13 @@ class StrategyConfig:
     silo (k_e is the adapter's routing top-k), `assignment` ("rsea"; "random" re-draws
     every round and "static" keeps round 0's: the paper's ablations), `solver` ("scip",
     the reference, or "flow", the exact LP fast path).
+    FedLEASE: `warmup_rounds` (W) of one LoRA per silo before clustering, `max_clusters`
+    (M is chosen in 2..max_clusters by silhouette), `expert_init` of a silo's own expert
+    ("own" warm-up LoRA, the authors' code, or the cluster "mean", the paper).
+    FDLoRA: `sync_every` rounds the personal adapter restarts from the shared one; the
+    outer optimizer (`outer_lr`, `outer_momentum`, Nesterov); the fusion search
+    (`fusion_budget` evaluations, `fusion_l1` penalty, on `fusion_batches` validation
+    batches).
     All: `weighting` of FedAvg ("uniform", as the paper's code, or "samples").
     """
 
@@ -41,12 +48,22 @@ class StrategyConfig:
     assignment: Literal["rsea", "random", "static"] = "rsea"
     solver: Literal["scip", "flow"] = "scip"
     weighting: Literal["uniform", "samples"] = "uniform"
+    warmup_rounds: int = 2
+    max_clusters: int = 8
+    expert_init: Literal["own", "mean"] = "own"
+    sync_every: int = 5
+    outer_lr: float = 1.0
+    outer_momentum: float = 0.5
+    fusion_budget: int = 5
+    fusion_l1: float = 0.05
+    fusion_batches: int = 2
 
     def __post_init__(self) -> None:
         allowed = {
             "assignment": ("rsea", "random", "static"),
             "solver": ("scip", "flow"),
             "weighting": ("uniform", "samples"),
+            "expert_init": ("own", "mean"),
         }
         for key, values in allowed.items():
             if getattr(self, key) not in values:
@@ -54,6 +71,20 @@ class StrategyConfig:
                     f"strategy.{key} = {getattr(self, key)!r} is not allowed; use one of "
                     + ", ".join(repr(v) for v in values)
                 )
+        at_least = {"warmup_rounds": 1, "max_clusters": 2, "sync_every": 1,
+                    "fusion_budget": 1, "fusion_batches": 1}
+        for key, low in at_least.items():
+            value = getattr(self, key)
+            if not isinstance(value, int) or value < low:
+                raise ValueError(f"strategy.{key} = {value!r}: use an integer >= {low}")
+        if not self.outer_lr > 0:
+            raise ValueError(f"strategy.outer_lr = {self.outer_lr!r}: use a number > 0")
+        if not 0 <= self.outer_momentum < 1:
+            raise ValueError(
+                f"strategy.outer_momentum = {self.outer_momentum!r}: use a number in [0, 1)"
+            )
+        if not self.fusion_l1 >= 0:
+            raise ValueError(f"strategy.fusion_l1 = {self.fusion_l1!r}: use a number >= 0")
 
 
 @dataclass(frozen=True)
@@ -88,6 +119,9 @@ class ServerStrategy(ABC):
     def validate(self, num_silos: int) -> None:  # noqa: B027 - optional check
         """Raise a clear error if the settings cannot work for `num_silos` (before any
         expensive loading happens)."""
+
+    def validate_rounds(self, rounds: int) -> None:  # noqa: B027 - optional check
+        """Raise a clear error if the settings cannot work for a run of `rounds` rounds."""
 
     @abstractmethod
     def initialize(self, shapes: Mapping[str, ModuleShape], silo_ids: Sequence[str]) -> None:
@@ -150,6 +184,14 @@ class ClientStrategy(ABC):
     @abstractmethod
     def run_round(self, plan: RoundPlan, trainer: LocalTrainer) -> Upload:
         """Handle one plan (a training round, or the final evaluation-only plan)."""
+
+    def state_dict(self) -> TensorDict:
+        """What the silo keeps between rounds besides the installed adapter (FDLoRA's
+        personal adapter): never uploaded, saved in the agent's checkpoint."""
+        return {}
+
+    def load_state_dict(self, tensors: Mapping[str, Tensor]) -> None:  # noqa: B027
+        """Restore `state_dict()`'s output after an agent restart."""
 
 
 @dataclass(frozen=True)

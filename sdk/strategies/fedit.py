@@ -129,14 +129,14 @@ class FedITClient(ClientStrategy):
         return trainer.upload(plan, params=trainer.extract(), metrics=metrics, timings=timings)
 
 
-def _plain_lora(config: AMoLEConfig) -> AMoLEConfig:
+def plain_lora(config: AMoLEConfig) -> AMoLEConfig:
     return replace(config, use_router=False)
 
 
 FEDIT = StrategySpec(
     name="fedit",
     description="one LoRA adapter, FedAvg; scored with the global model",
-    adapter=_plain_lora,
+    adapter=plain_lora,
     server=FedITServer,
     client=lambda config: FedITClient(fine_tune=False),
 )
@@ -144,7 +144,7 @@ FEDIT = StrategySpec(
 FEDIT_FT = StrategySpec(
     name="fedit-ft",
     description="FedIT, scored after local fine-tuning of the global model",
-    adapter=_plain_lora,
+    adapter=plain_lora,
     server=lambda adapter, config, seed: FedITServer(adapter, config, seed, True),
     client=lambda config: FedITClient(fine_tune=True),
 )

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
-from fedsilo.sdk.strategies import fedamole, fedit
+from fedsilo.sdk.strategies import fdlora, fedamole, fedit, fedlease
 from fedsilo.sdk.strategies.base import StrategySpec
 
 STRATEGIES: dict[str, StrategySpec] = {
-    spec.name: spec for spec in (fedamole.SPEC, fedit.FEDIT, fedit.FEDIT_FT)
+    spec.name: spec
+    for spec in (fedamole.SPEC, fedit.FEDIT, fedit.FEDIT_FT, fdlora.SPEC, fedlease.SPEC)
 }
 
 

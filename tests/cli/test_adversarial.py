@@ -93,7 +93,9 @@ def test_attacks_are_refused_and_the_honest_run_is_unaffected(deployment, tmp_pa
     deployment.security_extra = {"max_message_mb": 1.0}
     deployment.write()
     deployment.start_aggregator()
-    deployment.start_agent("silo-0")
+    # silo-0 is slow on the final plan, so the aggregator still listens when the replay
+    # below arrives (otherwise the run may end first and the replay goes unread).
+    deployment.start_agent("silo-0", env={"FEDSILO_FAULT": "plan_received@2:sleep=15"})
     deployment.start_agent("silo-1")
     # silo-2 is slow in round 0, so its poisoned "uploads" below arrive before its real one.
     deployment.start_agent("silo-2", env={"FEDSILO_FAULT": "plan_received@0:sleep=10"})

@@ -17,9 +17,10 @@ def _invoke(args: list[str]):
     return runner.invoke(app, ["simulate", *args], catch_exceptions=False)
 
 
-@pytest.mark.parametrize("strategy", ["fedamole", "fedit", "fedit-ft"])
+@pytest.mark.parametrize("strategy", ["fedamole", "fedit", "fedit-ft", "fedlease", "fdlora"])
 def test_simulate_records_every_silos_metric(tmp_path: Path, strategy: str) -> None:
-    result = _invoke([*QUICK, "--strategy", strategy, "--out", str(tmp_path)])
+    extra = ["--warmup-rounds", "1"] if strategy == "fedlease" else []
+    result = _invoke([*QUICK, *extra, "--strategy", strategy, "--out", str(tmp_path)])
     assert result.exit_code == 0, result.output
     (run,) = tmp_path.iterdir()
     lines = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
@@ -61,6 +62,9 @@ def test_fedamole_gives_silos_heterogeneous_architectures(tmp_path: Path) -> Non
         (["--strategy", "magic"], "unknown strategy"),
         (["--assignment", "greedy"], "strategy.assignment"),
         (["--partition", "weird", "--data", "agnews"], "weird"),
+        (["--strategy", "fedlease", "--warmup-rounds", "2"], "warmup_rounds = 2 leaves no"),
+        (["--strategy", "fedlease", "--max-clusters", "1"], "strategy.max_clusters = 1"),
+        (["--strategy", "fdlora", "--sync-every", "0"], "strategy.sync_every = 0"),
     ],
 )
 def test_bad_input_gives_a_clear_error_not_a_traceback(args: list[str], message: str) -> None:
@@ -74,7 +78,8 @@ def test_help_lists_the_knobs() -> None:
     result = runner.invoke(app, ["simulate", "--help"])
     assert result.exit_code == 0
     for flag in ("--silos", "--rounds", "--local-steps", "--experts", "--k-e", "--k-c",
-                 "--b", "--strategy", "--data", "--partition", "--model", "--seed"):
+                 "--b", "--strategy", "--data", "--partition", "--model", "--seed",
+                 "--warmup-rounds", "--max-clusters", "--sync-every"):
         assert flag in result.output
 
 

@@ -12,7 +12,7 @@ from transformers import BertConfig, BertModel, LlamaConfig, LlamaForCausalLM
 from fedsilo.sdk.amole import (
     AMoLEConfig,
     AMoLELinear,
-    amole_layers,
+    adapter_layers,
     assignment_of,
     compute_embeddings,
     compute_embeddings_per_example,
@@ -78,7 +78,7 @@ def test_inject_into_llama_freezes_backbone() -> None:
         "model.layers.1.self_attn.v_proj",
     ]
     assert all(isinstance(layer, AMoLELinear) for layer in layers.values())
-    assert amole_layers(model) == layers
+    assert adapter_layers(model) == layers
     assert not any(layer.training for layer in layers.values())  # keeps the model's eval mode
     trainable = {name for name, p in model.named_parameters() if p.requires_grad}
     assert trainable and all(
@@ -130,7 +130,7 @@ def test_inject_unknown_target_lists_available_names() -> None:
 
 def test_set_assignment_and_assignment_of() -> None:
     model = _routed_llama()
-    expected = {name: [] for name in amole_layers(model)} | _assignment()
+    expected = {name: [] for name in adapter_layers(model)} | _assignment()
     assert assignment_of(model) == expected
     with pytest.raises(ValueError, match="not AMoLE layers"):
         set_assignment(model, {"model.layers.9.self_attn.q_proj": [1]})
@@ -149,7 +149,7 @@ def test_extract_trainable_keys_and_detached_copies() -> None:
     assert tensors[f"{Q0}.expert.2.A"].shape == (4, 32)
     assert tensors[f"{Q0}.expert.2.B"].shape == (32, 4)
     assert all(t.device.type == "cpu" and not t.requires_grad for t in tensors.values())
-    layer = amole_layers(model)[Q0]
+    layer = adapter_layers(model)[Q0]
     assert torch.equal(tensors[f"{Q0}.expert.2.A"], layer.expert_A[1])
     snapshot = tensors[f"{Q0}.expert.2.A"].clone()
     with torch.no_grad():
@@ -218,7 +218,7 @@ def test_routing_context_load_balance_ignores_right_padding() -> None:
     assert unmasked.item() != pytest.approx(plain.item(), rel=1e-5)
     assert all(
         layer.last_probs is None and layer.token_mask is None
-        for layer in amole_layers(model).values()
+        for layer in adapter_layers(model).values()
     )
 
 
@@ -230,7 +230,7 @@ def test_load_balance_is_differentiable_and_zero_without_experts() -> None:
         model(input_ids=ids)
         loss = load_balance(model, torch.ones(2, 4))
     loss.backward()
-    assert amole_layers(model)[Q0].token_proj.weight.grad is not None
+    assert adapter_layers(model)[Q0].token_proj.weight.grad is not None
     # only modules with >= 2 experts and a real choice contribute; v_proj of layer 1 has none
     bare = _llama()
     inject_amole(bare, AMoLEConfig(r=4))
@@ -303,7 +303,7 @@ def test_embeddings_unchanged_by_padding_and_batching() -> None:
     ]
     one = compute_embeddings(model, separate)
     two = compute_embeddings(model, together)
-    assert set(one) == set(amole_layers(model))
+    assert set(one) == set(adapter_layers(model))
     for name in one:
         assert torch.allclose(one[name].client, two[name].client, atol=1e-5)
         for eid, value in one[name].experts.items():

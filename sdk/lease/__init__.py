@@ -1,0 +1,6 @@
+"""FedLEASE's adapter: cluster experts behind an adaptive top-M router."""
+
+from .layer import LeaseLinear
+from .routing import adaptive_top_m, num_slots, slot_experts
+
+__all__ = ["LeaseLinear", "adaptive_top_m", "num_slots", "slot_experts"]
