@@ -49,7 +49,7 @@ def simulate(
         _D.local_steps
     ),
     strategy: Annotated[
-        str, typer.Option(help="fedamole | fedlease | fedit | fedit-ft | fdlora.")
+        str, typer.Option(help="fedamole | fedlease | fedit | fedit-ft | fdlora | local.")
     ] = _D.strategy,
     experts: Annotated[int, typer.Option(help="Domain experts per module (E).")] = (
         _D.num_experts

@@ -84,6 +84,8 @@ class SimulationConfig:
     examples_per_silo: int = 300
     eval_limit: int | None = None
     max_new_tokens: int = 64
+    scoring: str = "nll"
+    device: str = "cpu"
     # differential privacy of the embedding uploads: None = off (the paper's setting)
     dp_epsilon: float | None = None
     dp_delta: float = 1e-5
@@ -115,6 +117,7 @@ class SimulationConfig:
         return TrainingConfig(
             batch_size=self.batch_size, max_length=self.max_length,
             eval_limit=self.eval_limit, max_new_tokens=self.max_new_tokens,
+            scoring=self.scoring,
         )
 
     @classmethod
@@ -191,7 +194,8 @@ def run_simulation(
     server.validate_rounds(config.rounds)
 
     datasets = build_silo_data(config)
-    loaded = load_model(config.model, dtype=config.dtype, seed=config.seed)
+    loaded = load_model(config.model, dtype=config.dtype, seed=config.seed,
+                        device=config.device)
     transport = MemoryTransport()
     run_dir = run_dir or _new_run_dir(Path(config.out_dir), config)
     run_dir.mkdir(parents=True, exist_ok=True)

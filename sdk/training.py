@@ -35,7 +35,11 @@ from fedsilo.sdk.amole.model import (
 )
 from fedsilo.sdk.data.examples import Example, SiloData
 from fedsilo.sdk.data.tokenize import TrainStream, batches, encode_example
-from fedsilo.sdk.evaluation.scoring import classification_accuracy, generation_rouge_l
+from fedsilo.sdk.evaluation.scoring import (
+    classification_accuracy,
+    first_token_accuracy,
+    generation_rouge_l,
+)
 from fedsilo.sdk.messages import RoundPlan, Upload
 from fedsilo.sdk.params import ModuleShape, TensorDict
 
@@ -51,6 +55,15 @@ class TrainingConfig:
     max_new_tokens: int = 64
     grad_clip: float | None = 1.0
     eval_limit: int | None = None  # cap on test/val examples scored per round (None: all)
+    scoring: str = "nll"
+    """Classification: "nll" (mean NLL of each whole candidate, the paper's) or
+    "first_token" (one forward per prompt; candidates must differ in their first token)."""
+
+    def __post_init__(self) -> None:
+        if self.scoring not in ("nll", "first_token"):
+            raise ValueError(
+                f"training.scoring = {self.scoring!r}; use 'nll' or 'first_token'"
+            )
 
 
 @dataclass
@@ -241,7 +254,9 @@ class LocalTrainer:
         answers = [e.response for e in examples]
         task = self.data.task
         if task.kind == "classification":
-            return classification_accuracy(
+            score = (first_token_accuracy if self.config.scoring == "first_token"
+                     else classification_accuracy)
+            return score(
                 self.model, self.tokenizer, prompts, answers, task.candidates,
                 batch_size=self.config.eval_batch_size, max_length=self.config.max_length,
             )

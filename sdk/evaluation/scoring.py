@@ -27,6 +27,7 @@ from .metrics import rouge_l_f
 __all__ = [
     "candidate_nll",
     "classification_accuracy",
+    "first_token_accuracy",
     "generation_rouge_l",
     "greedy_generate",
 ]
@@ -168,6 +169,63 @@ def classification_accuracy(
         model, tokenizer, prompts, candidates, batch_size, max_length, add_bos=add_bos
     )
     return (nll.argmin(dim=1) == gold).float().mean().item()
+
+
+@torch.no_grad()
+def first_token_accuracy(
+    model: nn.Module,
+    tokenizer: Any,
+    prompts: Sequence[str],
+    answers: Sequence[str],
+    candidates: Sequence[str],
+    batch_size: int = 8,
+    max_length: int = 256,
+    *,
+    add_bos: bool = False,
+) -> float:
+    """Share of prompts whose gold answer's first token is the likeliest next token among
+    the candidates' first tokens: one forward per prompt instead of one per candidate
+    (K times cheaper than `classification_accuracy`; the CPU benchmark profiles use it).
+    Needs candidates whose first tokens differ."""
+    if len(prompts) != len(answers):
+        raise ValueError(f"{len(prompts)} prompts but {len(answers)} answers")
+    if not prompts:
+        raise ValueError("no examples to score")
+    firsts = []
+    for cand in candidates:
+        ids = tokenizer.encode(cand, add_special_tokens=False)
+        if not ids:
+            raise ValueError(f"candidate {cand!r} has no tokens")
+        firsts.append(int(ids[0]))
+    if len(set(firsts)) != len(firsts):
+        raise ValueError(
+            f"candidates {list(candidates)} share a first token: first-token scoring cannot "
+            "tell them apart; use scoring = 'nll'"
+        )
+    index = {c: k for k, c in enumerate(candidates)}
+    missing = sorted({a for a in answers if a not in index})
+    if missing:
+        raise ValueError(f"answers {missing} are not among the candidates {list(candidates)}")
+    _, pad = _special_ids(tokenizer)
+    seqs = [_prompt_ids(tokenizer, p, max_length, add_bos) for p in prompts]
+    device = _device(model)
+    first_ids = torch.tensor(firsts, device=device)
+    correct = 0
+    with _eval_mode(model):
+        for idx in _batches([len(s) for s in seqs], batch_size):
+            width = max(len(seqs[i]) for i in idx)
+            ids = torch.full((len(idx), width), pad, dtype=torch.long)
+            mask = torch.zeros((len(idx), width), dtype=torch.long)
+            for row, i in enumerate(idx):
+                ids[row, : len(seqs[i])] = torch.tensor(seqs[i])
+                mask[row, : len(seqs[i])] = 1
+            logits = model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits
+            last = torch.tensor([len(seqs[i]) - 1 for i in idx], device=logits.device)
+            scores = logits[torch.arange(len(idx), device=logits.device), last][:, first_ids]
+            predicted = scores.argmax(dim=-1).tolist()
+            correct += sum(int(p == index[answers[i]]) for p, i in zip(predicted, idx,
+                                                                        strict=True))
+    return correct / len(prompts)
 
 
 @torch.no_grad()

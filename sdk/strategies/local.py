@@ -1,0 +1,112 @@
+"""Local-only: each silo fine-tunes alone and nothing is aggregated: the baseline every
+federated method must beat for collaboration to be worth it.
+
+The aggregator only hands out the initial LoRA (to silos that have not uploaded yet) and
+collects scores; uploads carry no tensors, so nothing trained leaves a silo. A silo keeps
+its model between rounds (the agent's checkpoint holds it across restarts). Scored after
+local training each round, like FedAMoLE and FedIT-FT.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict
+from typing import Any
+
+import torch
+
+from fedsilo.sdk.amole.config import AMoLEConfig
+from fedsilo.sdk.checkpoint import check_settings, namespaced, take_namespace
+from fedsilo.sdk.messages import RoundPlan, Upload
+from fedsilo.sdk.params import ModuleShape, TensorDict
+from fedsilo.sdk.strategies.base import (
+    AggregationReport,
+    ClientStrategy,
+    ServerStrategy,
+    SiloPlan,
+    StrategyConfig,
+    StrategySpec,
+    UploadSchema,
+)
+from fedsilo.sdk.strategies.fedit import plain_lora
+from fedsilo.sdk.strategies.init import initial_params
+from fedsilo.sdk.training import LocalTrainer
+
+
+class LocalServer(ServerStrategy):
+    def __init__(self, adapter: AMoLEConfig, config: StrategyConfig, seed: int) -> None:
+        self.adapter = adapter
+        self.config = config
+        self.seed = seed
+        self._init: TensorDict = {}
+        self.started: set[str] = set()  # silos that trained from the init at least once
+        self._uploaded: list[str] = []
+
+    @property
+    def global_params(self) -> TensorDict:
+        return {}  # there is no global model
+
+    def initialize(self, shapes: Mapping[str, ModuleShape], silo_ids: Sequence[str]) -> None:
+        generator = torch.Generator().manual_seed(self.seed)
+        self._init = initial_params(shapes, self.adapter.r, 0, False, generator)
+
+    def configure_round(self, round: int, silo_ids: Sequence[str]) -> dict[str, SiloPlan]:
+        return {s: SiloPlan({}, {} if s in self.started else self._init) for s in silo_ids}
+
+    def configure_final(self, silo_ids: Sequence[str]) -> dict[str, SiloPlan]:
+        return {s: SiloPlan({}, {}) for s in silo_ids}
+
+    def upload_schema(self, silo_id: str, part: SiloPlan, final: bool) -> UploadSchema:
+        return UploadSchema({}, {})  # scores only
+
+    def begin_round(self, round: int) -> None:
+        self._uploaded = []
+
+    def accumulate(self, upload: Upload) -> None:
+        if upload.silo_id in self._uploaded:
+            raise ValueError(
+                f"an upload from {upload.silo_id!r} was already folded into this round; "
+                "a redelivered message must be acknowledged and ignored, not aggregated twice"
+            )
+        self._uploaded.append(upload.silo_id)
+
+    def end_round(self, round: int) -> AggregationReport:
+        start = time.perf_counter()
+        self.started.update(self._uploaded)
+        return AggregationReport(round, len(self._uploaded), time.perf_counter() - start)
+
+    def _settings(self) -> dict[str, Any]:
+        return {"strategy": "local", "seed": self.seed, "config": asdict(self.config),
+                "adapter": asdict(self.adapter)}
+
+    def state_dict(self) -> tuple[TensorDict, dict[str, Any]]:
+        meta = {"settings": self._settings(), "init": list(self._init),
+                "started": sorted(self.started), "uploaded": list(self._uploaded)}
+        return namespaced("init", self._init), meta
+
+    def load_state_dict(self, tensors: Mapping[str, torch.Tensor], meta: Mapping[str, Any]) -> None:
+        check_settings(meta, self._settings())
+        self._init = take_namespace("init", tensors, meta["init"])
+        self.started = set(meta["started"])
+        self._uploaded = list(meta["uploaded"])
+
+
+class LocalClient(ClientStrategy):
+    def run_round(self, plan: RoundPlan, trainer: LocalTrainer) -> Upload:
+        if plan.final:
+            return trainer.empty_upload(plan)
+        if plan.params:  # the initial LoRA; afterwards the silo keeps its own
+            trainer.install(plan.assignment, plan.params)
+        train_s = trainer.train(plan.local_steps, plan.lr, plan.round).seconds
+        metrics, timings = trainer.test()
+        return trainer.upload(plan, metrics=metrics, timings={"train_s": train_s, **timings})
+
+
+SPEC = StrategySpec(
+    name="local",
+    description="each silo alone, nothing aggregated (the no-collaboration baseline)",
+    adapter=plain_lora,
+    server=LocalServer,
+    client=lambda config: LocalClient(),
+)
