@@ -294,6 +294,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     out.mkdir(parents=True, exist_ok=True)
 
     started = time.perf_counter()
+    git = git_info()  # the code measured: before the runs, not after
     with tempfile.TemporaryDirectory(prefix="fedsilo-accuracy-") as tmp:
         todo = jobs_for(profile, methods, tasks, alphas, seeds, args.device, threads,
                         Path(tmp))
@@ -313,7 +314,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             pool.shutdown()
     report: dict[str, Any] = {
         "benchmark": NAME, "profile": args.profile, "command": command_line("accuracy.py", argv),
-        "git": git_info(), "date": now(),
+        "git": git, "date": now(),
         "machine": machine(("torch", "transformers", "peft", "nevergrad")),
         "device": args.device, "jobs": jobs, "threads_per_job": threads,
         "config": profile["config"], "tasks": tasks, "alphas": alphas, "seeds": seeds,

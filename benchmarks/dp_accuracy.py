@@ -33,15 +33,11 @@ rounds also differ because the trained experts differ.
 from __future__ import annotations
 
 import argparse
-import datetime as dt
 import json
 import logging
 import math
 import os
-import platform
-import shlex
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -52,16 +48,16 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import opacus
 import torch
-import transformers
 
 from fedsilo.cli.simulation import SimulationConfig, build_silo_data, run_simulation
 from fedsilo.privacy.dp import noise_multiplier_for
 from fedsilo.sdk.aggregation.rsea import AssignmentConstraints, random_assignment
 
-REPO = Path(__file__).resolve().parents[1]
-RESULTS = REPO / "benchmarks" / "results"
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from stamp import RESULTS, command_line, git_info, machine, now
+
 NAME = "dp_accuracy"
 DEFAULT_EPSILONS = (math.inf, 8.0, 2.0, 0.5)
 DEFAULT_SEEDS = (0, 1)
@@ -74,55 +70,6 @@ PROFILES: dict[str, dict[str, Any]] = {
     "smoke": {"silos": 3, "rounds": 1, "local_steps": 2, "num_experts": 6, "b": 4,
               "examples_per_silo": 60, "eval_limit": 8},
 }
-
-
-# -- stamping -------------------------------------------------------------------------------
-
-
-def _run(cmd: Sequence[str]) -> str | None:
-    try:
-        out = subprocess.run(cmd, capture_output=True, text=True, timeout=60, check=False)
-    except (OSError, subprocess.TimeoutExpired):
-        return None
-    return out.stdout if out.returncode == 0 else None
-
-
-def git_info() -> dict[str, Any]:
-    commit = _run(["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"])
-    status = _run(["git", "-C", str(REPO), "status", "--porcelain"])
-    changed = [ln[3:] for ln in (status or "").splitlines() if ln.strip()]
-    commit = commit.strip() if commit else "unknown"
-    return {
-        "commit": commit + (" + uncommitted changes" if changed else ""),
-        "head": commit,
-        # The whole working tree at run time (others may edit files the run does not use).
-        "uncommitted_changes": changed,
-    }
-
-
-def machine() -> dict[str, Any]:
-    cpuinfo = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
-    models = [ln.split(":", 1)[1].strip() for ln in cpuinfo.splitlines()
-              if ln.startswith("model name")]
-    ram_kb = None
-    if Path("/proc/meminfo").exists():
-        for line in Path("/proc/meminfo").read_text().splitlines():
-            if line.startswith("MemTotal:"):
-                ram_kb = int(line.split()[1])
-    return {
-        "cpu_model": models[0] if models else platform.processor() or "unknown",
-        "cpu_count": len(models) or os.cpu_count(),
-        "ram_GB": round(ram_kb * 1024 / 1e9, 1) if ram_kb else None,
-        "os": platform.platform(),
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "transformers": transformers.__version__,
-        "opacus": opacus.__version__,
-    }
-
-
-def command_line(argv: Sequence[str]) -> str:
-    return " ".join(shlex.quote(a) for a in ["python", "benchmarks/dp_accuracy.py", *argv])
 
 
 # -- one run --------------------------------------------------------------------------------
@@ -501,10 +448,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         r["requested"] = include_off or not math.isinf(r["epsilon"])
     report = {
         "benchmark": NAME,
-        "command": command_line(argv),
+        "command": command_line("dp_accuracy.py", argv),
+        # The whole working tree at run time (others may edit files the run does not use).
         "git": git_info(),
-        "date": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
-        "machine": machine(),
+        "date": now(),
+        "machine": machine(("torch", "transformers", "opacus")),
         "torch_threads": torch.get_num_threads(),
         "profile": args.profile,
         "config": asdict(base) | {"out_dir": None, "seed": None, "dp_epsilon": None},

@@ -42,14 +42,11 @@ size is held fixed as C grows, so C is the only variable.
 from __future__ import annotations
 
 import argparse
-import datetime as dt
 import json
 import logging
 import multiprocessing as mp
 import os
-import platform
 import queue
-import shlex
 import statistics
 import subprocess
 import sys
@@ -62,7 +59,6 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import quote, unquote, urlsplit, urlunsplit
 
-import pika
 import torch
 
 from fedsilo.sdk.aggregation.fedavg import RunningMean
@@ -81,8 +77,10 @@ from fedsilo.sdk.params import (
 from fedsilo.sdk.protocol import decode, encode, tensor_bytes
 from fedsilo.sdk.transport.amqp import AmqpTransport, mask_url
 
-REPO = Path(__file__).resolve().parents[1]
-RESULTS = REPO / "benchmarks" / "results"
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from stamp import RESULTS, command_line, git_info, machine, now, run_quietly
+
 DEFAULT_URL = "amqp://guest:guest@127.0.0.1:5672/"
 MB = 1e6
 #: What the measured path runs through: uncommitted changes here are stamped on the results.
@@ -225,7 +223,7 @@ def broker_pid(url: str) -> int | None:
     host = urlsplit(url).hostname or "localhost"
     if host not in ("127.0.0.1", "localhost", "::1"):
         return None
-    out = _run(["rabbitmqctl", "eval", "os:getpid()."])
+    out = run_quietly(["rabbitmqctl", "eval", "os:getpid()."])
     try:
         pid = int(out.strip().strip('"'))
     except (AttributeError, ValueError):
@@ -237,7 +235,7 @@ def broker_alarms(pid: int | None) -> str | None:
     """The broker's active resource alarms ("" when none; None when not asked: remote)."""
     if pid is None:
         return None
-    out = _run(["rabbitmqctl", "eval", "rabbit_alarm:get_alarms()."])
+    out = run_quietly(["rabbitmqctl", "eval", "rabbit_alarm:get_alarms()."])
     return None if out is None else ("" if out.strip() == "[]" else out.strip())
 
 
@@ -428,17 +426,15 @@ def aggregator_main(
 # -- orchestration --------------------------------------------------------------------------
 
 
-def _run(cmd: Sequence[str], check: bool = False) -> str | None:
+def _rabbitmqctl(*args: str) -> str:
+    """`rabbitmqctl args`'s stdout; RuntimeError (with its stderr) if it is missing or fails."""
+    cmd = ["rabbitmqctl", *args]
     try:
         out = subprocess.run(cmd, capture_output=True, text=True, timeout=120, check=False)
     except (OSError, subprocess.TimeoutExpired) as exc:
-        if check:
-            raise RuntimeError(f"`{' '.join(cmd)}` failed: {exc}") from None
-        return None
+        raise RuntimeError(f"`{' '.join(cmd)}` failed: {exc}") from None
     if out.returncode != 0:
-        if check:
-            raise RuntimeError(f"`{' '.join(cmd)}` failed: {out.stderr.strip()}")
-        return None
+        raise RuntimeError(f"`{' '.join(cmd)}` failed: {out.stderr.strip()}")
     return out.stdout
 
 
@@ -457,10 +453,9 @@ class Vhost:
         parts = urlsplit(self.base_url)
         user = unquote(parts.username or "guest")
         self.name = f"fedsilo-bench-{uuid.uuid4().hex[:12]}"
-        _run(["rabbitmqctl", "add_vhost", self.name], check=True)
+        _rabbitmqctl("add_vhost", self.name)
         try:
-            _run(["rabbitmqctl", "set_permissions", "-p", self.name, user, ".*", ".*", ".*"],
-                 check=True)
+            _rabbitmqctl("set_permissions", "-p", self.name, user, ".*", ".*", ".*")
         except BaseException:
             self.__exit__()
             raise
@@ -468,7 +463,7 @@ class Vhost:
 
     def __exit__(self, *exc: object) -> None:
         if self.name is not None:
-            _run(["rabbitmqctl", "delete_vhost", self.name])
+            run_quietly(["rabbitmqctl", "delete_vhost", self.name])
             self.name = None
 
 
@@ -629,46 +624,23 @@ def run_once(
 # -- stamping and output --------------------------------------------------------------------
 
 
-def machine() -> dict[str, Any]:
-    cpuinfo = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
-    models = [ln.split(":", 1)[1].strip() for ln in cpuinfo.splitlines()
-              if ln.startswith("model name")]
-    ram_kb = None
-    if Path("/proc/meminfo").exists():
-        for line in Path("/proc/meminfo").read_text().splitlines():
-            if line.startswith("MemTotal:"):
-                ram_kb = int(line.split()[1])
-    rabbit = _run(["rabbitmqctl", "version"])
-    return {
-        "cpu_model": models[0] if models else platform.processor() or "unknown",
-        "cpu_count": len(models) or os.cpu_count(),
-        "ram_GB": round(ram_kb * 1024 / 1e9, 1) if ram_kb else None,
-        "os": platform.platform(),
-        "rabbitmq": rabbit.strip() if rabbit else "unknown",
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "pika": pika.__version__,
-    }
+def broker_machine() -> dict[str, Any]:
+    """The machine (stamp.machine, with torch and pika) and the broker's RabbitMQ version."""
+    info = machine(("torch", "pika"))
+    rabbit = run_quietly(["rabbitmqctl", "version"])
+    info["rabbitmq"] = rabbit.strip() if rabbit else "unknown"
+    return info
 
 
-def git_info() -> dict[str, Any]:
-    commit = _run(["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"])
-    dirty = _run(["git", "-C", str(REPO), "status", "--porcelain", "--", *BENCHED_CODE])
-    return {
-        "commit": commit.strip() if commit else "unknown",
-        # Uncommitted changes, at run time, in the code this benchmark runs.
-        "uncommitted_changes": [ln[3:] for ln in (dirty or "").splitlines()],
-    }
-
-
-def command_line(argv: Sequence[str]) -> str:
+def masked_command_line(argv: Sequence[str]) -> str:
+    """stamp.command_line, with the password in `--url` masked: never written to results."""
     args = list(argv)
-    for i, arg in enumerate(args):  # never write a password into the results
+    for i, arg in enumerate(args):
         if i > 0 and args[i - 1] == "--url":
             args[i] = mask_url(arg)
         elif arg.startswith("--url="):
             args[i] = "--url=" + mask_url(arg[len("--url="):])
-    return " ".join(shlex.quote(a) for a in ["python", "benchmarks/transport.py", *args])
+    return command_line("transport.py", args)
 
 
 def summarize(runs: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -715,7 +687,7 @@ def to_markdown(report: dict[str, Any]) -> str:
         f"- command: `{report['command']}`",
         f"- commit: `{report['git']['commit']}`"
         + (
-            f" (uncommitted changes: {', '.join(report['git']['uncommitted_changes'])})"
+            f" (in {', '.join(report['git']['uncommitted_changes'])})"
             if report["git"]["uncommitted_changes"]
             else ""
         ),
@@ -895,10 +867,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         )
     report = {
         "benchmark": "transport",
-        "command": command_line(argv),
-        "git": git_info(),
-        "date": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
-        "machine": machine(),
+        "command": masked_command_line(argv),
+        # Uncommitted changes, at run time, in the code this benchmark runs.
+        "git": git_info(BENCHED_CODE),
+        "date": now(),
+        "machine": broker_machine(),
         "broker_host": urlsplit(args.url).hostname,
         "modes": args.modes,
         "chunk_size": args.chunk_size,

@@ -60,7 +60,7 @@ def simulate(
     k_c: Annotated[int, typer.Option("--k-c", help="Silos each expert selects.")] = _D.k_c,
     b: Annotated[int, typer.Option("--b", help="Max experts per module per silo.")] = _D.b,
     assignment: Annotated[str, typer.Option(help="rsea | random | static.")] = _D.assignment,
-    solver: Annotated[str, typer.Option(help="scip | flow (exact LP fast path).")] = (
+    solver: Annotated[str, typer.Option(help="scip | flow | lp (exact fast paths).")] = (
         _D.solver
     ),
     warmup_rounds: Annotated[

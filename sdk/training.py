@@ -147,13 +147,15 @@ class LocalTrainer:
     @torch.no_grad()
     def validation_loss(self, max_batches: int) -> float:
         """Mean training loss (NLL of the response tokens) over the first `max_batches`
-        batches of the validation split (the training split if it has none)."""
+        evaluation batches (`eval_batch_size` examples each) of the validation split (the
+        training split if it has none)."""
         encoded = [self._encode(e) for e in (self.data.val or self.data.train)]
         losses = []
         was_training = self.model.training
         self.model.eval()
         try:
-            for i, batch in enumerate(batches(encoded, self.config.batch_size, self.pad_id)):
+            for i, batch in enumerate(batches(encoded, self.config.eval_batch_size,
+                                              self.pad_id)):
                 if i >= max_batches:
                     break
                 batch = self._to_device(batch)

@@ -30,7 +30,7 @@ class StrategyConfig:
     FedAMoLE: `num_experts` per module (E), `k_c` silos per expert, `b` max experts per
     silo (k_e is the adapter's routing top-k), `assignment` ("rsea"; "random" re-draws
     every round and "static" keeps round 0's: the paper's ablations), `solver` ("scip",
-    the reference, or "flow", the exact LP fast path).
+    the reference; "flow" or "lp", exact fast paths: see `aggregation.rsea`).
     FedLEASE: `warmup_rounds` (W) of one LoRA per silo before clustering, `max_clusters`
     (M is chosen in 2..max_clusters by silhouette), `expert_init` of a silo's own expert
     ("own" warm-up LoRA, the authors' code, or the cluster "mean", the paper).
@@ -46,7 +46,7 @@ class StrategyConfig:
     k_c: int = 2
     b: int = 8
     assignment: Literal["rsea", "random", "static"] = "rsea"
-    solver: Literal["scip", "flow"] = "scip"
+    solver: Literal["scip", "flow", "lp"] = "scip"
     weighting: Literal["uniform", "samples"] = "uniform"
     warmup_rounds: int = 2
     max_clusters: int = 8
@@ -61,7 +61,7 @@ class StrategyConfig:
     def __post_init__(self) -> None:
         allowed = {
             "assignment": ("rsea", "random", "static"),
-            "solver": ("scip", "flow"),
+            "solver": ("scip", "flow", "lp"),
             "weighting": ("uniform", "samples"),
             "expert_init": ("own", "mean"),
         }

@@ -18,6 +18,7 @@ RESULTS = REPO / "benchmarks" / "results"
 
 
 def _load() -> ModuleType:
+    sys.path.insert(0, str(SCRIPT.parent))  # for `from stamp import ...`
     spec = importlib.util.spec_from_file_location("dp_accuracy_bench", SCRIPT)
     assert spec is not None and spec.loader is not None
     module = importlib.util.module_from_spec(spec)

@@ -56,41 +56,56 @@ def test_scaling_benchmark_smoke(bench: ModuleType, tmp_path: Path) -> None:
     assert "--profile smoke" in report["command"]
     assert report["git"]["commit"] and report["date"]
     for key in ("cpu_model", "cpu_count", "ram_GB", "python", "torch", "transformers", "peft",
-                "pyscipopt"):
+                "pyscipopt", "scipy"):
         assert report["machine"][key], key
-    assert report["parameters"]["parts"] == ["rsea", "aggregation", "layer"]
+    params = report["parameters"]
+    assert params["parts"] == ["rsea", "aggregation", "layer"]
+    assert params["flow_budget_s"] == params["lp_budget_s"] == params["scip_budget_s"] == 10.0
+    assert params["agg_solver"] == "lp" and params["agg_compare_silos"] == [3]
 
     (rsea,) = report["rsea"]
     assert (rsea["silos"], rsea["experts"], rsea["modules"]) == (10, 30, 4)
     assert rsea["k_c"] == 2 and rsea["silos"] * rsea["k_e"] <= rsea["experts"] * rsea["k_c"]
-    for solver in ("flow", "scip"):
-        res = rsea["solvers"][solver]
+    assert list(rsea["solvers"]) == ["flow", "lp", "scip"]
+    for res in rsea["solvers"].values():
         assert res["modules_timed"] == 4 and not res["extrapolated"]
         assert _positive(res["round_s"]) and all(_positive(s) for s in res["module_s"])
         assert all(_positive(o) for o in res["objectives"])
-    assert rsea["modules_compared"] == 4 and rsea["objectives_equal"]
+        assert _positive(res["speedup_vs_scip"])
+    assert rsea["solvers"]["scip"]["speedup_vs_scip"] == pytest.approx(1.0)
+    # The three exact solvers reach the same optimum on every module, pairwise.
+    flow, lp, scip = (rsea["solvers"][s]["objectives"] for s in ("flow", "lp", "scip"))
+    for m in range(4):
+        assert flow[m] == pytest.approx(lp[m], rel=1e-6) == pytest.approx(scip[m], rel=1e-6)
+    assert set(rsea["objective_pairs"]) == {"flow-lp", "flow-scip", "lp-scip"}
+    for pair in rsea["objective_pairs"].values():
+        assert pair["modules_compared"] == 4 and pair["equal"]
+        assert pair["max_rel_diff"] == pytest.approx(0.0, abs=1e-6)
+    assert rsea["objectives_equal"]
     assert rsea["objective_max_rel_diff"] == pytest.approx(0.0, abs=1e-6)
 
     runs = {(r["silos"], r["solver"]): r for r in report["aggregation"]}
-    assert set(runs) == {(3, "flow"), (6, "flow"), (3, "scip")}
+    assert set(runs) == {(3, "lp"), (6, "lp"), (3, "flow"), (3, "scip")}
     for (silos, _), run in runs.items():
         assert run["num_uploads"] == silos
         for key in ("accumulate_s", "fedavg_s", "assignment_s", "end_round_s", "total_s",
                     "upload_MB_mean", "accumulator_MB", "peak_rss_MB"):
             assert _positive(run[key]), key
         assert run["total_s"] == pytest.approx(run["accumulate_s"] + run["end_round_s"])
+        assert run["end_round_s"] >= run["fedavg_s"] + run["assignment_s"] - 1e-9
         peak = run["peak_above_baseline_MB"]
         assert peak is not None and math.isfinite(peak) and peak >= 0
         assert run["experts_per_silo_module_mean"] >= run["k_e"]
         assert run["rss_after_fold_MB"][-1][0] == silos
     # Every expert of every module was trained by some silo: the accumulators cover the
     # whole global adapter, whatever the number of silos.
-    assert runs[(3, "flow")]["accumulator_MB"] == pytest.approx(
-        runs[(6, "flow")]["accumulator_MB"]
+    assert runs[(3, "lp")]["accumulator_MB"] == pytest.approx(runs[(6, "lp")]["accumulator_MB"])
+    assert runs[(3, "lp")]["accumulator_MB"] == pytest.approx(
+        2 * runs[(3, "lp")]["global_params_MB"]  # float64 sums of float32 params
     )
-    assert runs[(3, "flow")]["accumulator_MB"] == pytest.approx(
-        2 * runs[(3, "flow")]["global_params_MB"]  # float64 sums of float32 params
-    )
+    # Same uploads whatever the solver: the solver changes end_round's RSEA only.
+    for solver in ("flow", "scip"):
+        assert runs[(3, solver)]["upload_MB_mean"] == runs[(3, "lp")]["upload_MB_mean"]
 
     layer = report["layer"]
     assert layer["model"] == "builtin:tiny" and layer["repeats"] == 2
@@ -113,8 +128,12 @@ def test_scaling_benchmark_smoke(bench: ModuleType, tmp_path: Path) -> None:
     assert report["git"]["commit"] in md and report["command"] in md
     for heading in ("## RSEA", "## Aggregation", "## AMoLE layer", "## Against the targets"):
         assert heading in md, heading
-    assert "| 10 | 30 | 4 | 2 |" in md
-    assert "| 3 | scip |" in md and "| 6 | flow |" in md
+    for solver in ("flow", "lp", "scip"):
+        assert f"| 10 | 30 | 4 | 2 | 8 | {solver} |" in md, solver
+    for pair in ("flow-lp", "flow-scip", "lp-scip"):
+        assert f"| 10 | 30 | 4 | {pair} | 4 |" in md, pair
+    assert "| 6 | lp |" in md and "| 3 | lp |" in md
+    assert "| 3 | flow |" in md and "| 3 | scip |" in md
     assert "| PEFT LoRA |" in md and "| AMoLE, 12 experts |" in md
     png = (tmp_path / "scaling.png").read_bytes()
     assert len(png) > 1000 and png.startswith(b"\x89PNG")
@@ -174,11 +193,25 @@ def test_argument_parsers(bench: ModuleType) -> None:
             parser(text)
 
 
+def test_compare_objectives_pairwise(bench: ModuleType) -> None:
+    solvers = {"flow": {"objectives": [1.0, 2.0, 3.0]}, "lp": {"objectives": [1.0, 2.0]},
+               "scip": {"objectives": [1.0, 2.5]}}
+    pairs = bench.compare_objectives(solvers)
+    assert list(pairs) == ["flow-lp", "flow-scip", "lp-scip"]
+    assert pairs["flow-lp"] == {"modules_compared": 2, "max_rel_diff": 0.0, "equal": True}
+    assert pairs["flow-scip"]["max_rel_diff"] == pytest.approx(0.2)
+    assert not pairs["flow-scip"]["equal"] and not pairs["lp-scip"]["equal"]
+
+
 def test_verdicts_read_the_targets(bench: ModuleType) -> None:
-    agg = {"silos": 10, "experts": 30, "modules": 32, "solver": "flow", "total_s": 0.4,
-           "accumulate_s": 0.2, "fedavg_s": 0.1, "assignment_s": 0.1,
+    agg = {"silos": 10, "experts": 30, "modules": 32, "solver": "lp", "total_s": 0.6,
+           "end_round_s": 0.2, "accumulate_s": 0.4, "fedavg_s": 0.1, "assignment_s": 0.1,
            "peak_above_baseline_MB": 300.0}
-    big = {**agg, "silos": 1000, "total_s": 9.0, "peak_above_baseline_MB": 450.0}
+    flow = {**agg, "solver": "flow", "end_round_s": 0.3, "total_s": 0.45}
+    scip = {**agg, "solver": "scip", "end_round_s": 1.2, "total_s": 1.6}
+    big = {**agg, "silos": 1000, "total_s": 9.0, "peak_above_baseline_MB": 330.0}
+    # Memory is read on the lp rows only: a flow row at 1000 silos must not count.
+    big_flow = {**big, "solver": "flow", "peak_above_baseline_MB": 3000.0}
     layer = {"variants": [
         {"variant": "peft_lora", "label": "PEFT LoRA", "step_s_median": 1.0,
          "step_ratio_to_peft": 1.0},
@@ -187,7 +220,22 @@ def test_verdicts_read_the_targets(bench: ModuleType) -> None:
         {"variant": "amole_12", "label": "AMoLE, 12 experts", "step_s_median": 1.6,
          "step_ratio_to_peft": 1.6},
     ]}
-    verdicts = bench.verdicts({"aggregation": [agg, big], "layer": layer})
-    met = {v["target"].split(":")[0].split(" (")[0]: v["met"] for v in verdicts}
-    assert met == {"aggregation incl. RSEA": True, "aggregator memory flat in the number of "
-                   "silos": False, "AMoLE, 6 experts": True, "AMoLE, 12 experts": False}
+    verdicts = bench.verdicts(
+        {"aggregation": [scip, agg, big, big_flow, flow], "layer": layer}
+    )
+    aggregation = [(v["target"], v["value_s"], v["met"]) for v in verdicts
+                   if v["target"].startswith("aggregation incl. RSEA")]
+    # Per solver (flow, lp, scip), (a) end_round alone then (b) accumulate + end_round.
+    assert [(t.split("(")[1].split(")")[0], "(a) end_round alone" in t,
+             "(b) accumulate of the 10 uploads + end_round" in t, value, met)
+            for t, value, met in aggregation] == [
+        ("flow", True, False, 0.3, True), ("flow", False, True, 0.45, True),
+        ("lp", True, False, 0.2, True), ("lp", False, True, 0.6, False),
+        ("scip", True, False, 1.2, False), ("scip", False, True, 1.6, False),
+    ]
+    others = {v["target"].split(":")[0].split(" (")[0]: v["met"] for v in verdicts
+              if not v["target"].startswith("aggregation incl. RSEA")}
+    assert others == {"aggregator memory flat in the number of silos": True,
+                      "AMoLE, 6 experts": True, "AMoLE, 12 experts": False}
+    (memory,) = [v for v in verdicts if v["target"].startswith("aggregator memory")]
+    assert "lp rows" in memory["target"] and memory["value_ratio"] == pytest.approx(1.1)

@@ -18,7 +18,7 @@ from fedsilo.sdk.aggregation import (
     solve_assignment,
 )
 
-SOLVERS = ["scip", "flow"]
+SOLVERS = ["scip", "flow", "lp"]
 
 
 def assert_feasible(d: np.ndarray, c: AssignmentConstraints, num_silos: int) -> None:
@@ -158,25 +158,37 @@ def test_objective_equals_brute_force(
         assert assignment_objective(p, d) == pytest.approx(brute_force_best(p, c), abs=1e-9)
 
 
-def test_flow_objective_equals_scip_mid_size() -> None:
+@pytest.mark.parametrize("fast", ["flow", "lp"])
+def test_fast_paths_objective_equals_scip_mid_size(fast: str) -> None:
     c = AssignmentConstraints(num_experts=30, k_e=2, k_c=2, b=8)
     rng = np.random.default_rng(2024)
     for temperature in (0.3, 1.0, 5.0):
         scores = torch.tensor(rng.normal(size=(10, 30)) * temperature)
         p = selection_probs(scores)
         d_scip = solve_assignment(p, c, "scip")
-        d_flow = solve_assignment(p, c, "flow")
-        assert_feasible(d_flow, c, 10)
-        assert assignment_objective(p, d_flow) == pytest.approx(
+        d_fast = solve_assignment(p, c, fast)
+        assert_feasible(d_fast, c, 10)
+        assert assignment_objective(p, d_fast) == pytest.approx(
             assignment_objective(p, d_scip), abs=1e-9
         )
 
 
-def test_flow_handles_arbitrary_real_scores() -> None:
+@pytest.mark.parametrize("fast", ["flow", "lp"])
+def test_fast_paths_handle_arbitrary_real_scores(fast: str) -> None:
     c = AssignmentConstraints(num_experts=12, k_e=2, k_c=3, b=6)
     p = np.random.default_rng(3).normal(size=(9, 12)) * 100 - 50
-    d_scip, d_flow = solve_assignment(p, c, "scip"), solve_assignment(p, c, "flow")
-    assert assignment_objective(p, d_flow) == pytest.approx(assignment_objective(p, d_scip))
+    d_scip, d_fast = solve_assignment(p, c, "scip"), solve_assignment(p, c, fast)
+    assert assignment_objective(p, d_fast) == pytest.approx(assignment_objective(p, d_scip))
+
+
+def test_lp_is_exact_at_scale_where_flow_is_slow() -> None:
+    c = AssignmentConstraints(num_experts=64, k_e=2, k_c=8, b=8)
+    p = selection_probs(torch.tensor(np.random.default_rng(5).normal(size=(200, 64))))
+    d_lp, d_scip = solve_assignment(p, c, "lp"), solve_assignment(p, c, "scip")
+    assert_feasible(d_lp, c, 200)
+    assert assignment_objective(p, d_lp) == pytest.approx(
+        assignment_objective(p, d_scip), rel=1e-9
+    )
 
 
 @pytest.mark.parametrize("solver", SOLVERS)

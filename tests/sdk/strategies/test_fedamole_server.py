@@ -118,7 +118,8 @@ def test_static_keeps_round0_and_random_stays_feasible() -> None:
 
 def test_registry_names_and_clear_error() -> None:
     assert get_strategy("fedamole").name == "fedamole"
-    with pytest.raises(ValueError, match="available: fdlora, fedamole, fedit, fedit-ft, fedlease, local"):
+    available = "available: fdlora, fedamole, fedit, fedit-ft, fedlease, local"
+    with pytest.raises(ValueError, match=available):
         get_strategy("nope")
     with pytest.raises(ValueError, match=r"strategy\.assignment"):
         StrategyConfig(assignment="greedy")  # type: ignore[arg-type]
