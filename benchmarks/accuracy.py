@@ -306,8 +306,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         else:
             pool = ProcessPoolExecutor(max_workers=jobs)
             results = pool.map(run_one, todo)
+        partial = out / f".{NAME}.partial.jsonl"  # survives a run cut short
+        partial.unlink(missing_ok=True)
         for run in results:
             runs.append(run)
+            with partial.open("a") as f:
+                f.write(json.dumps(run) + "\n")
             print(f"{run['task']} α={run['alpha']:g} seed {run['seed']} {run['method']}: "
                   f"MTAL {run['mtal']:.4f} ({run['seconds']:.0f} s)", flush=True)
         if jobs > 1:
@@ -326,6 +330,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     (out / f"{NAME}.json").write_text(json.dumps(report, indent=1) + "\n")
     (out / f"{NAME}.md").write_text(to_markdown(report))
     plot(report, out / f"{NAME}.png")
+    (out / f".{NAME}.partial.jsonl").unlink(missing_ok=True)
     print(f"wrote {out / NAME}.json, .md and .png")
     return 0
 

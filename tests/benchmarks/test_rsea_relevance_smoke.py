@@ -1,0 +1,27 @@
+"""`benchmarks/rsea_relevance.py` runs on the embedded model and data and reports sane
+spreads (the script behind the accuracy finding in benchmarks/README.md)."""
+
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[2]
+SCRIPT = REPO / "benchmarks" / "rsea_relevance.py"
+
+
+def test_rsea_relevance_smoke(tmp_path: Path) -> None:
+    sys.path.insert(0, str(SCRIPT.parent))
+    spec = importlib.util.spec_from_file_location("rsea_relevance_bench", SCRIPT)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    out = tmp_path / "r.json"
+    argv = ["--model", "builtin:tiny", "--data", "synthetic", "--silos", "3", "--experts", "4",
+            "--max-examples", "4", "--out", str(out)]
+    assert module.main(argv) == 0
+    report = json.loads(out.read_text())
+    assert report["modules"] > 0 and report["git"]["commit"]
+    assert 0.0 <= report["p_spread_mean"] <= 1.0
+    assert 0.0 < report["p_entropy_normalised_mean"] <= 1.0 + 1e-9
+    assert -1.0 <= report["client_embedding_cosine_mean"] <= 1.0 + 1e-9
