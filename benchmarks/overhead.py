@@ -43,8 +43,6 @@ MB = 10^6 bytes throughout.
 from __future__ import annotations
 
 import argparse
-import ctypes
-import gc
 import itertools
 import json
 import math
@@ -53,7 +51,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from contextlib import contextmanager, suppress
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -63,6 +61,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 import torch
+from memory import release_free_memory, reset_peak_rss, status_kb
 from stamp import RESULTS, command_line, git_info, machine, now, stamp_lines
 
 from fedsilo.aggregator.coordinator import Aggregator
@@ -219,56 +218,30 @@ def summarize(rows: Sequence[Mapping[str, Any]], rounds: Sequence[Mapping[str, A
 # -- memory -----------------------------------------------------------------------------------
 
 
-def _status_kb(field: str) -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    raise KeyError(field)
-
-
-def _reset_peak() -> bool:
-    """VmHWM := VmRSS (Linux >= 4.0), so a later VmHWM is the peak since now."""
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        return True
-    except OSError:
-        return False
-
-
-def release_memory() -> None:
-    """Collect garbage and give freed heap pages back to the OS, so the next baseline is
-    not inflated by what the previous configuration left in the allocator."""
-    gc.collect()
-    with suppress(OSError, AttributeError):
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-
-
 class PeakTracker:
     """The process's peak RSS above a baseline, across inner segments that each measure
     their own peak (VmHWM is reset per segment, so the overall peak is the max of them)."""
 
     def __init__(self) -> None:
-        release_memory()
-        self.works = _reset_peak()
-        self.baseline_kb = _status_kb("VmRSS")
+        release_free_memory()
+        self.works = reset_peak_rss()
+        self.baseline_kb = status_kb("VmRSS")
         self.peak_kb = self.baseline_kb
 
     def _fold(self) -> None:
-        self.peak_kb = max(self.peak_kb, _status_kb("VmHWM"))
+        self.peak_kb = max(self.peak_kb, status_kb("VmHWM"))
 
     @contextmanager
     def segment(self) -> Iterator[dict[str, float]]:
         """Yields a dict that gets `peak_MB`: this segment's peak above its start."""
         self._fold()
-        _reset_peak()
-        start = _status_kb("VmRSS")
+        reset_peak_rss()
+        start = status_kb("VmRSS")
         out: dict[str, float] = {}
         try:
             yield out
         finally:
-            hwm = _status_kb("VmHWM")
+            hwm = status_kb("VmHWM")
             self.peak_kb = max(self.peak_kb, hwm)
             out["peak_MB"] = (hwm - start) * 1024 / MB if self.works else math.nan
 
@@ -815,18 +788,18 @@ def _progress(text: str) -> None:
 def run(profile: Profile, progress: Callable[[str], None] = _progress) -> dict[str, Any]:
     methods = [("fedit-ft", 0)] + [("fedamole", e) for e in profile.experts]
     first = sim_config(profile, *methods[0])
-    release_memory()
-    rss0, start = _status_kb("VmRSS"), time.perf_counter()
+    release_free_memory()
+    rss0, start = status_kb("VmRSS"), time.perf_counter()
     loaded = load_model(first.model, dtype=first.dtype, seed=first.seed)
     model = {"source": loaded.source, "dtype": str(loaded.dtype).replace("torch.", ""),
              "load_s": time.perf_counter() - start,
-             "load_MB": (_status_kb("VmRSS") - rss0) * 1024 / MB,
+             "load_MB": (status_kb("VmRSS") - rss0) * 1024 / MB,
              "parameters": sum(p.numel() for p in loaded.model.parameters())}
     datasets = build_silo_data(first)  # identical for every configuration (same seed)
     configs = []
     with tempfile.TemporaryDirectory(prefix="fedsilo-overhead-") as tmp:
         warm_up(profile, loaded, datasets, Path(tmp))
-        release_memory()
+        release_free_memory()
         for i, (method, experts) in enumerate(methods):
             result = run_config(profile, method, experts, loaded, datasets,
                                 Path(tmp) / f"keys-{i}")
@@ -836,9 +809,9 @@ def run(profile: Profile, progress: Callable[[str], None] = _progress) -> dict[s
                      f"{s['train_s']:.2f} s, aggregation {s['aggregation_s']:.3f} s, test "
                      f"{s['test_s']:.2f} s ({s['wall_s']:.0f} s)")
             configs.append(result)
-            release_memory()
+            release_free_memory()
         del loaded
-        release_memory()
+        release_free_memory()
         llama = []
         for i, method in enumerate(("fedit-ft", "fedamole")):
             x = llama_bytes(method, profile.llama_silos, Path(tmp) / f"llama-{i}", profile)

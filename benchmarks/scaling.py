@@ -68,11 +68,8 @@ profile, which never writes benchmarks/results/).
 from __future__ import annotations
 
 import argparse
-import contextlib
 import copy
-import ctypes
 import functools
-import gc
 import json
 import math
 import statistics
@@ -112,6 +109,7 @@ HERE = Path(__file__).resolve().parent
 if str(HERE) not in sys.path:  # stamp.py lives beside this script
     sys.path.insert(0, str(HERE))
 
+from memory import release_free_memory, reset_peak_rss, status_kb  # noqa: E402
 from stamp import RESULTS, command_line, git_info, machine, now, stamp_lines  # noqa: E402
 
 NAME = "scaling"
@@ -293,35 +291,6 @@ def parse_sizes(text: str) -> list[tuple[int, int, int]]:
 # -- memory probes ---------------------------------------------------------------------------
 
 
-def _status_kb(field: str) -> int | None:
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith(field + ":"):
-                    return int(line.split()[1])
-    except OSError:
-        return None
-    return None
-
-
-def reset_peak_rss() -> bool:
-    """Make VmHWM = VmRSS now (Linux >= 4.0), so the peak read later is this phase's."""
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        return True
-    except OSError:
-        return False
-
-
-def release_free_memory() -> None:
-    """Collect garbage and hand the allocator's free pages back to the OS, so memory freed by
-    an earlier run is not silently reused (and left uncounted) by the next one."""
-    gc.collect()
-    with contextlib.suppress(OSError, AttributeError):  # not glibc: nothing to trim
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-
-
 def _mb(kb: int | None) -> float | None:
     return None if kb is None else kb * 1024 / MB
 
@@ -476,7 +445,7 @@ def bench_aggregation_run(
 
     release_free_memory()
     peak_reset = reset_peak_rss()
-    baseline_kb = _status_kb("VmRSS")
+    baseline_kb = status_kb("VmRSS")
     sample_every = max(1, silos // 50)
     rss_after_fold: list[list[float | None]] = []
     generate_s = accumulate_s = 0.0
@@ -493,9 +462,9 @@ def bench_aggregation_run(
         generate_s += mid - start
         del upload
         if (i + 1) % sample_every == 0 or i + 1 == silos:
-            rss_after_fold.append([i + 1, _mb(_status_kb("VmRSS"))])
+            rss_after_fold.append([i + 1, _mb(status_kb("VmRSS"))])
     report = server.end_round(0)
-    peak_kb = _status_kb("VmHWM")
+    peak_kb = status_kb("VmHWM")
     # What the FedAvg accumulators hold: one float64 running sum per key any upload carried
     # (RunningMean.keys() of the server's params accumulator, read after the round).
     summed = server._sum.keys()

@@ -79,6 +79,7 @@ from fedsilo.sdk.transport.amqp import AmqpTransport, mask_url
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from memory import reset_peak_rss, status_kb
 from stamp import RESULTS, command_line, git_info, machine, now, run_quietly
 
 DEFAULT_URL = "amqp://guest:guest@127.0.0.1:5672/"
@@ -198,24 +199,6 @@ def payload_sizes(profile: Profile) -> dict[str, Any]:
 
 
 # -- memory and broker probes ---------------------------------------------------------------
-
-
-def _status_kb(field: str, pid: str = "self") -> int:
-    with open(f"/proc/{pid}/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    raise KeyError(field)
-
-
-def reset_peak_rss() -> bool:
-    """Make VmHWM = VmRSS now (Linux >= 4.0), so the peak measured later is this phase's."""
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        return True
-    except OSError:
-        return False
 
 
 def broker_pid(url: str) -> int | None:
@@ -351,7 +334,7 @@ def aggregator_main(
         _warm_up(profile)
         consume.wait()
         peak_reset = reset_peak_rss()
-        baseline_kb = _status_kb("VmRSS")
+        baseline_kb = status_kb("VmRSS")
         consume_start = time.monotonic()
         params, expert_emb = RunningMean(), RunningMean()
         clients: dict[str, TensorDict] = {}
@@ -383,10 +366,10 @@ def aggregator_main(
             received += 1
             wire += delivery.size
             del delivery, upload, experts, client
-            rss_kb.append(_status_kb("VmRSS"))
+            rss_kb.append(status_kb("VmRSS"))
             done_at.append(time.monotonic() - consume_start)
         last = time.monotonic()
-        peak_kb = _status_kb("VmHWM")
+        peak_kb = status_kb("VmHWM")
         transport.close()
 
         result = params.result()

@@ -162,6 +162,28 @@ def take_namespace(
     return {key: tensors[f"{prefix}/{key}"] for key in keys}
 
 
+def namespaced_groups(
+    prefix: str, groups: Mapping[str, Mapping[str, torch.Tensor]]
+) -> tuple[dict[str, torch.Tensor], list[list[Any]]]:
+    """One group of tensors per party (e.g. per silo) under `{prefix}/{position}/{key}`,
+    and the metadata naming them ([[party, keys], ...]). By position, not by party id, so an
+    id may hold any character."""
+    tensors: dict[str, torch.Tensor] = {}
+    for i, group in enumerate(groups.values()):
+        tensors.update(namespaced(f"{prefix}/{i}", group))
+    return tensors, [[party, list(group)] for party, group in groups.items()]
+
+
+def take_groups(
+    prefix: str, tensors: Mapping[str, torch.Tensor], meta: Sequence[Sequence[Any]]
+) -> dict[str, dict[str, torch.Tensor]]:
+    """The inverse of `namespaced_groups`."""
+    return {
+        party: take_namespace(f"{prefix}/{i}", tensors, keys)
+        for i, (party, keys) in enumerate(meta)
+    }
+
+
 def check_settings(meta: Mapping[str, Any], settings: Mapping[str, Any]) -> None:
     """Refuse state written under other settings: continuing it would silently mix runs."""
     expected = json.loads(json.dumps(dict(settings)))

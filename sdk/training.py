@@ -112,6 +112,7 @@ class LocalTrainer:
         encode = self._encode
         self._train = [encode(e) for e in data.train]
         self._emb = [encode(e) for e in (data.emb or data.train)]
+        self._val: list[Any] | None = None  # validation_loss's batches, on first use
         self.on_step: StepCallback | None = None  # progress hook, set by the agent or CLI
         self.privacy: SiloPrivacy | None = None  # differential privacy, set by the agent
 
@@ -149,7 +150,9 @@ class LocalTrainer:
         """Mean training loss (NLL of the response tokens) over the first `max_batches`
         evaluation batches (`eval_batch_size` examples each) of the validation split (the
         training split if it has none)."""
-        encoded = [self._encode(e) for e in (self.data.val or self.data.train)]
+        if self._val is None:  # encoded once: FDLoRA's fusion search asks several times
+            self._val = [self._encode(e) for e in (self.data.val or self.data.train)]
+        encoded = self._val
         losses = []
         was_training = self.model.training
         self.model.eval()

@@ -80,6 +80,36 @@ def _prompt_ids(tokenizer: Any, prompt: str, budget: int, add_bos: bool) -> list
     return ids
 
 
+def _gold_indices(
+    prompts: Sequence[str], answers: Sequence[str], candidates: Sequence[str]
+) -> list[int]:
+    """Each answer's index among the candidates, after checking the inputs fit together."""
+    if len(prompts) != len(answers):
+        raise ValueError(f"{len(prompts)} prompts but {len(answers)} answers")
+    if not prompts:
+        raise ValueError("no examples to score")
+    if len(set(candidates)) != len(candidates) or not candidates:
+        raise ValueError(f"candidates must be non-empty and distinct, got {list(candidates)}")
+    index = {c: k for k, c in enumerate(candidates)}
+    missing = sorted({a for a in answers if a not in index})
+    if missing:
+        raise ValueError(f"answers {missing} are not among the candidates {list(candidates)}")
+    return [index[a] for a in answers]
+
+
+def _right_padded(
+    seqs: Sequence[Sequence[int]], pad: int, device: torch.device
+) -> tuple[Tensor, Tensor]:
+    """Token ids (B, T) right-padded with `pad`, and the attention mask, on `device`."""
+    width = max(len(seq) for seq in seqs)
+    ids = torch.full((len(seqs), width), pad, dtype=torch.long)
+    mask = torch.zeros((len(seqs), width), dtype=torch.long)
+    for row, seq in enumerate(seqs):
+        ids[row, : len(seq)] = torch.tensor(seq)
+        mask[row, : len(seq)] = 1
+    return ids.to(device), mask.to(device)
+
+
 def _batches(lengths: Sequence[int], batch_size: int) -> Iterator[list[int]]:
     """Indices grouped by similar length (longest first), so padding stays small."""
     if batch_size < 1:
@@ -124,13 +154,7 @@ def candidate_nll(
     nll = torch.empty(len(seqs), dtype=torch.float32)
     with _eval_mode(model):
         for idx in _batches([len(s) for s in seqs], batch_size):
-            width = max(len(seqs[i]) for i in idx)
-            ids = torch.full((len(idx), width), pad, dtype=torch.long)
-            mask = torch.zeros((len(idx), width), dtype=torch.long)
-            for row, i in enumerate(idx):
-                ids[row, : len(seqs[i])] = torch.tensor(seqs[i])
-                mask[row, : len(seqs[i])] = 1
-            ids, mask = ids.to(device), mask.to(device)
+            ids, mask = _right_padded([seqs[i] for i in idx], pad, device)
             logits = model(input_ids=ids, attention_mask=mask).logits
             for row, i in enumerate(idx):
                 start, end = starts[i], len(seqs[i])
@@ -154,17 +178,7 @@ def classification_accuracy(
 ) -> float:
     """Share of prompts whose lowest-NLL candidate is the gold answer (ALGORITHM.md: score
     prompt + answer + EOS by the mean NLL of the answer tokens, predict the argmin)."""
-    if len(prompts) != len(answers):
-        raise ValueError(f"{len(prompts)} prompts but {len(answers)} answers")
-    if not prompts:
-        raise ValueError("no examples to score")
-    if len(set(candidates)) != len(candidates) or not candidates:
-        raise ValueError(f"candidates must be non-empty and distinct, got {list(candidates)}")
-    index = {c: k for k, c in enumerate(candidates)}
-    missing = sorted({a for a in answers if a not in index})
-    if missing:
-        raise ValueError(f"answers {missing} are not among the candidates {list(candidates)}")
-    gold = torch.tensor([index[a] for a in answers])
+    gold = torch.tensor(_gold_indices(prompts, answers, candidates))
     nll = candidate_nll(
         model, tokenizer, prompts, candidates, batch_size, max_length, add_bos=add_bos
     )
@@ -187,10 +201,7 @@ def first_token_accuracy(
     the candidates' first tokens: one forward per prompt instead of one per candidate
     (K times cheaper than `classification_accuracy`; the CPU benchmark profiles use it).
     Needs candidates whose first tokens differ."""
-    if len(prompts) != len(answers):
-        raise ValueError(f"{len(prompts)} prompts but {len(answers)} answers")
-    if not prompts:
-        raise ValueError("no examples to score")
+    gold = _gold_indices(prompts, answers, candidates)
     firsts = []
     for cand in candidates:
         ids = tokenizer.encode(cand, add_special_tokens=False)
@@ -202,10 +213,6 @@ def first_token_accuracy(
             f"candidates {list(candidates)} share a first token: first-token scoring cannot "
             "tell them apart; use scoring = 'nll'"
         )
-    index = {c: k for k, c in enumerate(candidates)}
-    missing = sorted({a for a in answers if a not in index})
-    if missing:
-        raise ValueError(f"answers {missing} are not among the candidates {list(candidates)}")
     _, pad = _special_ids(tokenizer)
     seqs = [_prompt_ids(tokenizer, p, max_length, add_bos) for p in prompts]
     device = _device(model)
@@ -213,18 +220,12 @@ def first_token_accuracy(
     correct = 0
     with _eval_mode(model):
         for idx in _batches([len(s) for s in seqs], batch_size):
-            width = max(len(seqs[i]) for i in idx)
-            ids = torch.full((len(idx), width), pad, dtype=torch.long)
-            mask = torch.zeros((len(idx), width), dtype=torch.long)
-            for row, i in enumerate(idx):
-                ids[row, : len(seqs[i])] = torch.tensor(seqs[i])
-                mask[row, : len(seqs[i])] = 1
-            logits = model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits
+            ids, mask = _right_padded([seqs[i] for i in idx], pad, device)
+            logits = model(input_ids=ids, attention_mask=mask).logits
             last = torch.tensor([len(seqs[i]) - 1 for i in idx], device=logits.device)
             scores = logits[torch.arange(len(idx), device=logits.device), last][:, first_ids]
             predicted = scores.argmax(dim=-1).tolist()
-            correct += sum(int(p == index[answers[i]]) for p, i in zip(predicted, idx,
-                                                                        strict=True))
+            correct += sum(int(p == gold[i]) for p, i in zip(predicted, idx, strict=True))
     return correct / len(prompts)
 
 

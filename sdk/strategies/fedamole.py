@@ -19,7 +19,13 @@ from fedsilo.sdk.aggregation.rsea import (
     random_assignment,
 )
 from fedsilo.sdk.amole.config import AMoLEConfig
-from fedsilo.sdk.checkpoint import check_settings, namespaced, take_namespace
+from fedsilo.sdk.checkpoint import (
+    check_settings,
+    namespaced,
+    namespaced_groups,
+    take_groups,
+    take_namespace,
+)
 from fedsilo.sdk.messages import RoundPlan, Upload
 from fedsilo.sdk.params import (
     ModuleShape,
@@ -225,9 +231,8 @@ class FedAMoLEServer(ServerStrategy):
             **namespaced("sum", sums),
             **namespaced("expert_emb_sum", emb_sums),
         }
-        # Indexed by position, so a silo id may hold any character.
-        for i, embeddings in enumerate(self.client_embeddings.values()):
-            tensors.update(namespaced(f"client_emb/{i}", embeddings))
+        client_tensors, client_meta = namespaced_groups("client_emb", self.client_embeddings)
+        tensors.update(client_tensors)
         meta: dict[str, Any] = {
             "settings": self._settings(),
             "shapes": {m: [s.in_features, s.out_features] for m, s in self.shapes.items()},
@@ -235,7 +240,7 @@ class FedAMoLEServer(ServerStrategy):
             "params": list(self._params),
             "assignment": list(self.assignment),
             "expert_emb": list(experts),
-            "client_emb": [[silo, list(e)] for silo, e in self.client_embeddings.items()],
+            "client_emb": client_meta,
             "sum": sum_meta,
             "expert_emb_sum": emb_sum_meta,
             "uploaded": list(self._uploaded),
@@ -258,10 +263,7 @@ class FedAMoLEServer(ServerStrategy):
             parsed = parse_expert_embedding(key)
             assert parsed is not None
             self.expert_embeddings[parsed] = value
-        self.client_embeddings = {
-            silo: take_namespace(f"client_emb/{i}", tensors, keys)
-            for i, (silo, keys) in enumerate(meta["client_emb"])
-        }
+        self.client_embeddings = take_groups("client_emb", tensors, meta["client_emb"])
         self._sum = RunningMean()
         self._sum.load_state_dict(
             take_namespace("sum", tensors, list(meta["sum"]["weights"])), meta["sum"]

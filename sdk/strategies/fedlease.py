@@ -30,7 +30,13 @@ from fedsilo.privacy.validation import schema_of
 from fedsilo.sdk.aggregation.clustering import b_distance_matrix, choose_clusters
 from fedsilo.sdk.aggregation.fedavg import RunningMean
 from fedsilo.sdk.amole.config import AMoLEConfig
-from fedsilo.sdk.checkpoint import check_settings, namespaced, take_namespace
+from fedsilo.sdk.checkpoint import (
+    check_settings,
+    namespaced,
+    namespaced_groups,
+    take_groups,
+    take_namespace,
+)
 from fedsilo.sdk.lease.routing import num_slots
 from fedsilo.sdk.messages import RoundPlan, Upload
 from fedsilo.sdk.params import ModuleShape, TensorDict, expert_key, gate_key
@@ -279,24 +285,18 @@ class FedLEASEServer(ServerStrategy):
             **namespaced("params", self._params),
             **namespaced("sum", sums),
         }
-        warm = list(self._warm.items())
-        fresh = list(self._fresh.items())
-        own = list(self._own_start.items())
-        for i, (_, t) in enumerate(warm):  # by position: a silo id may hold any character
-            tensors.update(namespaced(f"warm/{i}", t))
-        for i, (_, t) in enumerate(fresh):
-            tensors.update(namespaced(f"fresh/{i}", t))
-        for i, (_, t) in enumerate(own):
-            tensors.update(namespaced(f"own/{i}", t))
+        groups = {"warm": self._warm, "fresh": self._fresh, "own": self._own_start}
+        group_meta = {}
+        for name, group in groups.items():
+            group_tensors, group_meta[name] = namespaced_groups(name, group)
+            tensors.update(group_tensors)
         meta: dict[str, Any] = {
             "settings": self._settings(),
             "shapes": {m: [s.in_features, s.out_features] for m, s in self.shapes.items()},
             "silo_ids": list(self.silo_ids),
             "init": list(self._init),
             "params": list(self._params),
-            "warm": [[s, list(t)] for s, t in warm],
-            "fresh": [[s, list(t)] for s, t in fresh],
-            "own": [[s, list(t)] for s, t in own],
+            **group_meta,
             "labels": dict(self.labels),
             "num_clusters": self.num_clusters,
             "silhouette": {str(k): v for k, v in self.silhouette.items()},
@@ -312,18 +312,9 @@ class FedLEASEServer(ServerStrategy):
         self.silo_ids = list(meta["silo_ids"])
         self._init = take_namespace("init", tensors, meta["init"])
         self._params = take_namespace("params", tensors, meta["params"])
-        self._warm = {
-            s: take_namespace(f"warm/{i}", tensors, keys)
-            for i, (s, keys) in enumerate(meta["warm"])
-        }
-        self._fresh = {
-            s: take_namespace(f"fresh/{i}", tensors, keys)
-            for i, (s, keys) in enumerate(meta.get("fresh", []))
-        }
-        self._own_start = {
-            s: take_namespace(f"own/{i}", tensors, keys)
-            for i, (s, keys) in enumerate(meta["own"])
-        }
+        self._warm = take_groups("warm", tensors, meta["warm"])
+        self._fresh = take_groups("fresh", tensors, meta.get("fresh", []))
+        self._own_start = take_groups("own", tensors, meta["own"])
         self.labels = {s: int(c) for s, c in meta["labels"].items()}
         self.num_clusters = int(meta["num_clusters"])
         self.silhouette = {int(k): float(v) for k, v in meta["silhouette"].items()}

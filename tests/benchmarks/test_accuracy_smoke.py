@@ -3,39 +3,28 @@ stamped results (to tmp_path: the committed results are never touched)."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
-import sys
+from collections.abc import Callable
 from pathlib import Path
 from types import ModuleType
 
 import pytest
 
-REPO = Path(__file__).resolve().parents[2]
-SCRIPT = REPO / "benchmarks" / "accuracy.py"
-RESULTS = REPO / "benchmarks" / "results"
-
 
 @pytest.fixture(scope="module")
-def bench() -> ModuleType:
-    sys.path.insert(0, str(SCRIPT.parent))
-    spec = importlib.util.spec_from_file_location("accuracy_bench", SCRIPT)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
+def bench(load_benchmark: Callable[[str], ModuleType]) -> ModuleType:
+    return load_benchmark("accuracy.py")
 
 
-def _snapshot() -> dict[str, bytes]:
-    return {p.name: p.read_bytes() for p in RESULTS.iterdir() if p.is_file()}
 
 
-def test_accuracy_benchmark_smoke(bench: ModuleType, tmp_path: Path) -> None:
-    before = _snapshot()
+def test_accuracy_benchmark_smoke(
+    bench: ModuleType, tmp_path: Path, snapshot_results: Callable[[], dict[str, bytes]]
+) -> None:
+    before = snapshot_results()
     assert bench.main(["--profile", "smoke", "--jobs", "1", "--out", str(tmp_path)]) == 0
-    assert _snapshot() == before, "the smoke run must not write benchmarks/results/"
+    assert snapshot_results() == before, "the smoke run must not write benchmarks/results/"
 
     report = json.loads((tmp_path / "accuracy.json").read_text())
     assert report["benchmark"] == "accuracy" and "--profile smoke" in report["command"]

@@ -3,48 +3,31 @@ tmp_path: the committed results under benchmarks/results/ are never touched)."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
-import sys
+from collections.abc import Callable
 from pathlib import Path
 from types import ModuleType
 
 import pytest
 
-REPO = Path(__file__).resolve().parents[2]
-SCRIPT = REPO / "benchmarks" / "dp_accuracy.py"
-RESULTS = REPO / "benchmarks" / "results"
-
-
-def _load() -> ModuleType:
-    sys.path.insert(0, str(SCRIPT.parent))  # for `from stamp import ...`
-    spec = importlib.util.spec_from_file_location("dp_accuracy_bench", SCRIPT)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
-
 
 @pytest.fixture(scope="module")
-def bench() -> ModuleType:
-    return _load()
+def bench(load_benchmark: Callable[[str], ModuleType]) -> ModuleType:
+    return load_benchmark("dp_accuracy.py")
 
 
-def _snapshot() -> dict[str, bytes]:
-    if not RESULTS.is_dir():
-        return {}
-    return {p.name: p.read_bytes() for p in RESULTS.iterdir() if p.is_file()}
 
 
-def test_dp_accuracy_benchmark_smoke(bench: ModuleType, tmp_path: Path) -> None:
-    before = _snapshot()
+def test_dp_accuracy_benchmark_smoke(
+    bench: ModuleType, tmp_path: Path, snapshot_results: Callable[[], dict[str, bytes]]
+) -> None:
+    before = snapshot_results()
     # Two rounds (one more than the smoke profile) so round 1 has an RSEA assignment to
     # compare with the noiseless run's; still a few seconds in all.
     argv = ["--profile", "smoke", "--rounds", "2", "--seeds", "0", "--out", str(tmp_path)]
     assert bench.main(argv) == 0
-    assert _snapshot() == before, "the smoke run must not write benchmarks/results/"
+    assert snapshot_results() == before, "the smoke run must not write benchmarks/results/"
 
     report = json.loads((tmp_path / "dp_accuracy.json").read_text())
     assert report["benchmark"] == "dp_accuracy"

@@ -4,10 +4,9 @@ helpers do what they say."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
-import sys
+from collections.abc import Callable
 from pathlib import Path
 from types import ModuleType
 
@@ -16,43 +15,22 @@ import torch
 
 from fedsilo.privacy.validation import TensorSpec
 
-REPO = Path(__file__).resolve().parents[2]
-SCRIPT = REPO / "benchmarks" / "overhead.py"
-RESULTS = REPO / "benchmarks" / "results"
-
-
-def _load() -> ModuleType:
-    # The script imports `stamp` from its own folder, which `python benchmarks/...` puts on
-    # sys.path; loaded from here, the test does.
-    if str(SCRIPT.parent) not in sys.path:
-        sys.path.insert(0, str(SCRIPT.parent))
-    spec = importlib.util.spec_from_file_location("overhead_bench", SCRIPT)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
-
 
 @pytest.fixture(scope="module")
-def bench() -> ModuleType:
-    return _load()
-
-
-def _snapshot() -> dict[str, bytes]:
-    if not RESULTS.is_dir():
-        return {}
-    return {p.name: p.read_bytes() for p in RESULTS.iterdir() if p.is_file()}
+def bench(load_benchmark: Callable[[str], ModuleType]) -> ModuleType:
+    return load_benchmark("overhead.py")
 
 
 def _positive(x: object) -> bool:
     return isinstance(x, (int, float)) and math.isfinite(x) and x > 0
 
 
-def test_overhead_benchmark_smoke(bench: ModuleType, tmp_path: Path) -> None:
-    before = _snapshot()
+def test_overhead_benchmark_smoke(
+    bench: ModuleType, tmp_path: Path, snapshot_results: Callable[[], dict[str, bytes]]
+) -> None:
+    before = snapshot_results()
     assert bench.main(["--profile", "smoke", "--out", str(tmp_path)]) == 0
-    assert _snapshot() == before, "the smoke run must not write benchmarks/results/"
+    assert snapshot_results() == before, "the smoke run must not write benchmarks/results/"
 
     report = json.loads((tmp_path / "overhead.json").read_text())
     assert report["benchmark"] == "overhead"

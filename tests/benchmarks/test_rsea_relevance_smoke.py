@@ -1,21 +1,16 @@
 """`benchmarks/rsea_relevance.py` runs on the embedded model and data and reports sane
 spreads (the script behind the accuracy finding in benchmarks/README.md)."""
 
-import importlib.util
 import json
-import sys
+from collections.abc import Callable
 from pathlib import Path
-
-REPO = Path(__file__).resolve().parents[2]
-SCRIPT = REPO / "benchmarks" / "rsea_relevance.py"
+from types import ModuleType
 
 
-def test_rsea_relevance_smoke(tmp_path: Path) -> None:
-    sys.path.insert(0, str(SCRIPT.parent))
-    spec = importlib.util.spec_from_file_location("rsea_relevance_bench", SCRIPT)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+def test_rsea_relevance_smoke(
+    tmp_path: Path, load_benchmark: Callable[[str], ModuleType]
+) -> None:
+    module = load_benchmark("rsea_relevance.py")
     out = tmp_path / "r.json"
     argv = ["--model", "builtin:tiny", "--data", "synthetic", "--silos", "3", "--experts", "4",
             "--max-examples", "4", "--out", str(out)]

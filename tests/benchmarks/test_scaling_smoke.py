@@ -4,52 +4,31 @@ the committed results under benchmarks/results/ are never touched); its small he
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import math
-import sys
+from collections.abc import Callable
 from pathlib import Path
 from types import ModuleType
 from typing import Any
 
 import pytest
 
-REPO = Path(__file__).resolve().parents[2]
-BENCHMARKS = REPO / "benchmarks"
-SCRIPT = BENCHMARKS / "scaling.py"
-RESULTS = BENCHMARKS / "results"
-
-
-def _load() -> ModuleType:
-    if str(BENCHMARKS) not in sys.path:  # the script imports `stamp` from beside it
-        sys.path.insert(0, str(BENCHMARKS))
-    spec = importlib.util.spec_from_file_location("scaling_bench", SCRIPT)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
-
 
 @pytest.fixture(scope="module")
-def bench() -> ModuleType:
-    return _load()
-
-
-def _snapshot() -> dict[str, bytes]:
-    if not RESULTS.is_dir():
-        return {}
-    return {p.name: p.read_bytes() for p in RESULTS.iterdir() if p.is_file()}
+def bench(load_benchmark: Callable[[str], ModuleType]) -> ModuleType:
+    return load_benchmark("scaling.py")
 
 
 def _positive(x: Any) -> bool:
     return isinstance(x, (int, float)) and math.isfinite(x) and x > 0
 
 
-def test_scaling_benchmark_smoke(bench: ModuleType, tmp_path: Path) -> None:
-    before = _snapshot()
+def test_scaling_benchmark_smoke(
+    bench: ModuleType, tmp_path: Path, snapshot_results: Callable[[], dict[str, bytes]]
+) -> None:
+    before = snapshot_results()
     assert bench.main(["--profile", "smoke", "--out", str(tmp_path)]) == 0
-    assert _snapshot() == before, "the smoke run must not write benchmarks/results/"
+    assert snapshot_results() == before, "the smoke run must not write benchmarks/results/"
 
     report = json.loads((tmp_path / "scaling.json").read_text())
     assert report["benchmark"] == "scaling" and report["profile"] == "smoke"
