@@ -4,7 +4,7 @@ metrics.jsonl and of `fedsilo status`. Shared by simulation and the aggregator s
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from fedsilo.aggregator.coordinator import RoundRecord
@@ -20,6 +20,7 @@ class SiloRow:
     bytes_down: int
     train_s: float
     test_s: float
+    val_metric: float | None = None  # with training.report_val, on the final score
 
 
 @dataclass
@@ -30,6 +31,8 @@ class RoundSummary:
     aggregate_s: float
     mta: float | None
     metric_name: str = "metric"
+    aggregation: dict[str, float] = field(default_factory=dict)
+    """The strategy's report of its aggregation step (timings, assignment diagnostics)."""
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -38,6 +41,7 @@ class RoundSummary:
             "metric": self.metric_name,
             "mta": self.mta,
             "aggregate_s": self.aggregate_s,
+            "aggregation": dict(self.aggregation),
             "silos": {k: asdict(v) for k, v in self.silos.items()},
         }
 
@@ -57,6 +61,7 @@ def summarise(record: RoundRecord, metric: str) -> RoundSummary:
             bytes_down=record.bytes_down.get(silo, 0),
             train_s=timings.get("train_s", 0.0),
             test_s=timings.get("test_s", 0.0),
+            val_metric=record.metrics.get(silo, {}).get("val_metric"),
         )
     values = [row.metric for row in rows.values() if row.metric is not None]
     return RoundSummary(
@@ -66,6 +71,7 @@ def summarise(record: RoundRecord, metric: str) -> RoundSummary:
         aggregate_s=record.aggregation.seconds if record.aggregation else 0.0,
         mta=sum(values) / len(values) if values else None,
         metric_name=metric,
+        aggregation=dict(record.aggregation.details) if record.aggregation else {},
     )
 
 

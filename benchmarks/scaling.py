@@ -307,7 +307,7 @@ def _solve_module(
     module: int,
 ) -> float:
     """What the server runs for one module (relevance, softmax, solve); returns <P, D>."""
-    d = assign_module(*inputs[module], constraints, scale, solver=solver)  # type: ignore[arg-type]
+    d, _ = assign_module(*inputs[module], constraints, scale, solver=solver)  # type: ignore[arg-type]
     return assignment_objective(probs[module], d)
 
 

@@ -63,6 +63,16 @@ def simulate(
     solver: Annotated[str, typer.Option(help="scip | flow | lp (exact fast paths).")] = (
         _D.solver
     ),
+    relevance: Annotated[
+        str, typer.Option(help="How experts score silos in RSEA: paper | standardised | "
+                          "trainers (see README).")
+    ] = _D.relevance,
+    temperature: Annotated[
+        float, typer.Option(help="RSEA: temperature of the softmax over silos.")
+    ] = _D.temperature,
+    stickiness: Annotated[
+        float, typer.Option(help="RSEA: preference (x 1/C) for an expert's last trainers.")
+    ] = _D.stickiness,
     warmup_rounds: Annotated[
         int, typer.Option(help="FedLEASE: warm-up rounds before the silos are clustered.")
     ] = _D.warmup_rounds,
@@ -74,8 +84,9 @@ def simulate(
     ] = _D.sync_every,
     data: Annotated[
         str | None,
-        typer.Option(help="Real data: agnews | sst2 | snli | dolly (default: built-in "
-                     "synthetic multi-task set)."),
+        typer.Option(help="Real data: agnews | sst2 | snli | dolly | a dataset .toml, or "
+                     "several separated by commas (silo i holds the (i mod n)-th); default: "
+                     "built-in synthetic multi-task set."),
     ] = None,
     data_dir: Annotated[
         str | None,
@@ -114,6 +125,7 @@ def simulate(
     config = replace(
         _D, silos=silos, rounds=rounds, local_steps=local_steps, strategy=strategy,
         num_experts=experts, top_k=k_e, k_c=k_c, b=b, assignment=assignment, solver=solver,
+        relevance=relevance, temperature=temperature, stickiness=stickiness,
         data=data, data_dir=data_dir, partition=partition, alpha=alpha,
         examples_per_silo=examples_per_silo, model=model, lr=lr, batch_size=batch_size,
         max_length=max_length, eval_limit=eval_limit, seed=seed, out_dir=str(out),

@@ -11,7 +11,7 @@ import copy
 import json
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any, Protocol
@@ -28,6 +28,8 @@ from fedsilo.privacy.silo import SiloPrivacy
 from fedsilo.sdk.amole.config import AMoLEConfig
 from fedsilo.sdk.data.examples import SiloData, TaskInfo
 from fedsilo.sdk.data.silos import build_silo_data as build_federation_data
+from fedsilo.sdk.data.silos import silo_sources
+from fedsilo.sdk.data.splits import SplitConfig
 from fedsilo.sdk.evaluation.metrics import mtal
 from fedsilo.sdk.models.loading import load_model
 from fedsilo.sdk.strategies import StrategyConfig, get_strategy
@@ -64,6 +66,9 @@ class SimulationConfig:
     b: int = 6
     assignment: str = "rsea"
     solver: str = "scip"
+    relevance: str = "paper"
+    temperature: float = 1.0
+    stickiness: float = 0.0
     weighting: str = "uniform"
     # FedLEASE
     warmup_rounds: int = 2
@@ -76,13 +81,22 @@ class SimulationConfig:
     fusion_budget: int = 5
     fusion_l1: float = 0.05
     fusion_batches: int = 2
-    # data: None = the embedded synthetic multi-task set
+    # data: None = the embedded synthetic multi-task set; "a,b,c": silo i holds the
+    # (i mod 3)-th data set
     data: str | None = None
     data_dir: str | None = None
     partition: str = "dirichlet"
     alpha: float = 1.0
     examples_per_silo: int = 300
+    partition_min_size: int = 10
+    test_min: int = 1
+    test_cap: int | None = None
+    val_min: int = 0
+    val_cap: int = 200
+    emb_cap: int = 200
     eval_limit: int | None = None
+    curve_eval_limit: int | None = None
+    report_val: bool = False
     max_new_tokens: int = 64
     scoring: str = "nll"
     device: str = "cpu"
@@ -105,6 +119,8 @@ class SimulationConfig:
             name=self.strategy, num_experts=self.num_experts, k_c=self.k_c, b=self.b,
             assignment=self.assignment,  # type: ignore[arg-type]
             solver=self.solver,  # type: ignore[arg-type]
+            relevance=self.relevance,  # type: ignore[arg-type]
+            temperature=self.temperature, stickiness=self.stickiness,
             weighting=self.weighting,  # type: ignore[arg-type]
             warmup_rounds=self.warmup_rounds, max_clusters=self.max_clusters,
             expert_init=self.expert_init,  # type: ignore[arg-type]
@@ -117,8 +133,14 @@ class SimulationConfig:
         return TrainingConfig(
             batch_size=self.batch_size, max_length=self.max_length,
             eval_limit=self.eval_limit, max_new_tokens=self.max_new_tokens,
-            scoring=self.scoring,
+            scoring=self.scoring, curve_eval_limit=self.curve_eval_limit,
+            report_val=self.report_val,
         )
+
+    def split(self) -> SplitConfig:
+        return SplitConfig(test_min=self.test_min, test_cap=self.test_cap,
+                           val_min=self.val_min, val_cap=self.val_cap, emb_cap=self.emb_cap,
+                           emb_min=min(SplitConfig.emb_min, self.emb_cap))
 
     @classmethod
     def field_names(cls) -> list[str]:
@@ -160,10 +182,11 @@ def silo_ids(n: int) -> list[str]:
 
 
 def build_silo_data(config: SimulationConfig) -> list[SiloData]:
-    """Per-silo splits of the embedded synthetic set, or of a real data set."""
+    """Per-silo splits of the embedded synthetic set, or of one or more real data sets."""
     return build_federation_data(
         config.data, config.silos, config.seed, config.examples_per_silo,
         partition=config.partition, alpha=config.alpha, data_dir=config.data_dir,
+        split=config.split(), min_size=config.partition_min_size,
     )
 
 
@@ -176,6 +199,11 @@ def share_backbone(model: nn.Module) -> nn.Module:
 
 def metric_name(task: TaskInfo) -> str:
     return "accuracy" if task.kind == "classification" else "rouge-l"
+
+
+def metrics_label(tasks: Sequence[TaskInfo]) -> str:
+    """One metric's name, or the names joined by '/' when the silos' tasks differ."""
+    return "/".join(dict.fromkeys(metric_name(t) for t in tasks))
 
 
 def run_simulation(
@@ -199,7 +227,15 @@ def run_simulation(
     transport = MemoryTransport()
     run_dir = run_dir or _new_run_dir(Path(config.out_dir), config)
     run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "config.json").write_text(json.dumps(asdict(config), indent=2))
+    holders = silo_sources(config.data, config.silos)
+    silo_info = {
+        silo: {"data": held, "task": data.task.name or held,
+               "metric": metric_name(data.task), "sizes": data.sizes()}
+        for silo, held, data in zip(ids, holders, datasets, strict=True)
+    }
+    (run_dir / "config.json").write_text(
+        json.dumps({**asdict(config), "silo_data": silo_info}, indent=2)
+    )
 
     agents = []
     for silo, data in zip(ids, datasets, strict=True):
@@ -235,7 +271,7 @@ def run_simulation(
                 observer.silo_started(agent.silo_id, 0 if final else config.local_steps)
                 agent.poll()
             aggregator.close(aggregator.collect(record))
-            summary = summarise(record, metric_name(datasets[0].task))
+            summary = summarise(record, metrics_label([d.task for d in datasets]))
             result.rounds.append(summary)
             metrics_file.write(json.dumps(summary.to_json()) + "\n")
             metrics_file.flush()
@@ -244,8 +280,8 @@ def run_simulation(
     result.mtal = mtal([latest]) if latest else math.nan
     result.final_params = server.global_params
     (run_dir / "summary.json").write_text(
-        json.dumps({"mtal": result.mtal, "per_silo": latest, "strategy": config.strategy},
-                   indent=2)
+        json.dumps({"mtal": result.mtal, "per_silo": latest, "strategy": config.strategy,
+                    "silo_data": silo_info}, indent=2)
     )
     return result
 

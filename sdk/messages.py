@@ -30,6 +30,12 @@ class RoundPlan:
     final: bool = False
     setup: dict[str, Any] = field(default_factory=dict)
 
+    @property
+    def last_training_round(self) -> bool:
+        """The last round that trains: strategies that score the locally trained model
+        give their final score here."""
+        return not self.final and self.round == self.total_rounds - 1
+
 
 @dataclass
 class Upload:

@@ -55,6 +55,13 @@ class TrainingConfig:
     max_new_tokens: int = 64
     grad_clip: float | None = 1.0
     eval_limit: int | None = None  # cap on test/val examples scored per round (None: all)
+    curve_eval_limit: int | None = None
+    """A lower cap for the scores before the final one (the per-round curve), so a long
+    run can score its whole test split once at the end without paying for it every round.
+    None: `eval_limit`."""
+    report_val: bool = False
+    """Also score the validation split with the final score (`val_metric`): what benchmarks
+    tune on, since choosing settings on the test split would overstate the result."""
     scoring: str = "nll"
     """Classification: "nll" (mean NLL of each whole candidate, the paper's) or
     "first_token" (one forward per prompt; candidates must differ in their first token)."""
@@ -64,6 +71,10 @@ class TrainingConfig:
             raise ValueError(
                 f"training.scoring = {self.scoring!r}; use 'nll' or 'first_token'"
             )
+        for key in ("eval_limit", "curve_eval_limit"):
+            value = getattr(self, key)
+            if value is not None and (not isinstance(value, int) or value < 1):
+                raise ValueError(f"training.{key} = {value!r}; use an integer >= 1 or none")
 
 
 @dataclass
@@ -248,11 +259,13 @@ class LocalTrainer:
                           generator=self.privacy.generator)
         return torch.stack(losses).mean()
 
-    def evaluate(self, split: str = "test") -> float:
-        """Accuracy (candidate scoring) for classification, Rouge-L F for generation."""
-        examples: list[Example] = getattr(self.data, split)
-        if self.config.eval_limit is not None:
-            examples = examples[: self.config.eval_limit]
+    def evaluate(self, split: str = "test", limit: int | None = None) -> float:
+        """Accuracy (candidate scoring) for classification, Rouge-L F for generation, over
+        the first `limit` examples of `split` (default `eval_limit`; None: all)."""
+        examples: list[Example] = self.data.val if split == "val" else self.data.test
+        limit = self.config.eval_limit if limit is None else limit
+        if limit is not None:
+            examples = examples[:limit]
         if not examples:
             return float("nan")
         prompts = [e.prompt for e in examples]
@@ -271,11 +284,17 @@ class LocalTrainer:
             batch_size=self.config.eval_batch_size, max_length=self.config.max_length,
         )
 
-    def test(self) -> tuple[dict[str, float], dict[str, float]]:
-        """The score on the local test split and its duration, as an upload reports them."""
+    def test(self, final: bool = True) -> tuple[dict[str, float], dict[str, float]]:
+        """The score on the local test split and its duration, as an upload reports them.
+        `final` marks the score that counts (the strategy knows which one it is): scored
+        under `eval_limit` and, with `report_val`, joined by the validation score; the
+        others under `curve_eval_limit`."""
         start = time.perf_counter()
-        metric = self.evaluate("test")
-        return {"metric": metric}, {"test_s": time.perf_counter() - start}
+        limit = None if final else self.config.curve_eval_limit
+        metrics = {"metric": self.evaluate("test", limit)}
+        if final and self.config.report_val:
+            metrics["val_metric"] = self.evaluate("val")
+        return metrics, {"test_s": time.perf_counter() - start}
 
     def embed(self) -> TensorDict:
         """Client and expert embeddings (eq. 23, 25) on the embedding set; with DP, the

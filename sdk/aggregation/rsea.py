@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import heapq
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Literal
 
@@ -26,17 +27,28 @@ from torch import Tensor
 
 __all__ = [
     "AssignmentConstraints",
+    "AssignmentDiagnostics",
     "InfeasibleAssignmentError",
+    "RelevanceOptions",
     "assign_module",
+    "assignment_diagnostics",
     "assignment_lists",
     "assignment_objective",
+    "chance_purity",
+    "co_assignment_purity",
+    "kept_share",
     "random_assignment",
     "relevance",
+    "relevance_scores",
     "selection_probs",
     "solve_assignment",
+    "standardise",
+    "trainer_profiles",
 ]
 
 Solver = Literal["scip", "flow", "lp"]
+Relevance = Literal["paper", "standardised", "trainers"]
+RELEVANCE_MODES: tuple[str, ...] = ("paper", "standardised", "trainers")
 
 
 class InfeasibleAssignmentError(ValueError):
@@ -122,9 +134,85 @@ def relevance(client_emb: Tensor, expert_emb: Tensor, scale: float) -> Tensor:
     return (h_t @ h_e.T) * scale
 
 
-def selection_probs(scores: Tensor) -> Tensor:
-    """Softmax over silos (dim 0): each expert distributes its choice over the silos."""
-    return torch.softmax(scores, dim=0)
+def selection_probs(scores: Tensor, temperature: float = 1.0) -> Tensor:
+    """Softmax over silos (dim 0) of scores / temperature: each expert distributes its
+    choice over the silos; a lower temperature makes the choice sharper."""
+    return torch.softmax(scores / temperature, dim=0)
+
+
+@dataclass(frozen=True)
+class RelevanceOptions:
+    """How an expert scores the silos (ALGORITHM.md, RSEA, and benchmarks/README.md).
+
+    `mode`: "paper" is eq. 26, h_t[i] . h_e[j] / sqrt(r). It is near-uniform in practice:
+    every silo's embedding is dominated by the direction all text shares (mean pairwise
+    cosine 0.988 on AG News), so P differs across silos by under 0.1 %. "standardised"
+    applies eq. 26 to embeddings standardised per dimension (clients across silos, experts
+    across experts), which removes that shared direction. "trainers" scores silo i for
+    expert j by the cosine between i's standardised client embedding and the mean of those
+    of the silos that trained j in the round just closed: an expert goes to silos whose
+    data look like the data it was trained on (it uses only embeddings RSEA receives anyway).
+    `temperature` divides the scores before the softmax over silos.
+    `stickiness` (>= 0) adds stickiness / C to P for the silos that trained the expert in
+    the round just closed: it stays with them unless another silo fits better by more.
+    """
+
+    mode: Relevance = "paper"
+    temperature: float = 1.0
+    stickiness: float = 0.0
+
+    def __post_init__(self) -> None:
+        if self.mode not in RELEVANCE_MODES:
+            raise ValueError(
+                f"relevance {self.mode!r} is not known; use one of "
+                + ", ".join(repr(m) for m in RELEVANCE_MODES)
+            )
+        if not (isinstance(self.temperature, (int, float)) and self.temperature > 0
+                and math.isfinite(self.temperature)):
+            raise ValueError(f"temperature = {self.temperature!r}: use a number > 0")
+        if not (isinstance(self.stickiness, (int, float)) and self.stickiness >= 0
+                and math.isfinite(self.stickiness)):
+            raise ValueError(f"stickiness = {self.stickiness!r}: use a number >= 0")
+
+
+def standardise(x: Tensor, eps: float = 1e-8) -> Tensor:
+    """Per column: subtract the mean over rows, divide by the standard deviation over rows
+    (columns that do not vary become 0)."""
+    x = x.detach().to(torch.promote_types(x.dtype, torch.float32))
+    if x.shape[0] < 2:
+        return torch.zeros_like(x)
+    centred = x - x.mean(dim=0, keepdim=True)
+    return centred / (centred.std(dim=0, keepdim=True) + eps)
+
+
+def trainer_profiles(client_emb: Tensor, trained: np.ndarray) -> Tensor:
+    """Per expert, the mean of the rows of `client_emb` (C, r) of the silos that trained it
+    (`trained`: bool (C, E)); zeros for an expert nobody trained. Shape (E, r)."""
+    d = torch.as_tensor(np.asarray(trained, dtype=np.float64), dtype=client_emb.dtype)
+    counts = d.sum(dim=0).clamp(min=1.0)
+    return (d.T @ client_emb) / counts[:, None]
+
+
+def relevance_scores(
+    client_emb: Tensor,
+    expert_emb: Tensor,
+    scale: float,
+    mode: Relevance = "paper",
+    trained: np.ndarray | None = None,
+) -> Tensor:
+    """s (C, E) for `mode` (see `RelevanceOptions`); "trainers" needs `trained`, the
+    assignment of the round just closed (bool (C, E))."""
+    if mode == "paper":
+        return relevance(client_emb, expert_emb, scale)
+    if mode == "standardised":
+        return relevance(standardise(client_emb), standardise(expert_emb), scale)
+    if mode == "trainers":
+        if trained is None:
+            raise ValueError("relevance 'trainers' needs the assignment of the closed round")
+        z = torch.nn.functional.normalize(standardise(client_emb), dim=1)
+        profiles = torch.nn.functional.normalize(trainer_profiles(z, trained), dim=1)
+        return z @ profiles.T
+    raise ValueError(f"unknown relevance mode {mode!r}; use one of {RELEVANCE_MODES}")
 
 
 def assignment_objective(probs: Tensor | np.ndarray, assignment: np.ndarray) -> float:
@@ -178,9 +266,70 @@ def assign_module(
     c: AssignmentConstraints,
     scale: float,
     solver: Solver = "scip",
-) -> np.ndarray:
-    """One module's RSEA: relevance -> softmax over silos -> solve; bool array (C, E)."""
-    return solve_assignment(selection_probs(relevance(client_emb, expert_emb, scale)), c, solver)
+    options: RelevanceOptions | None = None,
+    trained: np.ndarray | None = None,
+) -> tuple[np.ndarray, Tensor]:
+    """One module's RSEA: relevance -> softmax over silos -> solve. Returns the bool
+    assignment (C, E) and the selection probabilities P it maximised (before stickiness).
+    `trained`: the closed round's assignment (for "trainers" and stickiness)."""
+    options = options or RelevanceOptions()
+    scores = relevance_scores(client_emb, expert_emb, scale, options.mode, trained)
+    probs = selection_probs(scores, options.temperature)
+    objective = probs
+    if options.stickiness > 0 and trained is not None:
+        bonus = torch.as_tensor(np.asarray(trained, dtype=np.float64), dtype=probs.dtype)
+        objective = probs + bonus * (options.stickiness / probs.shape[0])
+    return solve_assignment(objective, c, solver), probs
+
+
+@dataclass(frozen=True)
+class AssignmentDiagnostics:
+    """Does RSEA follow the data? Per module, averaged over experts (and silos)."""
+
+    spread: float  # mean over experts of max_i P_ij - min_i P_ij (0: uniform)
+    entropy: float  # mean over experts of H(P_:j) / log C (1: uniform)
+    kept: float  # mean over silos of the share of last round's experts kept (nan: none)
+
+
+def kept_share(previous: np.ndarray, current: np.ndarray) -> float:
+    """Mean over silos (that held an expert) of |old & new| / |old|."""
+    old, new = np.asarray(previous, dtype=bool), np.asarray(current, dtype=bool)
+    held = old.sum(axis=1)
+    rows = held > 0
+    if not rows.any():
+        return math.nan
+    return float(((old & new).sum(axis=1)[rows] / held[rows]).mean())
+
+
+def assignment_diagnostics(
+    probs: Tensor | np.ndarray, previous: np.ndarray, current: np.ndarray
+) -> AssignmentDiagnostics:
+    p = _as_numpy(probs)
+    num_silos = p.shape[0]
+    spread = float((p.max(axis=0) - p.min(axis=0)).mean())
+    if num_silos > 1:
+        logs = np.log(np.clip(p, 1e-300, None))
+        entropy = float((-(p * logs).sum(axis=0) / math.log(num_silos)).mean())
+    else:
+        entropy = 0.0
+    return AssignmentDiagnostics(spread, entropy, kept_share(previous, current))
+
+
+def co_assignment_purity(assignment: np.ndarray, groups: Sequence[str]) -> float:
+    """Share of experts all of whose silos hold the same data set (`groups[i]`: silo i's)."""
+    d = np.asarray(assignment, dtype=bool)
+    if d.shape[0] != len(groups):
+        raise ValueError(f"{d.shape[0]} silos in the assignment but {len(groups)} groups")
+    pure = [len({groups[i] for i in np.flatnonzero(d[:, j])}) == 1 for j in range(d.shape[1])]
+    return float(np.mean(pure)) if pure else math.nan
+
+
+def chance_purity(groups: Sequence[str], k_c: int) -> float:
+    """`co_assignment_purity` expected when each expert's k_c silos are a uniform random
+    set: sum over data sets of C(n_g, k_c) / C(C, k_c)."""
+    total = math.comb(len(groups), k_c)
+    counts = [list(groups).count(g) for g in set(groups)]
+    return sum(math.comb(n, k_c) for n in counts) / total if total else math.nan
 
 
 def assignment_lists(d: np.ndarray) -> list[list[int]]:

@@ -23,10 +23,13 @@ DEFAULT_TEST_CAP = {"classification": 200, "generation": 50}
 
 @dataclass(frozen=True)
 class SplitConfig:
-    """Split ratios and caps. ``test_cap=None`` -> 200 (classification) or 50 (generation).
+    """Split ratios, floors and caps. ``test_cap=None`` -> 200 (classification) or 50
+    (generation).
 
     Examples beyond the val/test caps are dropped, not moved to train, so train keeps the
-    paper's 80% share whatever the silo size.
+    paper's 80% share whatever the silo size. ``test_min``/``val_min`` raise a small silo's
+    test and validation splits to a floor (taken from train): a score over a handful of
+    examples measures nothing, so benchmarks ask for at least 100.
     """
 
     train: float = 0.8
@@ -37,6 +40,8 @@ class SplitConfig:
     emb_min: int = 4
     val_cap: int = 200
     test_cap: int | None = None
+    val_min: int = 0
+    test_min: int = 1
 
     def __post_init__(self) -> None:
         ratios = (self.train, self.val, self.test)
@@ -56,6 +61,19 @@ class SplitConfig:
                 f"val_cap must be >= 0 and test_cap >= 1 (or None), got val_cap={self.val_cap}, "
                 f"test_cap={self.test_cap}"
             )
+        if self.val_min < 0 or self.test_min < 1:
+            raise DataError(
+                f"val_min must be >= 0 and test_min >= 1, got val_min={self.val_min}, "
+                f"test_min={self.test_min}"
+            )
+        if self.val_min > self.val_cap or (
+            self.test_cap is not None and self.test_min > self.test_cap
+        ):
+            raise DataError(
+                f"a floor above its cap: val_min={self.val_min} > val_cap={self.val_cap} or "
+                f"test_min={self.test_min} > test_cap={self.test_cap}; lower the floor or "
+                "raise the cap"
+            )
 
 
 def split_silo(
@@ -64,14 +82,15 @@ def split_silo(
     rng: np.random.Generator,
     cfg: SplitConfig = SplitConfig(),
 ) -> SiloData:
-    """Shuffle, split train/val/test by ratio (>= 1 test), cap val/test, carve D_emb from train.
+    """Shuffle, split train/val/test by ratio (at least the floors), cap val/test, carve D_emb
+    from train.
 
     D_emb holds ``emb_fraction`` of train, at least ``emb_min`` and at most ``emb_cap``, and
     at least one training example always remains.
     """
     n = len(examples)
-    n_test = max(1, round(n * cfg.test))
-    n_val = round(n * cfg.val)
+    n_test = max(cfg.test_min, round(n * cfg.test))
+    n_val = max(cfg.val_min, round(n * cfg.val))
     n_train = n - n_test - n_val
     n_emb = min(cfg.emb_cap, max(cfg.emb_min, round(cfg.emb_fraction * n_train)))
     if n_train - n_emb < 1:
@@ -86,7 +105,8 @@ def split_silo(
     train = shuffled[:n_train]
     val = shuffled[n_train : n_train + n_val]
     test = shuffled[n_train + n_val :]
-    test_cap = DEFAULT_TEST_CAP[task.kind] if cfg.test_cap is None else cfg.test_cap
+    test_cap = (max(DEFAULT_TEST_CAP[task.kind], cfg.test_min) if cfg.test_cap is None
+                else cfg.test_cap)
     return SiloData(
         train=train[n_emb:],
         emb=train[:n_emb],

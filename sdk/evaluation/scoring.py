@@ -221,9 +221,13 @@ def first_token_accuracy(
     with _eval_mode(model):
         for idx in _batches([len(s) for s in seqs], batch_size):
             ids, mask = _right_padded([seqs[i] for i in idx], pad, device)
-            logits = model(input_ids=ids, attention_mask=mask).logits
-            last = torch.tensor([len(seqs[i]) - 1 for i in idx], device=logits.device)
-            scores = logits[torch.arange(len(idx), device=logits.device), last][:, first_ids]
+            last = torch.tensor([len(seqs[i]) - 1 for i in idx], device=device)
+            # Only the positions that predict an answer: the full (B, T, vocab) logits
+            # would cost more than the forward pass itself on a CPU.
+            keep = torch.unique(last)
+            logits = model(input_ids=ids, attention_mask=mask, logits_to_keep=keep).logits
+            column = torch.searchsorted(keep, last)
+            scores = logits[torch.arange(len(idx), device=device), column][:, first_ids]
             predicted = scores.argmax(dim=-1).tolist()
             correct += sum(int(p == gold[i]) for p, i in zip(predicted, idx, strict=True))
     return correct / len(prompts)

@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any, Literal
 from torch import Tensor
 
 from fedsilo.privacy.validation import Schema, schema_of
+from fedsilo.sdk.aggregation.rsea import RELEVANCE_MODES
 from fedsilo.sdk.amole.config import AMoLEConfig
 from fedsilo.sdk.messages import RoundPlan, Upload
 from fedsilo.sdk.params import ModuleShape, TensorDict
@@ -30,7 +31,10 @@ class StrategyConfig:
     FedAMoLE: `num_experts` per module (E), `k_c` silos per expert, `b` max experts per
     silo (k_e is the adapter's routing top-k), `assignment` ("rsea"; "random" re-draws
     every round and "static" keeps round 0's: the paper's ablations), `solver` ("scip",
-    the reference; "flow" or "lp", exact fast paths: see `aggregation.rsea`).
+    the reference; "flow" or "lp", exact fast paths: see `aggregation.rsea`), how experts
+    score silos (`relevance` "paper" | "standardised" | "trainers", the softmax
+    `temperature`, and `stickiness` towards the silos that trained an expert: see
+    `aggregation.rsea.RelevanceOptions`).
     FedLEASE: `warmup_rounds` (W) of one LoRA per silo before clustering, `max_clusters`
     (M is chosen in 2..max_clusters by silhouette), `expert_init` of a silo's own expert
     ("own" warm-up LoRA, the authors' code, or the cluster "mean", the paper).
@@ -47,6 +51,9 @@ class StrategyConfig:
     b: int = 8
     assignment: Literal["rsea", "random", "static"] = "rsea"
     solver: Literal["scip", "flow", "lp"] = "scip"
+    relevance: Literal["paper", "standardised", "trainers"] = "paper"
+    temperature: float = 1.0
+    stickiness: float = 0.0
     weighting: Literal["uniform", "samples"] = "uniform"
     warmup_rounds: int = 2
     max_clusters: int = 8
@@ -64,6 +71,7 @@ class StrategyConfig:
             "solver": ("scip", "flow", "lp"),
             "weighting": ("uniform", "samples"),
             "expert_init": ("own", "mean"),
+            "relevance": RELEVANCE_MODES,
         }
         for key, values in allowed.items():
             if getattr(self, key) not in values:
@@ -83,6 +91,10 @@ class StrategyConfig:
             raise ValueError(
                 f"strategy.outer_momentum = {self.outer_momentum!r}: use a number in [0, 1)"
             )
+        if not (isinstance(self.temperature, (int, float)) and self.temperature > 0):
+            raise ValueError(f"strategy.temperature = {self.temperature!r}: use a number > 0")
+        if not (isinstance(self.stickiness, (int, float)) and self.stickiness >= 0):
+            raise ValueError(f"strategy.stickiness = {self.stickiness!r}: use a number >= 0")
         if not self.fusion_l1 >= 0:
             raise ValueError(f"strategy.fusion_l1 = {self.fusion_l1!r}: use a number >= 0")
 

@@ -113,7 +113,7 @@ class FDLoRAClient(ClientStrategy):
         result = search_fusion_weights(loss, search, seed)
         self.fusion_weights = result.weights
         with trainer.fused(adapters, result.weights):
-            metrics, timings = trainer.test()
+            metrics, timings = trainer.test(final=plan.final)
         timings["test_s"] = time.perf_counter() - start
         metrics["fusion_shared"], metrics["fusion_personal"] = result.weights
         return metrics, timings

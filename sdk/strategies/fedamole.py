@@ -15,7 +15,10 @@ from fedsilo.privacy.validation import TensorSpec
 from fedsilo.sdk.aggregation.fedavg import RunningMean
 from fedsilo.sdk.aggregation.rsea import (
     AssignmentConstraints,
+    RelevanceOptions,
     assign_module,
+    assignment_diagnostics,
+    kept_share,
     random_assignment,
 )
 from fedsilo.sdk.amole.config import AMoLEConfig
@@ -56,6 +59,8 @@ class FedAMoLEServer(ServerStrategy):
         self.constraints = AssignmentConstraints(
             num_experts=config.num_experts, k_e=adapter.top_k, k_c=config.k_c, b=config.b
         )
+        self.relevance = RelevanceOptions(config.relevance, config.temperature,
+                                          config.stickiness)
         # The only randomness after initialize; checkpointed, so a resume draws the same.
         self._rng = np.random.default_rng(seed)
         self._params: TensorDict = {}
@@ -115,7 +120,7 @@ class FedAMoLEServer(ServerStrategy):
         members = list(silo_ids)
         self.validate(len(members))
         if self.config.assignment == "rsea" and self._aggregated > 0:
-            self.assignment = {m: self._rsea(m, members) for m in self.shapes}
+            self.assignment = {m: self._rsea(m, members)[0] for m in self.shapes}
         else:
             self.assignment = {m: self._random(len(members)) for m in self.shapes}
         self.silo_ids = members
@@ -171,24 +176,59 @@ class FedAMoLEServer(ServerStrategy):
         mid = time.perf_counter()
         # Over every participant, uploaded or not: a silo that missed the deadline keeps
         # its last client embedding (zeros if it never uploaded).
-        self.assignment = self._next_assignment()
+        previous = self.assignment
+        self.assignment, probs = self._next_assignment()
         self._aggregated += 1
         end = time.perf_counter()
         return AggregationReport(
             round=round,
             num_uploads=len(self._uploaded),
             seconds=end - start,
-            details={"fedavg_s": mid - start, "assignment_s": end - mid},
+            details={"fedavg_s": mid - start, "assignment_s": end - mid,
+                     **self._diagnostics(probs, previous)},
         )
 
-    def _next_assignment(self) -> dict[str, np.ndarray]:
+    def _next_assignment(self) -> tuple[dict[str, np.ndarray], dict[str, torch.Tensor]]:
+        """The next architecture and, under RSEA, each module's selection probabilities."""
         if self.config.assignment == "static":
-            return self.assignment
+            return self.assignment, {}
         if self.config.assignment == "random":
-            return {m: self._random(len(self.silo_ids)) for m in self.shapes}
-        return {m: self._rsea(m, self.silo_ids) for m in self.shapes}
+            return {m: self._random(len(self.silo_ids)) for m in self.shapes}, {}
+        solved = {m: self._rsea(m, self.silo_ids) for m in self.shapes}
+        return {m: d for m, (d, _) in solved.items()}, {m: p for m, (_, p) in solved.items()}
 
-    def _rsea(self, module: str, silo_ids: Sequence[str]) -> np.ndarray:
+    def _diagnostics(
+        self, probs: Mapping[str, torch.Tensor], previous: Mapping[str, np.ndarray]
+    ) -> dict[str, float]:
+        """Means over modules: how far P is from uniform, and how much of its architecture
+        a silo keeps (RSEA that follows no data keeps what random re-drawing keeps)."""
+        comparable = [m for m, d in self.assignment.items()
+                      if m in previous and previous[m].shape == d.shape]
+        if not comparable:
+            return {}
+        out = {"rsea_kept": float(np.nanmean(
+            [kept_share(previous[m], self.assignment[m]) for m in comparable]))}
+        stats = [assignment_diagnostics(probs[m], previous[m], self.assignment[m])
+                 for m in comparable if m in probs]
+        if stats:
+            out["rsea_spread"] = float(np.mean([st.spread for st in stats]))
+            out["rsea_entropy"] = float(np.mean([st.entropy for st in stats]))
+        return out
+
+    def _trained(self, module: str, silo_ids: Sequence[str]) -> np.ndarray:
+        """The closed round's assignment of `module`, rows in the order of `silo_ids`
+        (no experts for a silo that was not a participant)."""
+        current = self.assignment.get(module)
+        rows = {s: i for i, s in enumerate(self.silo_ids)}
+        out = np.zeros((len(silo_ids), self.constraints.num_experts), dtype=bool)
+        if current is None:
+            return out
+        for k, silo in enumerate(silo_ids):
+            if silo in rows and rows[silo] < current.shape[0]:
+                out[k] = current[rows[silo]]
+        return out
+
+    def _rsea(self, module: str, silo_ids: Sequence[str]) -> tuple[np.ndarray, torch.Tensor]:
         r = self.adapter.r
         dim = r if self.adapter.score_scale == "r" else self.shapes[module].in_features
         zeros = torch.zeros(r)
@@ -208,7 +248,8 @@ class FedAMoLEServer(ServerStrategy):
         )
         return assign_module(
             client.float(), expert.float(), self.constraints, 1 / math.sqrt(dim),
-            solver=self.config.solver,
+            solver=self.config.solver, options=self.relevance,
+            trained=self._trained(module, silo_ids),
         )
 
     def _settings(self) -> dict[str, Any]:
@@ -287,7 +328,7 @@ class FedAMoLEClient(ClientStrategy):
             return trainer.empty_upload(plan)
         trainer.install(plan.assignment, plan.params)
         train_s = trainer.train(plan.local_steps, plan.lr, plan.round).seconds
-        metrics, timings = trainer.test()
+        metrics, timings = trainer.test(final=plan.last_training_round)
         return trainer.upload(
             plan,
             params=trainer.extract(),

@@ -119,12 +119,13 @@ class FedITClient(ClientStrategy):
         if plan.final and self.fine_tune:
             return trainer.empty_upload(plan)
         trainer.install(plan.assignment, plan.params)
-        metrics, timings = ({}, {}) if self.fine_tune else trainer.test()  # the global model
+        # FedIT scores the global model as received; the final plan's score counts.
+        metrics, timings = ({}, {}) if self.fine_tune else trainer.test(final=plan.final)
         if plan.final:
             return trainer.upload(plan, metrics=metrics, timings=timings)
         timings["train_s"] = trainer.train(plan.local_steps, plan.lr, plan.round).seconds
         if self.fine_tune:  # the global model fine-tuned locally
-            metrics, tested = trainer.test()
+            metrics, tested = trainer.test(final=plan.last_training_round)
             timings.update(tested)
         return trainer.upload(plan, params=trainer.extract(), metrics=metrics, timings=timings)
 

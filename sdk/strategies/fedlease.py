@@ -335,7 +335,7 @@ class FedLEASEClient(ClientStrategy):
             return trainer.empty_upload(plan)
         trainer.install(plan.assignment, plan.params)
         train_s = trainer.train(plan.local_steps, plan.lr, plan.round).seconds
-        metrics, timings = trainer.test()
+        metrics, timings = trainer.test(final=plan.last_training_round)
         return trainer.upload(plan, params=trainer.extract(), metrics=metrics,
                               timings={"train_s": train_s, **timings})
 

@@ -99,7 +99,7 @@ class LocalClient(ClientStrategy):
         if plan.params:  # the initial LoRA; afterwards the silo keeps its own
             trainer.install(plan.assignment, plan.params)
         train_s = trainer.train(plan.local_steps, plan.lr, plan.round).seconds
-        metrics, timings = trainer.test()
+        metrics, timings = trainer.test(final=plan.last_training_round)
         return trainer.upload(plan, metrics=metrics, timings={"train_s": train_s, **timings})
 
 

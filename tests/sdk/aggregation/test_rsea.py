@@ -196,7 +196,7 @@ def test_assign_module_follows_embeddings(solver: str) -> None:
     client = torch.tensor([[10.0, 0.0], [0.0, 10.0]])
     expert = torch.tensor([[1.0, 0.0], [0.0, 1.0], [1.0, 0.1], [0.1, 1.0]])
     c = AssignmentConstraints(num_experts=4, k_e=1, k_c=1, b=3)
-    d = assign_module(client, expert, c, scale=1 / np.sqrt(2), solver=solver)
+    d, _ = assign_module(client, expert, c, scale=1 / np.sqrt(2), solver=solver)
     assert assignment_lists(d) == [[0, 2], [1, 3]]
 
 
