@@ -47,6 +47,18 @@ def test_bad_value_names_the_allowed_ones(tmp_path: Path) -> None:
     assert result.exit_code == 2 and '"extend", "abort"' in result.output
 
 
+def test_rsea_relevance_settings_come_from_the_federation_file(tmp_path: Path) -> None:
+    path = _fed(tmp_path, 'silos = ["a"]\n[strategy]\nrelevance = "standardised"\n'
+                'temperature = 0.5\nstickiness = 1\n')
+    config = load_config(FederationConfig, path, env={})
+    assert (config.strategy.relevance, config.strategy.temperature,
+            config.strategy.stickiness) == ("standardised", 0.5, 1.0)
+    bad = _fed(tmp_path, 'silos = ["a"]\n[strategy]\nrelevance = "cosine"\n')
+    result = runner.invoke(app, ["aggregator", "run", "--config", str(bad)])
+    assert result.exit_code == 2
+    assert all(f'"{mode}"' in result.output for mode in ("paper", "standardised", "trainers"))
+
+
 def test_print_config_masks_the_broker_password(tmp_path: Path) -> None:
     path = _fed(tmp_path, 'silos = ["a"]\n[broker]\nurls = ["amqp://u:hunter2@h:5672/v"]\n')
     result = runner.invoke(app, ["aggregator", "run", "--config", str(path), "--print-config",

@@ -67,6 +67,10 @@ def test_fedamole_gives_silos_heterogeneous_architectures(tmp_path: Path) -> Non
         (["--strategy", "fedlease", "--warmup-rounds", "2"], "warmup_rounds = 2 leaves no"),
         (["--strategy", "fedlease", "--max-clusters", "1"], "strategy.max_clusters = 1"),
         (["--strategy", "fdlora", "--sync-every", "0"], "strategy.sync_every = 0"),
+        (["--relevance", "cosine"], "strategy.relevance"),
+        (["--temperature", "0"], "strategy.temperature"),
+        (["--stickiness", "-1"], "strategy.stickiness"),
+        (["--data", "agnews,AGNEWS"], "more than once"),
     ],
 )
 def test_bad_input_gives_a_clear_error_not_a_traceback(args: list[str], message: str) -> None:
@@ -81,7 +85,8 @@ def test_help_lists_the_knobs() -> None:
     assert result.exit_code == 0
     for flag in ("--silos", "--rounds", "--local-steps", "--experts", "--k-e", "--k-c",
                  "--b", "--strategy", "--data", "--partition", "--model", "--seed",
-                 "--warmup-rounds", "--max-clusters", "--sync-every"):
+                 "--warmup-rounds", "--max-clusters", "--sync-every", "--relevance",
+                 "--temperature", "--stickiness"):
         assert flag in result.output
 
 
@@ -130,3 +135,22 @@ def test_generation_task_is_scored_with_rouge_l(tmp_path: Path) -> None:
     assert first.metric_name == "rouge-l"
     assert all(row.metric is not None and 0.0 <= row.metric <= 1.0
                for row in first.silos.values())
+
+
+def test_mixed_data_gives_each_silo_its_own_data_set(tmp_path: Path) -> None:
+    """--data a,b,c: silo i holds the (i mod 3)-th data set, scored on its own task; the
+    run folder says which silo holds what."""
+    result = _invoke([*QUICK, "--data", "agnews,sst2,snli", "--relevance", "standardised",
+                      "--out", str(tmp_path)])
+    assert result.exit_code == 0, result.output
+    (run,) = tmp_path.iterdir()
+    config = json.loads((run / "config.json").read_text())
+    summary = json.loads((run / "summary.json").read_text())
+    for record in (config["silo_data"], summary["silo_data"]):
+        assert [record[f"silo-{i}"]["data"] for i in range(3)] == ["agnews", "sst2", "snli"]
+        assert all(v["metric"] == "accuracy" for v in record.values())
+    assert config["relevance"] == "standardised"
+    lines = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    assert lines[0]["metric"] == "accuracy"
+    assert {"rsea_kept", "rsea_spread", "rsea_entropy"} <= set(lines[0]["aggregation"])
+    assert set(summary["per_silo"]) == {"silo-0", "silo-1", "silo-2"}

@@ -17,6 +17,16 @@ from fedsilo.sdk.aggregation import (
     selection_probs,
     solve_assignment,
 )
+from fedsilo.sdk.aggregation.rsea import (
+    RelevanceOptions,
+    assignment_diagnostics,
+    chance_purity,
+    co_assignment_purity,
+    kept_share,
+    relevance_scores,
+    standardise,
+    trainer_profiles,
+)
 
 SOLVERS = ["scip", "flow", "lp"]
 
@@ -224,3 +234,78 @@ def test_bad_inputs() -> None:
         solve_assignment(np.ones((2, 4)), c, "glpk")  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="NaN"):
         solve_assignment(np.full((2, 4), np.nan), c)
+
+
+# -- relevance options and diagnostics ----------------------------------------------------
+
+
+def test_standardise_removes_the_shared_direction() -> None:
+    x = torch.tensor([[10.0, 1.0], [10.0, 2.0], [10.0, 3.0]])
+    z = standardise(x)
+    assert torch.allclose(z[:, 0], torch.zeros(3))  # a column that does not vary -> 0
+    assert torch.allclose(z[:, 1], torch.tensor([-1.0, 0.0, 1.0]))
+    assert torch.equal(standardise(x[:1]), torch.zeros(1, 2))  # one row: nothing to compare
+
+
+def test_trainer_profiles_average_the_silos_that_trained_each_expert() -> None:
+    client = torch.tensor([[1.0, 0.0], [0.0, 1.0], [1.0, 1.0]])
+    trained = np.array([[1, 0, 0], [1, 1, 0], [0, 1, 0]], dtype=bool)
+    profiles = trainer_profiles(client, trained)
+    assert torch.allclose(profiles, torch.tensor([[0.5, 0.5], [0.5, 1.0], [0.0, 0.0]]))
+
+
+def test_relevance_modes() -> None:
+    client = torch.tensor([[5.0, 1.0], [5.0, -1.0], [5.0, 1.1]])
+    expert = torch.tensor([[5.0, 1.0], [5.0, -1.0]])
+    paper = relevance_scores(client, expert, 1.0, "paper")
+    assert torch.allclose(paper, client @ expert.T)
+    std = relevance_scores(client, expert, 1.0, "standardised")
+    assert std[0, 0] > std[1, 0] and std[1, 1] > std[0, 1]
+    trained = np.array([[1, 0], [0, 1], [0, 0]], dtype=bool)
+    cos = relevance_scores(client, expert, 1.0, "trainers", trained)
+    assert cos.abs().max() <= 1.0 + 1e-6
+    assert cos[2, 0] > 0.9 and cos[2, 1] < -0.9  # silo 2 looks like expert 0's trainer
+    with pytest.raises(ValueError, match="needs the assignment"):
+        relevance_scores(client, expert, 1.0, "trainers")
+
+
+def test_temperature_sharpens_and_stickiness_keeps_trainers() -> None:
+    scores = torch.tensor([[1.0], [0.0]])
+    assert selection_probs(scores, 0.1)[0, 0] > selection_probs(scores, 1.0)[0, 0]
+    c = AssignmentConstraints(num_experts=2, k_e=1, k_c=1, b=1)
+    client = torch.tensor([[1.0, 0.0], [0.0, 1.0]])
+    expert = torch.tensor([[1.0, 0.0], [0.0, 1.0]])
+    d, probs = assign_module(client, expert, c, 1.0, solver="flow")
+    assert d.tolist() == [[True, False], [False, True]]
+    assert torch.allclose(probs.sum(dim=0), torch.ones(2))
+    swapped = np.array([[False, True], [True, False]])
+    keep = RelevanceOptions(stickiness=2.0)  # 2/C = 1.0 > any gap in P
+    d, _ = assign_module(client, expert, c, 1.0, solver="flow", options=keep, trained=swapped)
+    assert d.tolist() == swapped.tolist()
+
+
+@pytest.mark.parametrize(("field", "value", "message"), [
+    ("mode", "cosine", "not known"), ("temperature", 0.0, "temperature"),
+    ("stickiness", -1.0, "stickiness"),
+])
+def test_relevance_options_are_checked(field: str, value: object, message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        RelevanceOptions(**{field: value})  # type: ignore[arg-type]
+
+
+def test_diagnostics_kept_purity_and_chance() -> None:
+    old = np.array([[1, 1, 0], [0, 1, 1]], dtype=bool)
+    new = np.array([[1, 0, 0], [0, 1, 1]], dtype=bool)
+    assert kept_share(old, new) == pytest.approx((0.5 + 1.0) / 2)
+    assert np.isnan(kept_share(np.zeros((2, 3), bool), new))
+    uniform = np.full((2, 3), 0.5)
+    stats = assignment_diagnostics(uniform, old, new)
+    assert stats.spread == 0.0 and stats.entropy == pytest.approx(1.0)
+    sharp = np.array([[1.0, 0.0, 1.0], [0.0, 1.0, 0.0]])
+    sharp_stats = assignment_diagnostics(sharp, old, new)
+    assert sharp_stats.spread == 1.0 and sharp_stats.entropy == pytest.approx(0.0, abs=1e-9)
+    d = np.array([[1, 0], [1, 1], [0, 1]], dtype=bool)  # expert 0: silos 0,1; 1: silos 1,2
+    assert co_assignment_purity(d, ["x", "x", "y"]) == 0.5
+    assert chance_purity(["x", "x", "y", "y"], 2) == pytest.approx(2 / 6)
+    with pytest.raises(ValueError, match="groups"):
+        co_assignment_purity(d, ["x"])
