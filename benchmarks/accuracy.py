@@ -78,8 +78,16 @@ METHODS: dict[str, Method] = {
                                      "temperature": 1.0, "stickiness": 0.0}, ablation=True),
     "FedAMoLE-trainers": Method({"strategy": "fedamole", "relevance": "trainers",
                                  "temperature": 0.1, "stickiness": 0.0}, ablation=True),
+    "FedAMoLE-anchor": Method({"strategy": "fedamole", "relevance": "anchor",
+                               "temperature": 0.1, "stickiness": 0.0}, ablation=True),
     "FedAMoLE-sticky": Method({"strategy": "fedamole", "relevance": "standardised",
                                "temperature": 1.0, "stickiness": 1.0}, ablation=True),
+    "FedAMoLE-more-emb": Method({"strategy": "fedamole", "relevance": "standardised",
+                                 "temperature": 1.0, "stickiness": 0.0, "emb_cap": 64},
+                                ablation=True),
+    "FedAMoLE-longer": Method({"strategy": "fedamole", "relevance": "standardised",
+                               "temperature": 1.0, "stickiness": 0.0}, steps_factor=2.0,
+                              ablation=True),
 }
 ABLATIONS = tuple(name for name, m in METHODS.items() if m.ablation)
 BASELINES = ("FedLEASE", "FedIT", "FedIT-FT", "FDLoRA", "FDLoRA-equal", "local-only")
@@ -130,12 +138,26 @@ PROFILES: dict[str, dict[str, Any]] = {
         "lr_grid": [1e-3, 2e-3],
         "tune": {"scenario": 0, "seed": 0},
         "variants": {"FedAMoLE": ["FedAMoLE-paper", "FedAMoLE-standardised",
-                                  "FedAMoLE-trainers"]},
+                                  "FedAMoLE-trainers", "FedAMoLE-anchor"]},
         "config": {**_FAST, "rounds": 3, "local_steps": 12, "examples_per_silo": 500,
                    "partition_min_size": 260, "test_min": 100, "test_cap": 100,
                    "val_min": 50, "val_cap": 50, "emb_cap": 16, "curve_eval_limit": 20,
                    "report_val": True, "warmup_rounds": 1, "max_clusters": 4,
                    "sync_every": 5, "fusion_batches": 1},
+    },
+    # FedAMoLE's assignment options against each other on the decisive profile's mixed
+    # scenario, at the lr FedAMoLE got there (validation and test both reported).
+    "ablation": {
+        "scenarios": [{"task": "agnews+sst2+snli", "alpha": 0.1,
+                       "config": {"silos": 6, "num_experts": 8, "b": 4}}],
+        "seeds": [0, 1, 2],
+        "methods": ["FedAMoLE-paper", "FedAMoLE-standardised", "FedAMoLE-trainers",
+                    "FedAMoLE-anchor", "FedAMoLE-sticky", "FedAMoLE-more-emb", "FedAMoLE-longer",
+                    "FedAMoLE-random", "FedAMoLE-static"],
+        "config": {**_FAST, "lr": 1e-3, "rounds": 3, "local_steps": 12,
+                   "examples_per_silo": 500, "partition_min_size": 260, "test_min": 100,
+                   "test_cap": 100, "val_min": 50, "val_cap": 50, "emb_cap": 16,
+                   "curve_eval_limit": 20, "report_val": True},
     },
     # The paper's schedule, for a GPU (--device cuda): 10 silos, 30 rounds, 200 steps.
     "full": {
@@ -341,14 +363,20 @@ def main_jobs(profile: dict[str, Any], methods: Sequence[str], chosen: dict[str,
 
 
 def execute(jobs: Sequence[Job], cache: Path, workers: int, threads: int,
-            partial: Path) -> list[dict[str, Any]]:
+            partial: Path, commit: str, cached_only: bool = False) -> list[dict[str, Any]]:
     """Run what the cache does not hold yet (in `workers` processes); every record, cached
-    or new, labelled with its job."""
+    or new, labelled with its job. `cached_only`: run nothing, report what is cached."""
     cache.mkdir(parents=True, exist_ok=True)
     todo: dict[str, Job] = {}
     for job in jobs:
         if not (cache / f"{job.key}.json").exists():
             todo.setdefault(job.key, job)
+    if cached_only:
+        if todo:
+            print(f"{len(todo)} simulations not cached yet: left out of this report",
+                  flush=True)
+        jobs = [job for job in jobs if job.key not in todo]
+        todo = {}
     if todo:
         print(f"{len(todo)} simulations to run ({len(jobs) - len(todo)} cached), "
               f"{workers} at a time, {threads} threads each", flush=True)
@@ -358,7 +386,7 @@ def execute(jobs: Sequence[Job], cache: Path, workers: int, threads: int,
         pool.map(run_one, payloads) if pool is not None else map(run_one, payloads))
     try:
         for job, outcome in zip(todo.values(), results, strict=True):
-            record = {"config": job.config, "git": git_info()["commit"], "date": now(),
+            record = {"config": job.config, "git": commit, "date": now(),
                       **outcome}
             (cache / f"{job.key}.json").write_text(json.dumps(record, indent=1) + "\n")
             with partial.open("a") as f:
@@ -541,6 +569,11 @@ def to_markdown(report: dict[str, Any]) -> str:
              f"- seeds: {', '.join(map(str, report['seeds']))}",
              f"- federation: {json.dumps(report['config'])}",
              f"- scenarios: {json.dumps(report['scenarios'])}", ""]
+    if not report.get("complete", True):
+        lines += [f"**Partial report** (`--cached-only`): {len(report['runs'])} of "
+                  f"{report['expected_runs']} simulations of the profile have run; the "
+                  "same command without `--cached-only` runs the rest (finished ones are "
+                  "cached).", ""]
     if report.get("tuning"):
         lines += ["## Tuning (validation split only)", "",
                   f"Grid: lr in {report['lr_grid']}, on {report['tuning']['scenario']} "
@@ -647,6 +680,8 @@ def plot(report: dict[str, Any], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     keys = list(report["curves"])
+    if not keys:
+        return
     with_rsea = [k for k in keys if k in report.get("rsea", {})]
     rows = 2 if with_rsea else 1
     fig, axes = plt.subplots(rows, len(keys), figsize=(5.5 * len(keys), 4 * rows),
@@ -705,6 +740,8 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
                    help="override a federation setting, e.g. --set local_steps=10")
     p.add_argument("--out", type=Path, help="write the results here (default "
                    "benchmarks/results; the smoke profile requires --out)")
+    p.add_argument("--cached-only", action="store_true",
+                   help="run no simulation: report what the cache holds (a partial run)")
     return p.parse_args(list(argv))
 
 
@@ -762,7 +799,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     started = time.perf_counter()
     git = git_info()  # the code measured: before the runs, not after
     tuning_list = tuning_jobs(profile, methods, args.device)
-    tuned = execute(tuning_list, cache, jobs, threads, partial)
+    tuned = execute(tuning_list, cache, jobs, threads, partial, git["commit"],
+                    args.cached_only)
     if tuning_list:
         chosen = choose(tuned, profile, methods)
     else:
@@ -773,7 +811,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"tuned {method}: {pick['runs_as']} at lr {pick['lr']:g} "
                   f"(validation MTAL {_fmt(pick['val_mtal'])})", flush=True)
     runs = execute(main_jobs(profile, methods, chosen, profile["seeds"], args.device),
-                   cache, jobs, threads, partial)
+                   cache, jobs, threads, partial, git["commit"], args.cached_only)
     scenario_names = [f"{s['task']} α={s['alpha']:g}" for s in profile["scenarios"]]
     report: dict[str, Any] = {
         "benchmark": NAME, "profile": args.profile, "command": command_line("accuracy.py", argv),
@@ -786,8 +824,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         "seeds": profile["seeds"], "methods": methods, "lr_grid": grid(profile),
         "variants": profile.get("variants", {}),
         "wall_s": round(time.perf_counter() - started, 1),
+        "expected_runs": len(profile["scenarios"]) * len(profile["seeds"]) * len(methods),
         "runs": runs,
     }
+    report["complete"] = len(runs) == report["expected_runs"]
     if tuning_list:
         report["tuning"] = {"scenario": scenario_names[profile["tune"]["scenario"]],
                             "seed": profile["tune"]["seed"], "chosen": chosen, "runs": tuned}

@@ -65,7 +65,7 @@ def simulate(
     ),
     relevance: Annotated[
         str, typer.Option(help="How experts score silos in RSEA: paper | standardised | "
-                          "trainers (see README).")
+                          "trainers | anchor (see README).")
     ] = _D.relevance,
     temperature: Annotated[
         float, typer.Option(help="RSEA: temperature of the softmax over silos.")

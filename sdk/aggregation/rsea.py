@@ -47,8 +47,8 @@ __all__ = [
 ]
 
 Solver = Literal["scip", "flow", "lp"]
-Relevance = Literal["paper", "standardised", "trainers"]
-RELEVANCE_MODES: tuple[str, ...] = ("paper", "standardised", "trainers")
+Relevance = Literal["paper", "standardised", "trainers", "anchor"]
+RELEVANCE_MODES: tuple[str, ...] = ("paper", "standardised", "trainers", "anchor")
 
 
 class InfeasibleAssignmentError(ValueError):
@@ -152,6 +152,11 @@ class RelevanceOptions:
     expert j by the cosine between i's standardised client embedding and the mean of those
     of the silos that trained j in the round just closed: an expert goes to silos whose
     data look like the data it was trained on (it uses only embeddings RSEA receives anyway).
+    The mean includes each trainer's own embedding, so the trainers always fit best and an
+    expert never leaves them: the assignment freezes where round 0 put it. "anchor" scores
+    silo i by the cosine to one trainer of j, its anchor (the first of its trainers in the
+    federation's silo order): the expert keeps the anchor and recruits the silos most like
+    it, so silos with alike data end up sharing experts.
     `temperature` divides the scores before the softmax over silos.
     `stickiness` (>= 0) adds stickiness / C to P for the silos that trained the expert in
     the round just closed: it stays with them unless another silo fits better by more.
@@ -200,8 +205,8 @@ def relevance_scores(
     mode: Relevance = "paper",
     trained: np.ndarray | None = None,
 ) -> Tensor:
-    """s (C, E) for `mode` (see `RelevanceOptions`); "trainers" needs `trained`, the
-    assignment of the round just closed (bool (C, E))."""
+    """s (C, E) for `mode` (see `RelevanceOptions`); "trainers" and "anchor" need
+    `trained`, the assignment of the round just closed (bool (C, E))."""
     if mode == "paper":
         return relevance(client_emb, expert_emb, scale)
     if mode == "standardised":
@@ -212,6 +217,14 @@ def relevance_scores(
         z = torch.nn.functional.normalize(standardise(client_emb), dim=1)
         profiles = torch.nn.functional.normalize(trainer_profiles(z, trained), dim=1)
         return z @ profiles.T
+    if mode == "anchor":
+        if trained is None:
+            raise ValueError("relevance 'anchor' needs the assignment of the closed round")
+        z = torch.nn.functional.normalize(standardise(client_emb), dim=1)
+        d = np.asarray(trained, dtype=bool)
+        anchors = torch.as_tensor(d.argmax(axis=0))  # first trainer; 0 for none (masked)
+        has_anchor = torch.as_tensor(d.any(axis=0), dtype=z.dtype)
+        return (z @ z[anchors].T) * has_anchor
     raise ValueError(f"unknown relevance mode {mode!r}; use one of {RELEVANCE_MODES}")
 
 

@@ -32,7 +32,7 @@ class StrategyConfig:
     silo (k_e is the adapter's routing top-k), `assignment` ("rsea"; "random" re-draws
     every round and "static" keeps round 0's: the paper's ablations), `solver` ("scip",
     the reference; "flow" or "lp", exact fast paths: see `aggregation.rsea`), how experts
-    score silos (`relevance` "paper" | "standardised" | "trainers", the softmax
+    score silos (`relevance` "paper" | "standardised" | "trainers" | "anchor", the softmax
     `temperature`, and `stickiness` towards the silos that trained an expert: see
     `aggregation.rsea.RelevanceOptions`).
     FedLEASE: `warmup_rounds` (W) of one LoRA per silo before clustering, `max_clusters`
@@ -51,7 +51,7 @@ class StrategyConfig:
     b: int = 8
     assignment: Literal["rsea", "random", "static"] = "rsea"
     solver: Literal["scip", "flow", "lp"] = "scip"
-    relevance: Literal["paper", "standardised", "trainers"] = "paper"
+    relevance: Literal["paper", "standardised", "trainers", "anchor"] = "paper"
     temperature: float = 1.0
     stickiness: float = 0.0
     weighting: Literal["uniform", "samples"] = "uniform"

@@ -56,7 +56,8 @@ def test_rsea_relevance_settings_come_from_the_federation_file(tmp_path: Path) -
     bad = _fed(tmp_path, 'silos = ["a"]\n[strategy]\nrelevance = "cosine"\n')
     result = runner.invoke(app, ["aggregator", "run", "--config", str(bad)])
     assert result.exit_code == 2
-    assert all(f'"{mode}"' in result.output for mode in ("paper", "standardised", "trainers"))
+    assert all(f'"{mode}"' in result.output for mode in ("paper", "standardised", "trainers",
+                                                              "anchor"))
 
 
 def test_print_config_masks_the_broker_password(tmp_path: Path) -> None:

@@ -267,6 +267,14 @@ def test_relevance_modes() -> None:
     assert cos[2, 0] > 0.9 and cos[2, 1] < -0.9  # silo 2 looks like expert 0's trainer
     with pytest.raises(ValueError, match="needs the assignment"):
         relevance_scores(client, expert, 1.0, "trainers")
+    # anchor: expert 0's first trainer is silo 0, expert 1's silo 1; an expert nobody
+    # trained scores every silo 0
+    three = np.array([[1, 0, 0], [1, 1, 0], [0, 0, 0]], dtype=bool)
+    anchor = relevance_scores(client, torch.zeros(3, 2), 1.0, "anchor", three)
+    assert anchor[0, 0] == pytest.approx(1.0) and anchor[1, 1] == pytest.approx(1.0)
+    assert anchor[2, 0] > 0.9 and torch.equal(anchor[:, 2], torch.zeros(3))
+    with pytest.raises(ValueError, match="needs the assignment"):
+        relevance_scores(client, expert, 1.0, "anchor")
 
 
 def test_temperature_sharpens_and_stickiness_keeps_trainers() -> None:
