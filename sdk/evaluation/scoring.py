@@ -226,7 +226,8 @@ def first_token_accuracy(
             # would cost more than the forward pass itself on a CPU.
             keep = torch.unique(last)
             logits = model(input_ids=ids, attention_mask=mask, logits_to_keep=keep).logits
-            column = torch.searchsorted(keep, last)
+            # a model that ignores logits_to_keep returns every position: index it directly
+            column = torch.searchsorted(keep, last) if logits.shape[1] == len(keep) else last
             scores = logits[torch.arange(len(idx), device=device), column][:, first_ids]
             predicted = scores.argmax(dim=-1).tolist()
             correct += sum(int(p == gold[i]) for p, i in zip(predicted, idx, strict=True))

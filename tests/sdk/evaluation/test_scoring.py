@@ -257,3 +257,27 @@ def test_llama_greedy_matches_hf_generate(llama: nn.Module, tok: CharTokenizer) 
         assert text == tok.decode(ref)
     score = generation_rouge_l(llama, tok, prompts, ["hello", "hi", "x"], max_new_tokens=4)
     assert 0.0 <= score <= 1.0
+
+
+def test_first_token_scoring_keeps_only_the_answer_positions_of_a_real_model() -> None:
+    """On a Hugging Face model (which honours logits_to_keep) the score equals the one read
+    off the full logits."""
+    from fedsilo.sdk.models.loading import load_model
+
+    loaded = load_model("builtin:tiny", seed=3)
+    model, tokenizer = loaded.model, loaded.tokenizer
+    prompts = ["review: film was great\n", "colour: car is amber\n", "topic: gift\n",
+               "a much longer prompt that pads the others in its batch\n", "x\n"]
+    candidates = ["good", "bad", "warm", "cool"]
+    firsts = [tokenizer.encode(c)[0] for c in candidates]
+    expected = []
+    with torch.no_grad():
+        for prompt in prompts:
+            ids = torch.tensor([tokenizer.encode(prompt)])
+            logits = model(input_ids=ids).logits[0, -1, firsts]
+            expected.append(candidates[int(logits.argmax())])
+    for answers in (expected, ["good"] * 5):
+        want = sum(a == e for a, e in zip(answers, expected, strict=True)) / len(prompts)
+        got = first_token_accuracy(model, tokenizer, prompts, answers, candidates,
+                                   batch_size=3)
+        assert got == pytest.approx(want)
