@@ -27,11 +27,10 @@ from torch import Tensor
 
 __all__ = [
     "AssignmentConstraints",
-    "AssignmentDiagnostics",
     "InfeasibleAssignmentError",
     "RelevanceOptions",
+    "SelectionDiagnostics",
     "assign_module",
-    "assignment_diagnostics",
     "assignment_lists",
     "assignment_objective",
     "chance_purity",
@@ -40,6 +39,7 @@ __all__ = [
     "random_assignment",
     "relevance",
     "relevance_scores",
+    "selection_diagnostics",
     "selection_probs",
     "solve_assignment",
     "standardise",
@@ -296,27 +296,14 @@ def assign_module(
 
 
 @dataclass(frozen=True)
-class AssignmentDiagnostics:
-    """Does RSEA follow the data? Per module, averaged over experts (and silos)."""
+class SelectionDiagnostics:
+    """How far one module's selection probabilities are from uniform, over experts."""
 
     spread: float  # mean over experts of max_i P_ij - min_i P_ij (0: uniform)
     entropy: float  # mean over experts of H(P_:j) / log C (1: uniform)
-    kept: float  # mean over silos of the share of last round's experts kept (nan: none)
 
 
-def kept_share(previous: np.ndarray, current: np.ndarray) -> float:
-    """Mean over silos (that held an expert) of |old & new| / |old|."""
-    old, new = np.asarray(previous, dtype=bool), np.asarray(current, dtype=bool)
-    held = old.sum(axis=1)
-    rows = held > 0
-    if not rows.any():
-        return math.nan
-    return float(((old & new).sum(axis=1)[rows] / held[rows]).mean())
-
-
-def assignment_diagnostics(
-    probs: Tensor | np.ndarray, previous: np.ndarray, current: np.ndarray
-) -> AssignmentDiagnostics:
+def selection_diagnostics(probs: Tensor | np.ndarray) -> SelectionDiagnostics:
     p = _as_numpy(probs)
     num_silos = p.shape[0]
     spread = float((p.max(axis=0) - p.min(axis=0)).mean())
@@ -325,7 +312,18 @@ def assignment_diagnostics(
         entropy = float((-(p * logs).sum(axis=0) / math.log(num_silos)).mean())
     else:
         entropy = 0.0
-    return AssignmentDiagnostics(spread, entropy, kept_share(previous, current))
+    return SelectionDiagnostics(spread, entropy)
+
+
+def kept_share(previous: np.ndarray, current: np.ndarray) -> float:
+    """Mean over silos (that held an expert) of |old & new| / |old|: what a silo keeps of
+    its architecture (RSEA that follows no data keeps what random re-drawing keeps)."""
+    old, new = np.asarray(previous, dtype=bool), np.asarray(current, dtype=bool)
+    held = old.sum(axis=1)
+    rows = held > 0
+    if not rows.any():
+        return math.nan
+    return float(((old & new).sum(axis=1)[rows] / held[rows]).mean())
 
 
 def co_assignment_purity(assignment: np.ndarray, groups: Sequence[str]) -> float:

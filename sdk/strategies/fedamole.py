@@ -17,9 +17,9 @@ from fedsilo.sdk.aggregation.rsea import (
     AssignmentConstraints,
     RelevanceOptions,
     assign_module,
-    assignment_diagnostics,
     kept_share,
     random_assignment,
+    selection_diagnostics,
 )
 from fedsilo.sdk.amole.config import AMoLEConfig
 from fedsilo.sdk.checkpoint import (
@@ -201,15 +201,14 @@ class FedAMoLEServer(ServerStrategy):
         self, probs: Mapping[str, torch.Tensor], previous: Mapping[str, np.ndarray]
     ) -> dict[str, float]:
         """Means over modules: how far P is from uniform, and how much of its architecture
-        a silo keeps (RSEA that follows no data keeps what random re-drawing keeps)."""
+        a silo keeps (a membership change makes the two architectures incomparable)."""
         comparable = [m for m, d in self.assignment.items()
                       if m in previous and previous[m].shape == d.shape]
         if not comparable:
             return {}
         out = {"rsea_kept": float(np.nanmean(
             [kept_share(previous[m], self.assignment[m]) for m in comparable]))}
-        stats = [assignment_diagnostics(probs[m], previous[m], self.assignment[m])
-                 for m in comparable if m in probs]
+        stats = [selection_diagnostics(probs[m]) for m in comparable if m in probs]
         if stats:
             out["rsea_spread"] = float(np.mean([st.spread for st in stats]))
             out["rsea_entropy"] = float(np.mean([st.entropy for st in stats]))

@@ -19,11 +19,11 @@ from fedsilo.sdk.aggregation import (
 )
 from fedsilo.sdk.aggregation.rsea import (
     RelevanceOptions,
-    assignment_diagnostics,
     chance_purity,
     co_assignment_purity,
     kept_share,
     relevance_scores,
+    selection_diagnostics,
     standardise,
     trainer_profiles,
 )
@@ -307,10 +307,10 @@ def test_diagnostics_kept_purity_and_chance() -> None:
     assert kept_share(old, new) == pytest.approx((0.5 + 1.0) / 2)
     assert np.isnan(kept_share(np.zeros((2, 3), bool), new))
     uniform = np.full((2, 3), 0.5)
-    stats = assignment_diagnostics(uniform, old, new)
+    stats = selection_diagnostics(uniform)
     assert stats.spread == 0.0 and stats.entropy == pytest.approx(1.0)
     sharp = np.array([[1.0, 0.0, 1.0], [0.0, 1.0, 0.0]])
-    sharp_stats = assignment_diagnostics(sharp, old, new)
+    sharp_stats = selection_diagnostics(sharp)
     assert sharp_stats.spread == 1.0 and sharp_stats.entropy == pytest.approx(0.0, abs=1e-9)
     d = np.array([[1, 0], [1, 1], [0, 1]], dtype=bool)  # expert 0: silos 0,1; 1: silos 1,2
     assert co_assignment_purity(d, ["x", "x", "y"]) == 0.5
