@@ -182,12 +182,18 @@ class RelevanceOptions:
 
 def standardise(x: Tensor, eps: float = 1e-8) -> Tensor:
     """Per column: subtract the mean over rows, divide by the standard deviation over rows
-    (columns that do not vary become 0)."""
+    (columns that do not vary become 0). All-zero rows stand for "no embedding" (a silo that
+    has not uploaded yet, an expert nobody trained): they are left out of the statistics
+    and stay zero, i.e. neutral to every score."""
     x = x.detach().to(torch.promote_types(x.dtype, torch.float32))
-    if x.shape[0] < 2:
-        return torch.zeros_like(x)
-    centred = x - x.mean(dim=0, keepdim=True)
-    return centred / (centred.std(dim=0, keepdim=True) + eps)
+    present = x.abs().sum(dim=1) > 0
+    out = torch.zeros_like(x)
+    if int(present.sum()) < 2:
+        return out
+    rows = x[present]
+    centred = rows - rows.mean(dim=0, keepdim=True)
+    out[present] = centred / (centred.std(dim=0, keepdim=True) + eps)
+    return out
 
 
 def trainer_profiles(client_emb: Tensor, trained: np.ndarray) -> Tensor:

@@ -245,6 +245,9 @@ def test_standardise_removes_the_shared_direction() -> None:
     assert torch.allclose(z[:, 0], torch.zeros(3))  # a column that does not vary -> 0
     assert torch.allclose(z[:, 1], torch.tensor([-1.0, 0.0, 1.0]))
     assert torch.equal(standardise(x[:1]), torch.zeros(1, 2))  # one row: nothing to compare
+    # a zero row (no embedding yet) stays neutral and does not shift the others
+    with_missing = standardise(torch.cat([x, torch.zeros(1, 2)]))
+    assert torch.allclose(with_missing[:3], z) and torch.equal(with_missing[3], torch.zeros(2))
 
 
 def test_trainer_profiles_average_the_silos_that_trained_each_expert() -> None:
