@@ -262,6 +262,8 @@ class LocalTrainer:
     def evaluate(self, split: str = "test", limit: int | None = None) -> float:
         """Accuracy (candidate scoring) for classification, Rouge-L F for generation, over
         the first `limit` examples of `split` (default `eval_limit`; None: all)."""
+        if split not in ("test", "val"):
+            raise ValueError(f"split {split!r}: a silo scores 'test' or 'val'")
         examples: list[Example] = self.data.val if split == "val" else self.data.test
         limit = self.config.eval_limit if limit is None else limit
         if limit is not None:
