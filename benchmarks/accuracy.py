@@ -35,6 +35,7 @@ import statistics
 import sys
 import tempfile
 import time
+from collections import Counter
 from collections.abc import Iterable, Sequence
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
@@ -92,6 +93,8 @@ METHODS: dict[str, Method] = {
                               ablation=True),
 }
 ABLATIONS = tuple(name for name, m in METHODS.items() if m.ablation)
+#: The reference row: each silo predicts its most frequent test label (no training).
+MAJORITY = "majority-label"
 BASELINES = ("FedLEASE", "FedIT", "FedIT-FT", "FDLoRA", "FDLoRA-equal", "local-only")
 
 _FAST = {"model": "smollm2", "dtype": "bfloat16", "batch_size": 1, "max_length": 64,
@@ -128,11 +131,16 @@ PROFILES: dict[str, dict[str, Any]] = {
     # SNLI label-skewed), three paired seeds, lr tuned on validation, 100 test examples per
     # silo scored in full at the end; bf16 backbone (fp32 adapters), 2x faster on a CPU.
     "decisive": {
+        # Dirichlet alpha = 0.1 makes most silos (nearly) single-label: predicting the
+        # silo's majority label scores 70-100 %, so those scenarios measure the label prior
+        # (see the majority-label row); alpha = 1.0 ones come first after the tuning one.
         "scenarios": [
             {"task": "agnews+sst2+snli", "alpha": 0.1,
              "config": {"silos": 6, "num_experts": 8, "b": 4}},
+            {"task": "agnews+sst2+snli", "alpha": 1.0,
+             "config": {"silos": 6, "num_experts": 8, "b": 4}},
+            {"task": "snli", "alpha": 1.0, "config": {"silos": 4, "num_experts": 6, "b": 4}},
             {"task": "agnews", "alpha": 0.1, "config": {"silos": 4, "num_experts": 6, "b": 4}},
-            {"task": "snli", "alpha": 0.1, "config": {"silos": 4, "num_experts": 6, "b": 4}},
         ],
         "seeds": [0, 1, 2],
         "methods": ["FedAMoLE", "FedLEASE", "FedIT", "FedIT-FT", "FDLoRA", "FDLoRA-equal",
@@ -437,13 +445,34 @@ def t_interval(values: Sequence[float], level: float = 0.95) -> tuple[float, flo
     return mean, mean - half, mean + half
 
 
+def majority_reference(profile: dict[str, Any], seeds: Sequence[int]) -> list[dict[str, Any]]:
+    """Per scenario and seed: the MTAL of predicting each silo's most frequent test label
+    (classification only): how much of a score the label skew alone gives. Data only, no
+    model: cheap."""
+    from fedsilo.cli.simulation import SimulationConfig, build_silo_data
+
+    out = []
+    for scenario in profile["scenarios"]:
+        for seed in seeds:
+            config = scenario_config(profile, scenario, "local-only", seed, 1e-3, "cpu")
+            silos = build_silo_data(SimulationConfig(**config))
+            if any(s.task.kind != "classification" for s in silos):
+                continue
+            shares = [max(Counter(e.response for e in s.test).values()) / len(s.test)
+                      for s in silos]
+            out.append({"method": MAJORITY, "task": scenario["task"],
+                        "alpha": scenario["alpha"], "seed": seed,
+                        "mtal": statistics.fmean(shares)})
+    return out
+
+
 def summarize(runs: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
     """Per (task, alpha, method): MTAL mean, sample std and 95% interval over seeds; the
     best non-ablation mean per scenario is marked."""
     rows: list[dict[str, Any]] = []
     for task, alpha in sorted({(r["task"], r["alpha"]) for r in runs}):
         scenario = [r for r in runs if (r["task"], r["alpha"]) == (task, alpha)]
-        for method in METHODS:
+        for method in (*METHODS, MAJORITY):
             by_seed = {r.get("seed", i): r["mtal"] for i, r in enumerate(scenario)
                        if r["method"] == method}
             if not by_seed:
@@ -456,7 +485,7 @@ def summarize(runs: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
                 "ci_low": lo, "ci_high": hi, "mtal_per_seed": values, "seeds": len(values),
             })
         main = [r for r in rows if (r["task"], r["alpha"]) == (task, alpha)
-                and r["method"] not in ABLATIONS]
+                and r["method"] not in (*ABLATIONS, MAJORITY)]
         best = max((r["mtal_mean"] for r in main), default=math.nan)
         for row in main:
             row["best"] = row["mtal_mean"] == best
@@ -623,14 +652,16 @@ def to_markdown(report: dict[str, Any]) -> str:
               "Mean over silos of the final local test accuracy, in %: mean over seeds "
               "[95% t-interval]; best of the methods in bold (ablations excluded).", "",
               f"| method | {head} |", "|---|" + "---:|" * len(scenarios)]
-    for method in METHODS:
+    for method in (*METHODS, MAJORITY):
         cells = []
         for task, alpha in scenarios:
             match = [r for r in rows if (r["task"], r["alpha"], r["method"])
                      == (task, alpha, method)]
             cells.append(_cell(match[0] if match else None))
         if any(c != "-" for c in cells):
-            label = f"{method} (ablation)" if method in ABLATIONS else method
+            label = (f"{method} (ablation)" if method in ABLATIONS
+                     else f"*{method} (reference, no training)*" if method == MAJORITY
+                     else method)
             lines.append(f"| {label} | " + " | ".join(cells) + " |")
     if report.get("paired"):
         lines += ["", "## FedAMoLE minus each method, paired by seed", "",
@@ -850,7 +881,11 @@ def main(argv: Sequence[str] | None = None) -> int:
                             "seed": profile["tune"]["seed"], "chosen": chosen, "runs": tuned}
     report["all_runs"] = [{"key": k, "seconds": r["seconds"]} for k, r in
                           {r["key"]: r for r in [*tuned, *runs]}.items()]
-    report["summary"] = summarize(runs)
+    report["majority"] = majority_reference(
+        {**profile, "scenarios": [s for s in profile["scenarios"]
+                                  if any((r["task"], r["alpha"]) == (s["task"], s["alpha"])
+                                         for r in runs)]}, profile["seeds"])
+    report["summary"] = summarize([*runs, *report["majority"]])
     report["paired"] = paired(runs) if "FedAMoLE" in methods else []
     report["paired_val"] = paired(runs, metric="val_mtal") if "FedAMoLE" in methods else []
     report["curves"] = curves(runs)
