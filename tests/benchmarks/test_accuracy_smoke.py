@@ -48,12 +48,15 @@ def test_accuracy_benchmark_smoke(
     assert fedamole[0]["runs_as"] == chosen["FedAMoLE"]["runs_as"] and fedamole[0]["rsea"]
     assert report["compute"]["FDLoRA"]["steps"] == 2 * report["compute"]["FedIT"]["steps"]
     assert report["compute"]["FDLoRA-equal"]["steps"] == report["compute"]["FedIT"]["steps"]
+    (majority,) = [r for r in report["summary"] if r["method"] == bench.MAJORITY]
+    assert 0.0 < majority["mtal_mean"] <= 1.0 and "best" not in majority
     best = [r for r in report["summary"] if r.get("best")]
     assert best and all(r["method"] not in bench.ABLATIONS for r in best)
     md = (tmp_path / "accuracy.md").read_text()
     assert md.startswith("# Accuracy benchmark (smoke profile)")
     assert "| FedAMoLE |" in md and "(ablation)" in md and "**" in md
     assert "## Tuning (validation split only)" in md and "paired by seed" in md
+    assert "majority-label (reference, no training)" in md
     assert (tmp_path / "accuracy.png").stat().st_size > 1000
 
     # resumable: a rerun finds every simulation in the cache and runs none
@@ -118,3 +121,17 @@ def test_rounds_are_aligned_by_training_behind_the_score(bench: ModuleType) -> N
     assert rows["FedAMoLE"]["mtal_std"] == pytest.approx(math.sqrt(0.02))
     assert rows["FedAMoLE"]["best"] and not rows["FedIT"]["best"]
     assert "best" not in rows["FedAMoLE-random"]  # ablations are not ranked
+
+
+def test_majority_reference_is_the_label_prior(bench: ModuleType) -> None:
+    profile = {**bench.PROFILES["smoke"], "scenarios": [{"task": "synthetic", "alpha": 1.0}]}
+    (row,) = bench.majority_reference(profile, [0])
+    from collections import Counter
+
+    from fedsilo.cli.simulation import SimulationConfig, build_silo_data
+
+    config = bench.scenario_config(profile, profile["scenarios"][0], "FedIT", 0, 1e-3, "cpu")
+    silos = build_silo_data(SimulationConfig(**config))
+    want = sum(max(Counter(e.response for e in s.test).values()) / len(s.test)
+               for s in silos) / len(silos)
+    assert row["mtal"] == pytest.approx(want) and row["method"] == bench.MAJORITY
