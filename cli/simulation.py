@@ -66,8 +66,8 @@ class SimulationConfig:
     b: int = 6
     assignment: str = "rsea"
     solver: str = "scip"
-    relevance: str = "paper"
-    temperature: float = 1.0
+    relevance: str = "anchor"
+    temperature: float = 0.1
     stickiness: float = 0.0
     weighting: str = "uniform"
     # FedLEASE
