@@ -218,7 +218,7 @@ class FakeTrainer:
         _, _, (ws, wp) = self.fused_with[-1]
         return (ws - 0.3) ** 2 + (wp - 0.9) ** 2
 
-    def test(self) -> tuple[dict[str, float], dict[str, float]]:
+    def test(self, final: bool = True) -> tuple[dict[str, float], dict[str, float]]:
         return {"metric": 0.5}, {"test_s": 0.0}
 
     def upload(self, plan: RoundPlan, params: TensorDict | None = None,
