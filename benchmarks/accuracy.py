@@ -744,7 +744,8 @@ def plot(report: dict[str, Any], path: Path) -> None:
         ax.set_xlabel("local training rounds")
         ax.set_ylabel("MTA (%)")
         ax.grid(alpha=0.3)
-    axes[0][-1].legend(fontsize=7, loc="lower right")
+    fullest = max(range(len(keys)), key=lambda i: len(report["curves"][keys[i]]))
+    axes[0][fullest].legend(fontsize=7, loc="lower right")
     if with_rsea:
         for ax, key in zip(axes[1], keys, strict=True):
             for method, per_round in report.get("rsea", {}).get(key, {}).items():
