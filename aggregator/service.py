@@ -25,7 +25,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from safetensors.torch import save_file
+from safetensors.torch import save as serialize
 
 from fedsilo.aggregator.config import FederationConfig
 from fedsilo.aggregator.coordinator import Aggregator, RoundRecord, Verdict
@@ -412,7 +412,7 @@ class AggregatorService:
     def _write_results(self) -> None:
         assert self.engine is not None
         params = {k: v.contiguous() for k, v in self.engine.strategy.global_params.items()}
-        save_file(params, str(self.state_dir / "global_params.safetensors"))
+        write_atomic(self.state_dir / "global_params.safetensors", serialize(params))
         rounds = [summarise(r, "metric") for r in self.engine.history]
         latest = latest_metrics(rounds)
         _write_json(self.state_dir / "summary.json", {

@@ -16,17 +16,15 @@ from __future__ import annotations
 import contextlib
 import glob
 import json
-import os
-import tempfile
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
+from safetensors.torch import save as serialize
 
-from fedsilo.sdk.files import fsync_dir
+from fedsilo.sdk.files import write_atomic
 
 __all__ = [
     "FORMAT",
@@ -83,23 +81,9 @@ def save_checkpoint(
     for stale in folder.glob(f".{glob.escape(path.name)}.*.tmp"):
         with contextlib.suppress(OSError):
             stale.unlink()
-    fd, tmp_name = tempfile.mkstemp(dir=folder, prefix=f".{path.name}.", suffix=".tmp")
-    tmp = Path(tmp_name)
-    os.close(fd)
-    try:
-        save_file(flat, tmp, metadata=metadata)
-        os.chmod(tmp, 0o600)  # mkstemp's mode already; stated where it matters
-        fd = os.open(tmp, os.O_RDWR)
-        try:
-            os.fsync(fd)  # the data must be on disk before the rename makes it visible
-        finally:
-            os.close(fd)
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            tmp.unlink()
-        raise
-    fsync_dir(folder)
+    # Serialised here and written by our own atomic writer: safetensors' `save_file` may use
+    # temporary files of its own, which a SIGKILL would leave behind under names we cannot know.
+    write_atomic(path, serialize(flat, metadata=metadata), mode=0o600)
 
 
 def load_checkpoint(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:

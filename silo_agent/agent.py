@@ -6,8 +6,9 @@ import json
 import logging
 from pathlib import Path
 
-from safetensors.torch import save_file
+from safetensors.torch import save as serialize
 
+from fedsilo.sdk.files import write_atomic
 from fedsilo.sdk.messages import RoundPlan, Upload
 from fedsilo.sdk.strategies.base import ClientStrategy
 from fedsilo.sdk.training import LocalTrainer
@@ -67,5 +68,6 @@ class SiloAgent:
         }
         tensors = self.trainer.state()
         tensors.update({f"client/{k}": v for k, v in self.client.state_dict().items()})
-        save_file(tensors, str(path), metadata=metadata)
+        # Owner-only and atomic: the adapter is learned from the silo's private data.
+        write_atomic(path, serialize(tensors, metadata=metadata), mode=0o600)
         log.info("saved personalised adapter of %s to %s", self.silo_id, path)

@@ -1,6 +1,7 @@
 """`fedsilo simulate` end to end on the built-in model, and its errors."""
 
 import json
+import stat
 from pathlib import Path
 
 import pytest
@@ -38,7 +39,8 @@ def test_simulate_records_every_silos_metric(tmp_path: Path, strategy: str) -> N
     assert (run / "config.json").exists()
     assert len(list((run / "assignments").iterdir())) == 3
     for silo in ("silo-0", "silo-1", "silo-2"):
-        assert (run / "silos" / silo / "adapter.safetensors").stat().st_size > 0
+        adapter = (run / "silos" / silo / "adapter.safetensors").stat()
+        assert adapter.st_size > 0 and stat.S_IMODE(adapter.st_mode) == 0o600  # private data
     assert "MTAL" in result.output
 
 

@@ -15,7 +15,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from fedsilo.sdk import checkpoint
+from fedsilo.sdk import checkpoint, files
 from fedsilo.sdk.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 
 
@@ -73,11 +73,10 @@ def test_failed_write_keeps_the_previous_checkpoint(
     path = tmp_path / "agg.safetensors"
     save_checkpoint(path, {"x": torch.ones(2)}, {"round": 1})
 
-    def crash(tensors: dict, filename: Path, metadata: dict) -> None:
-        Path(filename).write_bytes(b"half a file")
+    def crash(fd: int) -> None:  # the temporary file holds the bytes; flushing them fails
         raise OSError("disk full")
 
-    monkeypatch.setattr(checkpoint, "save_file", crash)
+    monkeypatch.setattr(files.os, "fsync", crash)
     with pytest.raises(OSError, match="disk full"):
         save_checkpoint(path, {"x": torch.zeros(2)}, {"round": 2})
     assert load_checkpoint(path)[1] == {"round": 1}
