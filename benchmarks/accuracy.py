@@ -91,6 +91,13 @@ METHODS: dict[str, Method] = {
     "FedAMoLE-longer": Method({"strategy": "fedamole", "relevance": "standardised",
                                "temperature": 1.0, "stickiness": 0.0}, steps_factor=2.0,
                               ablation=True),
+    # Client embeddings with the token projection as received (the same on every silo).
+    "FedAMoLE-received": Method({"strategy": "fedamole", "relevance": "anchor",
+                                 "temperature": 0.1, "stickiness": 0.0,
+                                 "client_embedding": "received"}, ablation=True),
+    "FedAMoLE-standardised-received": Method(
+        {"strategy": "fedamole", "relevance": "standardised", "temperature": 1.0,
+         "stickiness": 0.0, "client_embedding": "received"}, ablation=True),
 }
 ABLATIONS = tuple(name for name, m in METHODS.items() if m.ablation)
 #: The reference row: each silo predicts its most frequent test label (no training).
@@ -99,6 +106,12 @@ BASELINES = ("FedLEASE", "FedIT", "FedIT-FT", "FDLoRA", "FDLoRA-equal", "local-o
 
 _FAST = {"model": "smollm2", "dtype": "bfloat16", "batch_size": 1, "max_length": 64,
          "scoring": "first_token"}
+
+#: The decisive profile's federation (its ablation shares it, and so its cached runs).
+_DECISIVE = {**_FAST, "rounds": 3, "local_steps": 12, "examples_per_silo": 500,
+             "partition_min_size": 260, "test_min": 100, "test_cap": 100, "val_min": 50,
+             "val_cap": 50, "emb_cap": 16, "curve_eval_limit": 20, "report_val": True,
+             "warmup_rounds": 1, "max_clusters": 4, "sync_every": 5, "fusion_batches": 1}
 
 #: Profiles: the federation (SimulationConfig fields), the scenarios and seeds, the methods,
 #: the learning-rate grid and where it is tuned, and the variants a method chooses among.
@@ -149,25 +162,21 @@ PROFILES: dict[str, dict[str, Any]] = {
         "tune": {"scenario": 0, "seed": 0},
         "variants": {"FedAMoLE": ["FedAMoLE-paper", "FedAMoLE-standardised",
                                   "FedAMoLE-trainers", "FedAMoLE-anchor"]},
-        "config": {**_FAST, "rounds": 3, "local_steps": 12, "examples_per_silo": 500,
-                   "partition_min_size": 260, "test_min": 100, "test_cap": 100,
-                   "val_min": 50, "val_cap": 50, "emb_cap": 16, "curve_eval_limit": 20,
-                   "report_val": True, "warmup_rounds": 1, "max_clusters": 4,
-                   "sync_every": 5, "fusion_batches": 1},
+        "config": _DECISIVE,
     },
-    # FedAMoLE's assignment options against each other on the decisive profile's mixed
-    # scenario, at the lr FedAMoLE got there (validation and test both reported).
+    # FedAMoLE's assignment options against each other on the decisive profile's tuning
+    # scenario and federation, at the lr FedAMoLE got there (validation and test both
+    # reported); it shares the decisive profile's cache, so runs both need are made once.
     "ablation": {
         "scenarios": [{"task": "agnews+sst2+snli", "alpha": 0.1,
                        "config": {"silos": 6, "num_experts": 8, "b": 4}}],
         "seeds": [0, 1, 2],
         "methods": ["FedAMoLE-paper", "FedAMoLE-standardised", "FedAMoLE-trainers",
-                    "FedAMoLE-anchor", "FedAMoLE-sticky", "FedAMoLE-more-emb", "FedAMoLE-longer",
-                    "FedAMoLE-random", "FedAMoLE-static"],
-        "config": {**_FAST, "lr": 1e-3, "rounds": 3, "local_steps": 12,
-                   "examples_per_silo": 500, "partition_min_size": 260, "test_min": 100,
-                   "test_cap": 100, "val_min": 50, "val_cap": 50, "emb_cap": 16,
-                   "curve_eval_limit": 20, "report_val": True},
+                    "FedAMoLE-anchor", "FedAMoLE-received", "FedAMoLE-standardised-received",
+                    "FedAMoLE-sticky", "FedAMoLE-more-emb", "FedAMoLE-random",
+                    "FedAMoLE-static", "FedAMoLE-longer"],
+        "config": {**_DECISIVE, "lr": 1e-3},
+        "cache_of": "decisive",
     },
     # The paper's schedule, for a GPU (--device cuda): 10 silos, 30 rounds, 200 steps.
     "full": {
@@ -842,7 +851,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     out = args.out or RESULTS
     out.mkdir(parents=True, exist_ok=True)
     name = NAME if args.profile in ("quick", "smoke") else f"{NAME}_{args.profile}"
-    cache = out / f"{name}-runs"
+    cache = out / f"{NAME}_{profile['cache_of']}-runs" if "cache_of" in profile else (
+        out / f"{name}-runs")
     partial = out / f".{name}.partial.jsonl"
 
     started = time.perf_counter()

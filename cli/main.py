@@ -73,6 +73,10 @@ def simulate(
     stickiness: Annotated[
         float, typer.Option(help="RSEA: preference (x 1/C) for an expert's last trainers.")
     ] = _D.stickiness,
+    client_embedding: Annotated[
+        str, typer.Option(help="RSEA: a silo's client embedding from the parameters as "
+                          "trained | received (before local training).")
+    ] = _D.client_embedding,
     warmup_rounds: Annotated[
         int, typer.Option(help="FedLEASE: warm-up rounds before the silos are clustered.")
     ] = _D.warmup_rounds,
@@ -126,6 +130,7 @@ def simulate(
         _D, silos=silos, rounds=rounds, local_steps=local_steps, strategy=strategy,
         num_experts=experts, top_k=k_e, k_c=k_c, b=b, assignment=assignment, solver=solver,
         relevance=relevance, temperature=temperature, stickiness=stickiness,
+        client_embedding=client_embedding,
         data=data, data_dir=data_dir, partition=partition, alpha=alpha,
         examples_per_silo=examples_per_silo, model=model, lr=lr, batch_size=batch_size,
         max_length=max_length, eval_limit=eval_limit, seed=seed, out_dir=str(out),

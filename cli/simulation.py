@@ -66,9 +66,10 @@ class SimulationConfig:
     b: int = 6
     assignment: str = "rsea"
     solver: str = "scip"
-    relevance: str = "anchor"
-    temperature: float = 0.1
-    stickiness: float = 0.0
+    relevance: str = StrategyConfig.relevance
+    temperature: float = StrategyConfig.temperature
+    stickiness: float = StrategyConfig.stickiness
+    client_embedding: str = StrategyConfig.client_embedding
     weighting: str = "uniform"
     # FedLEASE
     warmup_rounds: int = 2
@@ -121,6 +122,7 @@ class SimulationConfig:
             solver=self.solver,  # type: ignore[arg-type]
             relevance=self.relevance,  # type: ignore[arg-type]
             temperature=self.temperature, stickiness=self.stickiness,
+            client_embedding=self.client_embedding,  # type: ignore[arg-type]
             weighting=self.weighting,  # type: ignore[arg-type]
             warmup_rounds=self.warmup_rounds, max_clusters=self.max_clusters,
             expert_init=self.expert_init,  # type: ignore[arg-type]

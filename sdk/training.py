@@ -19,8 +19,10 @@ from torch import Tensor, nn
 from fedsilo.privacy.dpsgd import private_gradients
 from fedsilo.sdk.amole.config import AMoLEConfig
 from fedsilo.sdk.amole.model import (
+    TokenSums,
     assignment_of,
-    compute_embeddings,
+    client_sums_from,
+    embedding_sums,
     embeddings_to_tensors,
     extract_state,
     extract_trainable,
@@ -30,6 +32,7 @@ from fedsilo.sdk.amole.model import (
     load_trainable,
     module_shapes,
     per_example_embedding_tensors,
+    pooled_embeddings,
     routing_context,
     set_assignment,
 )
@@ -298,18 +301,24 @@ class LocalTrainer:
             metrics["val_metric"] = self.evaluate("val")
         return metrics, {"test_s": time.perf_counter() - start}
 
-    def embed(self) -> TensorDict:
-        """Client and expert embeddings (eq. 23, 25) on the embedding set; with DP, the
-        clipped and noised mean of per-example embeddings instead (charged to the ledger)."""
+    def embedding_pass(self) -> dict[str, TokenSums]:
+        """The model as it is now over the embedding set: what `embed` releases from."""
         loader = (
             self._to_device(b)
             for b in batches(self._emb, self.config.eval_batch_size, self.pad_id)
         )
+        return embedding_sums(self.model, loader)
+
+    def embed(self, client_from: dict[str, TokenSums] | None = None) -> TensorDict:
+        """Client and expert embeddings (eq. 23, 25) on the embedding set, the client part
+        from the earlier pass `client_from` when given; with DP, the clipped and noised mean
+        of the per-example vectors (both passes in one vector: one release, charged)."""
+        sums = self.embedding_pass()
+        if client_from is not None:
+            sums = client_sums_from(sums, client_from)
         if self.privacy is not None and self.privacy.protects_embeddings:
-            return self.privacy.release_embeddings(
-                per_example_embedding_tensors(self.model, loader)
-            )
-        return embeddings_to_tensors(compute_embeddings(self.model, loader))
+            return self.privacy.release_embeddings(per_example_embedding_tensors(sums))
+        return embeddings_to_tensors(pooled_embeddings(sums))
 
     def upload(
         self,

@@ -160,6 +160,7 @@ class RelevanceOptions:
     `temperature` divides the scores before the softmax over silos.
     `stickiness` (>= 0) adds stickiness / C to P for the silos that trained the expert in
     the round just closed: it stays with them unless another silo fits better by more.
+    The defaults are the paper's eq. 26; fedsilo's own defaults are `StrategyConfig`'s.
     """
 
     mode: Relevance = "paper"
@@ -169,7 +170,7 @@ class RelevanceOptions:
     def __post_init__(self) -> None:
         if self.mode not in RELEVANCE_MODES:
             raise ValueError(
-                f"relevance {self.mode!r} is not known; use one of "
+                f"relevance = {self.mode!r} is not known; use one of "
                 + ", ".join(repr(m) for m in RELEVANCE_MODES)
             )
         if not (isinstance(self.temperature, (int, float)) and self.temperature > 0

@@ -269,17 +269,22 @@ class ModuleEmbedding:
     experts: dict[int, Tensor]  # expert id -> (r,)
 
 
-@dataclass
-class _TokenSums:
+@dataclass(frozen=True)
+class TokenSums:
+    """One module's pass over the embedding set: per-example sums over real tokens, enough
+    for both the pooled embeddings (eqs. 23, 25) and the per-example vectors DP clips."""
+
     query: Tensor  # (N, r): per-example sum over real tokens of W_t x
     keys: Tensor  # (N, n, r): per-example sum over real tokens of A_j x
     counts: Tensor  # (N,): real tokens per example
+    expert_ids: tuple[int, ...]  # the order of `keys`' second dimension
 
 
-def _collect_token_sums(
+def embedding_sums(
     model: nn.Module, batches: Iterable[Mapping[str, Tensor]]
-) -> dict[str, tuple[AMoLELinear, _TokenSums]]:
-    """Run the model over `batches` (eval, no_grad) and gather per-example token sums per layer."""
+) -> dict[str, TokenSums]:
+    """Run the model over `batches` (eval, no_grad) with its current parameters and gather
+    per-example token sums per layer (float32, CPU)."""
     layers = {
         name: layer for name, layer in _layers_or_raise(model).items()
         if isinstance(layer, AMoLELinear) and layer.token_proj is not None
@@ -311,40 +316,65 @@ def _collect_token_sums(
             layer.token_mask = None
         model.train(was_training)
 
-    out: dict[str, tuple[AMoLELinear, _TokenSums]] = {}
+    out: dict[str, TokenSums] = {}
     for name, layer in layers.items():
         acc = accumulators[name]
-        r, n = layer.config.r, layer.num_experts
+        r, n, ids = layer.config.r, layer.num_experts, tuple(layer.expert_ids)
         if acc.counts:
-            sums = _TokenSums(
+            out[name] = TokenSums(
                 query=torch.cat(acc.query_sums).cpu(),
                 keys=torch.cat(acc.key_sums).cpu(),
                 counts=torch.cat(acc.counts).cpu(),
+                expert_ids=ids,
             )
         else:
-            sums = _TokenSums(torch.zeros(0, r), torch.zeros(0, n, r), torch.zeros(0))
-        out[name] = (layer, sums)
+            out[name] = TokenSums(torch.zeros(0, r), torch.zeros(0, n, r), torch.zeros(0), ids)
+    return out
+
+
+def client_sums_from(
+    sums: Mapping[str, TokenSums], received: Mapping[str, TokenSums]
+) -> dict[str, TokenSums]:
+    """`sums` with each module's client part (W_t x) taken from `received`, a pass over the
+    same embedding set made earlier (e.g. with the token projection as received, before
+    local training): so every silo's client embedding uses the same shared W_t."""
+    if set(sums) != set(received):
+        differ = sorted(set(sums) ^ set(received))[:3]
+        raise ValueError(f"the two embedding passes cover different modules, e.g. {differ}")
+    out = {}
+    for name, now in sums.items():
+        before = received[name]
+        if not torch.equal(before.counts, now.counts):
+            raise ValueError(
+                f"the two embedding passes of {name} saw different examples or tokens; make "
+                "both over the same embedding set, in the same order"
+            )
+        out[name] = TokenSums(before.query, now.keys, now.counts, now.expert_ids)
+    return out
+
+
+def pooled_embeddings(sums: Mapping[str, TokenSums]) -> dict[str, ModuleEmbedding]:
+    """Eqs. 23 and 25: per module, the mean of W_t x and of each A_j x over all real tokens.
+
+    Token-pooled (sum of token vectors / number of real tokens over the whole set), not a
+    mean of per-example means.
+    """
+    out: dict[str, ModuleEmbedding] = {}
+    for name, module in sums.items():
+        total = module.counts.sum().clamp(min=1.0)
+        experts = module.keys.sum(0) / total  # (n, r)
+        out[name] = ModuleEmbedding(
+            client=module.query.sum(0) / total,
+            experts={eid: experts[pos] for pos, eid in enumerate(module.expert_ids)},
+        )
     return out
 
 
 def compute_embeddings(
     model: nn.Module, batches: Iterable[Mapping[str, Tensor]]
 ) -> dict[str, ModuleEmbedding]:
-    """Eqs. 23 and 25: per module, the mean of W_t x and of each A_j x over all real tokens.
-
-    Token-pooled (sum of token vectors / number of real tokens over the whole set), not a
-    mean of per-example means. Uses the current parameters; float32 CPU results.
-    """
-    out: dict[str, ModuleEmbedding] = {}
-    for name, (layer, sums) in _collect_token_sums(model, batches).items():
-        total = sums.counts.sum().clamp(min=1.0)
-        client = sums.query.sum(0) / total
-        experts = sums.keys.sum(0) / total  # (n, r)
-        out[name] = ModuleEmbedding(
-            client=client,
-            experts={eid: experts[pos] for pos, eid in enumerate(layer.expert_ids)},
-        )
-    return out
+    """The pooled embeddings of `model` as it is now on `batches` (float32, CPU)."""
+    return pooled_embeddings(embedding_sums(model, batches))
 
 
 def compute_embeddings_per_example(
@@ -356,23 +386,21 @@ def compute_embeddings_per_example(
     and averages these per-example vectors instead of pooling tokens.
     """
     out: dict[str, tuple[Tensor, Tensor]] = {}
-    for name, (_, sums) in _collect_token_sums(model, batches).items():
-        counts = sums.counts.clamp(min=1.0)
-        out[name] = (sums.query / counts[:, None], sums.keys / counts[:, None, None])
+    for name, module in embedding_sums(model, batches).items():
+        counts = module.counts.clamp(min=1.0)
+        out[name] = (module.query / counts[:, None], module.keys / counts[:, None, None])
     return out
 
 
-def per_example_embedding_tensors(
-    model: nn.Module, batches: Iterable[Mapping[str, Tensor]]
-) -> TensorDict:
+def per_example_embedding_tensors(sums: Mapping[str, TokenSums]) -> TensorDict:
     """Wire keys of `embeddings_to_tensors`, each holding one row per example (N, r): the
-    input of differentially private release, which clips per example."""
+    input of differentially private release, which clips each example's whole vector."""
     out: TensorDict = {}
-    for name, (layer, sums) in _collect_token_sums(model, batches).items():
-        counts = sums.counts.clamp(min=1.0)
-        out[client_embedding_key(name)] = sums.query / counts[:, None]
-        experts = sums.keys / counts[:, None, None]
-        for pos, eid in enumerate(layer.expert_ids):
+    for name, module in sums.items():
+        counts = module.counts.clamp(min=1.0)
+        out[client_embedding_key(name)] = module.query / counts[:, None]
+        experts = module.keys / counts[:, None, None]
+        for pos, eid in enumerate(module.expert_ids):
             out[expert_embedding_key(name, eid)] = experts[:, pos]
     return out
 

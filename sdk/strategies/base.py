@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any, Literal
 from torch import Tensor
 
 from fedsilo.privacy.validation import Schema, schema_of
-from fedsilo.sdk.aggregation.rsea import RELEVANCE_MODES
+from fedsilo.sdk.aggregation.rsea import Relevance, RelevanceOptions
 from fedsilo.sdk.amole.config import AMoLEConfig
 from fedsilo.sdk.messages import RoundPlan, Upload
 from fedsilo.sdk.params import ModuleShape, TensorDict
@@ -34,7 +34,10 @@ class StrategyConfig:
     the reference; "flow" or "lp", exact fast paths: see `aggregation.rsea`), how experts
     score silos (`relevance` "paper" | "standardised" | "trainers" | "anchor", the softmax
     `temperature`, and `stickiness` towards the silos that trained an expert: see
-    `aggregation.rsea.RelevanceOptions`).
+    `aggregation.rsea.RelevanceOptions`), and which pass a silo's client embedding comes from
+    (`client_embedding` "trained": after local training, as the paper; "received": with
+    the parameters as received, before training, so every silo embeds with the same
+    shared token projection W_t and the embeddings of different silos are comparable).
     FedLEASE: `warmup_rounds` (W) of one LoRA per silo before clustering, `max_clusters`
     (M is chosen in 2..max_clusters by silhouette), `expert_init` of a silo's own expert
     ("own" warm-up LoRA, the authors' code, or the cluster "mean", the paper).
@@ -53,9 +56,10 @@ class StrategyConfig:
     solver: Literal["scip", "flow", "lp"] = "scip"
     # The decisive benchmark's validation choice (benchmarks/README.md, Accuracy); the
     # paper's eq. 26 is relevance = "paper", temperature = 1.0.
-    relevance: Literal["paper", "standardised", "trainers", "anchor"] = "anchor"
+    relevance: Relevance = "anchor"
     temperature: float = 0.1
     stickiness: float = 0.0
+    client_embedding: Literal["trained", "received"] = "trained"
     weighting: Literal["uniform", "samples"] = "uniform"
     warmup_rounds: int = 2
     max_clusters: int = 8
@@ -73,7 +77,7 @@ class StrategyConfig:
             "solver": ("scip", "flow", "lp"),
             "weighting": ("uniform", "samples"),
             "expert_init": ("own", "mean"),
-            "relevance": RELEVANCE_MODES,
+            "client_embedding": ("trained", "received"),
         }
         for key, values in allowed.items():
             if getattr(self, key) not in values:
@@ -93,12 +97,15 @@ class StrategyConfig:
             raise ValueError(
                 f"strategy.outer_momentum = {self.outer_momentum!r}: use a number in [0, 1)"
             )
-        if not (isinstance(self.temperature, (int, float)) and self.temperature > 0):
-            raise ValueError(f"strategy.temperature = {self.temperature!r}: use a number > 0")
-        if not (isinstance(self.stickiness, (int, float)) and self.stickiness >= 0):
-            raise ValueError(f"strategy.stickiness = {self.stickiness!r}: use a number >= 0")
+        try:
+            self.relevance_options()  # checked in one place, named as the config names it
+        except ValueError as exc:
+            raise ValueError(f"strategy.{exc}") from None
         if not self.fusion_l1 >= 0:
             raise ValueError(f"strategy.fusion_l1 = {self.fusion_l1!r}: use a number >= 0")
+
+    def relevance_options(self) -> RelevanceOptions:
+        return RelevanceOptions(self.relevance, self.temperature, self.stickiness)
 
 
 @dataclass(frozen=True)

@@ -6,7 +6,7 @@ import math
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, replace
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import torch
@@ -15,7 +15,6 @@ from fedsilo.privacy.validation import TensorSpec
 from fedsilo.sdk.aggregation.fedavg import RunningMean
 from fedsilo.sdk.aggregation.rsea import (
     AssignmentConstraints,
-    RelevanceOptions,
     assign_module,
     kept_share,
     random_assignment,
@@ -59,8 +58,7 @@ class FedAMoLEServer(ServerStrategy):
         self.constraints = AssignmentConstraints(
             num_experts=config.num_experts, k_e=adapter.top_k, k_c=config.k_c, b=config.b
         )
-        self.relevance = RelevanceOptions(config.relevance, config.temperature,
-                                          config.stickiness)
+        self.relevance = config.relevance_options()
         # The only randomness after initialize; checkpointed, so a resume draws the same.
         self._rng = np.random.default_rng(seed)
         self._params: TensorDict = {}
@@ -321,17 +319,21 @@ class FedAMoLEServer(ServerStrategy):
 class FedAMoLEClient(ClientStrategy):
     """Install, train, test the locally trained model (the personalised score), embed."""
 
+    def __init__(self, client_embedding: Literal["trained", "received"] = "trained") -> None:
+        self.client_embedding = client_embedding
+
     def run_round(self, plan: RoundPlan, trainer: LocalTrainer) -> Upload:
         if plan.final:
             # The personalised model is the one trained in the last round: keep it.
             return trainer.empty_upload(plan)
         trainer.install(plan.assignment, plan.params)
+        received = trainer.embedding_pass() if self.client_embedding == "received" else None
         train_s = trainer.train(plan.local_steps, plan.lr, plan.round).seconds
         metrics, timings = trainer.test(final=plan.last_training_round)
         return trainer.upload(
             plan,
             params=trainer.extract(),
-            embeddings=trainer.embed(),
+            embeddings=trainer.embed(client_from=received),
             metrics=metrics,
             timings={"train_s": train_s, **timings},
         )
@@ -346,5 +348,5 @@ SPEC = StrategySpec(
     description="AMoLE experts with data-driven per-silo architectures (RSEA)",
     adapter=_adapter,
     server=FedAMoLEServer,
-    client=lambda config: FedAMoLEClient(),
+    client=lambda config: FedAMoLEClient(config.client_embedding),
 )

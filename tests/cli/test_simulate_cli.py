@@ -72,6 +72,8 @@ def test_fedamole_gives_silos_heterogeneous_architectures(tmp_path: Path) -> Non
         (["--relevance", "cosine"], "strategy.relevance"),
         (["--temperature", "0"], "strategy.temperature"),
         (["--stickiness", "-1"], "strategy.stickiness"),
+        (["--temperature", "inf"], "strategy.temperature"),
+        (["--client-embedding", "before"], "strategy.client_embedding"),
         (["--data", "agnews,AGNEWS"], "more than once"),
     ],
 )
@@ -88,7 +90,7 @@ def test_help_lists_the_knobs() -> None:
     for flag in ("--silos", "--rounds", "--local-steps", "--experts", "--k-e", "--k-c",
                  "--b", "--strategy", "--data", "--partition", "--model", "--seed",
                  "--warmup-rounds", "--max-clusters", "--sync-every", "--relevance",
-                 "--temperature", "--stickiness"):
+                 "--temperature", "--stickiness", "--client-embedding"):
         assert flag in result.output
 
 

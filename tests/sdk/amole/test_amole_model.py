@@ -14,14 +14,18 @@ from fedsilo.sdk.amole import (
     AMoLELinear,
     adapter_layers,
     assignment_of,
+    client_sums_from,
     compute_embeddings,
     compute_embeddings_per_example,
+    embedding_sums,
     embeddings_to_tensors,
     extract_trainable,
     inject_amole,
     load_balance,
     load_trainable,
     module_shapes,
+    per_example_embedding_tensors,
+    pooled_embeddings,
     routing_context,
     set_assignment,
 )
@@ -312,6 +316,36 @@ def test_embeddings_unchanged_by_padding_and_batching() -> None:
     # counting the padding would change the result
     unmasked = [{"input_ids": together[0]["input_ids"], "attention_mask": torch.ones(2, 5)}]
     assert not torch.allclose(compute_embeddings(model, unmasked)[Q0].client, one[Q0].client)
+
+
+def test_client_part_from_an_earlier_pass() -> None:
+    """The client embedding of the pass made with the received W_t, the expert embeddings of
+    the pass after training: pooled and per example, and the passes must see the same data."""
+    torch.manual_seed(0)
+    model = _OneLayer()
+    inject_amole(model, AMoLEConfig(r=3))
+    set_assignment(model, {"q_proj": [1]})
+    batches = [{"input_ids": torch.tensor([[1, 2, 3], [4, 5, 0]]),
+                "attention_mask": torch.tensor([[1, 1, 1], [1, 1, 0]])}]
+    received = embedding_sums(model, batches)
+    before = pooled_embeddings(received)["q_proj"]
+    with torch.no_grad():  # local training moves W_t and the expert
+        model.q_proj.token_proj.weight.add_(1.0)
+        model.q_proj.expert_A[0].add_(1.0)
+    after = compute_embeddings(model, batches)["q_proj"]
+    mixed_sums = client_sums_from(embedding_sums(model, batches), received)
+    mixed = pooled_embeddings(mixed_sums)["q_proj"]
+    assert not torch.allclose(before.client, after.client)
+    assert torch.equal(mixed.client, before.client)
+    assert torch.equal(mixed.experts[1], after.experts[1])
+    rows = per_example_embedding_tensors(mixed_sums)
+    assert set(rows) == {"q_proj.client", "q_proj.expert.1"}
+    assert rows["q_proj.client"].shape == (2, 3)
+    fewer = embedding_sums(model, [{"input_ids": torch.tensor([[1, 2, 3]])}])
+    with pytest.raises(ValueError, match="same embedding set"):
+        client_sums_from(fewer, received)
+    with pytest.raises(ValueError, match="different modules"):
+        client_sums_from({}, received)
 
 
 def test_embeddings_need_the_router() -> None:
