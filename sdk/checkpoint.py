@@ -7,14 +7,17 @@ old one (`os.replace` is atomic on POSIX), and the folder is synced so the renam
 survives a power cut. No pickle: loading a checkpoint cannot execute code.
 
 Layout: safetensors metadata (a str -> str map) holds `format` = "fedsilo-checkpoint",
-`format_version` = "1" and `meta` = the caller's metadata as JSON; the tensors are the
-caller's, under their own names. The file is owner-only (0o600): it holds model state.
+`format_version` = "2", `meta` = the caller's metadata as JSON and `sha256` = a digest of
+the meta and every tensor (name, dtype, shape, bytes), so a bit flipped on disk is refused
+rather than resumed from; the tensors are the caller's, under their own names. Version 1
+files (no digest) are still read. The file is owner-only (0o600): it holds model state.
 """
 
 from __future__ import annotations
 
 import contextlib
 import glob
+import hashlib
 import json
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -38,7 +41,8 @@ __all__ = [
 ]
 
 FORMAT = "fedsilo-checkpoint"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+_READABLE_VERSIONS = ("1", "2")  # 1: no digest
 
 
 class CheckpointError(ValueError):
@@ -68,12 +72,13 @@ def save_checkpoint(
             f"cannot write checkpoint {path}: its metadata is not plain JSON ({exc}); "
             "store only str/int/float/bool/None, lists and str-keyed dicts"
         ) from None
-    metadata = {"format": FORMAT, "format_version": str(FORMAT_VERSION), "meta": meta_json}
     flat = {
         key: torch.empty_like(value, device="cpu", memory_format=torch.contiguous_format)
         .copy_(value.detach())
         for key, value in tensors.items()
     }
+    metadata = {"format": FORMAT, "format_version": str(FORMAT_VERSION), "meta": meta_json,
+                "sha256": digest(flat, meta_json)}
 
     folder = path.parent
     folder.mkdir(mode=0o700, parents=True, exist_ok=True)
@@ -111,10 +116,15 @@ def load_checkpoint(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]
             f"format={FORMAT!r} in its metadata); point to the aggregator's checkpoint file"
         )
     version = metadata.get("format_version", "")
-    if version != str(FORMAT_VERSION):
+    if version not in _READABLE_VERSIONS:
         raise CheckpointError(
             f"checkpoint {path} has format version {version!r}, this fedsilo reads "
             f"{FORMAT_VERSION}; resume with the fedsilo version that wrote it, or start afresh"
+        )
+    if version != "1" and metadata.get("sha256") != digest(tensors, metadata.get("meta", "")):
+        raise CheckpointError(
+            f"checkpoint {path} is corrupt: its contents do not match the digest written with "
+            "them (a disk or copy error); restore an earlier copy, or delete it to start afresh"
         )
     try:
         meta = json.loads(metadata["meta"])
@@ -126,6 +136,17 @@ def load_checkpoint(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]
     if not isinstance(meta, dict):
         raise CheckpointError(f"checkpoint {path}: metadata is not a JSON object")
     return tensors, meta
+
+
+def digest(tensors: Mapping[str, torch.Tensor], meta_json: str) -> str:
+    """SHA-256 of the metadata JSON and every tensor's name, dtype, shape and bytes."""
+    h = hashlib.sha256()
+    h.update(meta_json.encode())
+    for key in sorted(tensors):
+        value = tensors[key].detach().cpu().contiguous()
+        h.update(json.dumps([key, str(value.dtype), list(value.shape)]).encode())
+        h.update(value.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
 
 
 def namespaced(prefix: str, tensors: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:

@@ -128,6 +128,30 @@ def test_truncated_file(tmp_path: Path, keep: int) -> None:
         load_checkpoint(path)
 
 
+@pytest.mark.parametrize("where", ["tensor", "meta"])
+def test_a_flipped_bit_is_refused_not_resumed(tmp_path: Path, where: str) -> None:
+    path = tmp_path / "agg.safetensors"
+    save_checkpoint(path, {"x": torch.arange(64, dtype=torch.float32)}, {"round": 3})
+    data = bytearray(path.read_bytes())
+    if where == "tensor":
+        at = len(data) - 10  # inside the tensor bytes, at the end of the file
+    else:
+        at = data.index(b'"round') + 2  # inside the meta JSON: still valid JSON after
+        assert data[at : at + 1] == b"o"
+    data[at] ^= 0x01
+    path.write_bytes(bytes(data))
+    with pytest.raises(CheckpointError, match=r"agg\.safetensors is (corrupt|truncated)"):
+        load_checkpoint(path)
+
+
+def test_version_1_files_without_a_digest_are_still_read(tmp_path: Path) -> None:
+    path = tmp_path / "old.safetensors"
+    save_file({"x": torch.ones(2)}, path, metadata={
+        "format": "fedsilo-checkpoint", "format_version": "1", "meta": '{"round": 1}'})
+    tensors, meta = load_checkpoint(path)
+    assert meta == {"round": 1} and torch.equal(tensors["x"], torch.ones(2))
+
+
 def test_foreign_files(tmp_path: Path) -> None:
     other = tmp_path / "model.safetensors"
     save_file({"w": torch.ones(2)}, other)
