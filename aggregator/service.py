@@ -35,7 +35,7 @@ from fedsilo.sdk.amole.model import target_shapes
 from fedsilo.sdk.checkpoint import load_checkpoint, save_checkpoint
 from fedsilo.sdk.evaluation.metrics import mtal
 from fedsilo.sdk.faults import FaultPlan
-from fedsilo.sdk.files import write_atomic
+from fedsilo.sdk.files import FolderLock, write_atomic
 from fedsilo.sdk.logs import log_event
 from fedsilo.sdk.messages import Announce, Upload
 from fedsilo.sdk.params import ModuleShape
@@ -113,6 +113,7 @@ class AggregatorService:
         self._last_checkpoint = 0.0
         self._stop_reason: str | None = None
         self._join_started = clock()
+        self._lock = FolderLock(self.state_dir, "aggregator")
 
     def _connect_broker(self) -> Transport:
         codec = self.config.security.codec("aggregator", self.config.name)
@@ -142,11 +143,17 @@ class AggregatorService:
     def open(self) -> None:
         """Load the checkpoint if there is one, connect, restore the engine."""
         owner_only(self.state_dir)
-        restore = self._load()
-        self.transport = self._connect()
-        if restore is not None:
-            restore()
-        self._codec().advance(self.state.round - 1)
+        # One live aggregator per state folder: a second would fold and checkpoint over it.
+        self._lock.acquire()
+        try:
+            restore = self._load()
+            self.transport = self._connect()
+            if restore is not None:
+                restore()
+            self._codec().advance(self.state.round - 1)
+        except BaseException:
+            self._lock.release()
+            raise
         log_event(
             log, "aggregator_started", federation=self.config.name, resumed=bool(restore),
             phase=self.state.phase, round=self.state.round, silos=list(self.config.silos),
@@ -157,8 +164,11 @@ class AggregatorService:
         try:
             self._checkpoint()
         finally:
-            if self.transport is not None:
-                self.transport.close()
+            try:
+                if self.transport is not None:
+                    self.transport.close()
+            finally:
+                self._lock.release()
 
     # -- the loop ------------------------------------------------------------------------
 

@@ -12,11 +12,12 @@ On failure the temporary file is removed and the target is left as it was.
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import os
 import secrets
 from pathlib import Path
 
-__all__ = ["fsync_dir", "write_atomic"]
+__all__ = ["FolderInUse", "FolderLock", "fsync_dir", "write_atomic"]
 
 
 def write_atomic(path: Path, data: bytes, mode: int = 0o600) -> None:
@@ -59,3 +60,52 @@ def fsync_dir(folder: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+class FolderInUse(ValueError):
+    """Another live process holds the folder: two writers of one state would corrupt it."""
+
+
+class FolderLock:
+    """An exclusive lock on a state folder for the life of one process (`.lock`, flock).
+
+    Why flock: the kernel releases it when the holder dies, even by SIGKILL, so a crashed
+    process never leaves a stale lock behind and a restart needs no cleanup. The holder's
+    pid is written into the file for the refusal message only."""
+
+    NAME = ".lock"
+
+    def __init__(self, folder: Path, holder: str) -> None:
+        self.path = Path(folder) / self.NAME
+        self.holder = holder
+        self._fd: int | None = None
+
+    def acquire(self) -> None:
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0), 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            other = os.read(fd, 64).decode(errors="replace").strip() or "unknown"
+            os.close(fd)
+            raise FolderInUse(
+                f"{self.path.parent} is in use by another running {self.holder} (pid "
+                f"{other}); stop that one first, or give this one its own state_dir"
+            ) from None
+        except BaseException:
+            os.close(fd)
+            raise
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        self._fd = fd
+
+    def release(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)  # closing the descriptor drops the lock
+            self._fd = None
+
+    def __enter__(self) -> FolderLock:
+        self.acquire()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.release()

@@ -31,6 +31,7 @@ from fedsilo.sdk.data.examples import SiloData
 from fedsilo.sdk.data.silos import build_silo_data
 from fedsilo.sdk.faults import FaultPlan
 from fedsilo.sdk.federation import FederationSetup
+from fedsilo.sdk.files import FolderLock
 from fedsilo.sdk.logs import log_event
 from fedsilo.sdk.messages import Announce, RoundPlan
 from fedsilo.sdk.models.digest import weights_digest
@@ -117,6 +118,11 @@ class AgentService:
 
     def run(self) -> AgentState:
         owner_only(self.state_dir)
+        # One live agent per state folder: a second would train and checkpoint over it.
+        with FolderLock(self.state_dir, f"agent of {self.silo_id}"):
+            return self._run()
+
+    def _run(self) -> AgentState:
         if self.config.threads:
             torch.set_num_threads(self.config.threads)
         saved = self._load()

@@ -36,9 +36,29 @@ def _global_params(root: Path) -> dict[str, torch.Tensor]:
     return load_file(str(root / "aggregator" / "global_params.safetensors"))
 
 
+def _twin_is_refused(deployment, name: str, args: list[str], holder: str) -> None:
+    """A second live process on a running party's state folder exits at once, saying why."""
+    deployment._spawn(name, args, None)
+    code = deployment.wait(name, timeout=120)
+    deployment.processes.pop(name)
+    assert code == 2, deployment.log(name)
+    assert f"is in use by another running {holder}" in " ".join(deployment.log(name).split())
+
+
 def test_three_agents_and_an_aggregator_match_simulate(deployment, one_thread) -> None:
     deployment.write()
-    deployment.start_all()
+    deployment.start_aggregator()
+    deployment.start_agent("silo-0")
+    # Round 0 waits for every silo, so both stay live while their twins try to start.
+    deployment.wait_for_event("silo-0", "agent_started")
+    deployment.wait_for_event("aggregator", "aggregator_started")
+    _twin_is_refused(deployment, "silo-0-twin", [
+        "agent", "start", "--config", str(deployment.root / "silo-0.toml")], "agent of silo-0")
+    _twin_is_refused(deployment, "aggregator-twin", [
+        "aggregator", "run", "--config", str(deployment.root / "federation.toml")],
+        "aggregator")
+    for silo in deployment.silos[1:]:
+        deployment.start_agent(silo)
     deployment.wait_all(timeout=300)
 
     summary = deployment.summary()

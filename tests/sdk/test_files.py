@@ -164,3 +164,34 @@ def test_folder_is_synced_after_the_rename(
 def test_fsync_dir_syncs_an_existing_folder_and_ignores_a_missing_one(tmp_path: Path) -> None:
     fsync_dir(tmp_path)
     fsync_dir(tmp_path / "does-not-exist")  # nothing to open: a no-op, not an error
+
+
+_HOLDER = """
+import sys, time
+from pathlib import Path
+from fedsilo.sdk.files import FolderLock
+FolderLock(Path(sys.argv[1]), "agent of s").acquire()
+print("held", flush=True)
+time.sleep(600)
+"""
+
+
+def test_a_folder_lock_refuses_a_second_holder_and_dies_with_its_process(tmp_path: Path) -> None:
+    import signal
+    import subprocess
+    import sys
+
+    proc = subprocess.Popen([sys.executable, "-c", _HOLDER, str(tmp_path)],
+                            stdout=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout is not None and proc.stdout.readline() == "held\n"
+        with pytest.raises(files.FolderInUse, match=rf"in use by another running agent of s "
+                           rf"\(pid {proc.pid}\).*own state_dir"):
+            files.FolderLock(tmp_path, "agent of s").acquire()
+    finally:
+        proc.send_signal(signal.SIGKILL)  # no cleanup: the kernel drops the lock
+        proc.wait()
+    with files.FolderLock(tmp_path, "agent of s"):
+        assert _mode(tmp_path / files.FolderLock.NAME) == 0o600
+    with files.FolderLock(tmp_path, "agent of s"):  # released on exit, taken again
+        pass
