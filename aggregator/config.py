@@ -93,6 +93,10 @@ class FederationConfig:
     min_silos: int = 0
     """Start round 0 once this many have joined (0: all of them); later ones join next round."""
     state_dir: Path = Path("state/aggregator")
+    model_digest: str = ""
+    """SHA-256 of the base model's weights every silo must hold (`fedsilo digest MODEL`
+    prints it; `fedsilo provision --model MODEL` writes it). Fixed here by the coordinator,
+    never taken from a silo: the aggregator refuses to run without it."""
     broker: BrokerSettings = field(default_factory=BrokerSettings)
     security: SecuritySettings = field(default_factory=SecuritySettings)
     schedule: ScheduleSection = field(default_factory=ScheduleSection)
@@ -116,6 +120,11 @@ class FederationConfig:
                 f"min_silos must be between 1 and the {len(self.silos)} listed silos "
                 f"(or 0 for all); got {self.min_silos}"
             )
+        if self.model_digest and not _is_sha256(self.model_digest):
+            raise ValueError(
+                f"model_digest {self.model_digest!r} is not a SHA-256 (64 hex digits); "
+                "`fedsilo digest MODEL` prints the right one"
+            )
         if self.strategy.name not in STRATEGIES:
             raise ValueError(
                 f"strategy.name {self.strategy.name!r} is unknown; use one of "
@@ -131,3 +140,7 @@ class FederationConfig:
             name=self.name, seed=self.seed, strategy=self.strategy,
             adapter=self.adapter.amole(), training=self.training,
         )
+
+
+def _is_sha256(text: str) -> bool:
+    return len(text) == 64 and all(c in "0123456789abcdef" for c in text)

@@ -71,7 +71,6 @@ class ServiceState:
     round: int = 0
     members: dict[str, Member] = field(default_factory=dict)
     shapes: dict[str, list[int]] = field(default_factory=dict)  # adapted module -> [in, out]
-    model_digest: str = ""  # of the first silo's base model weights; all must match it
     deadline_at: float | None = None
     extensions: int = 0
     counters: dict[str, int] = field(default_factory=dict)
@@ -86,6 +85,7 @@ class ServiceState:
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> ServiceState:
         data = dict(data)
+        data.pop("model_digest", None)  # written before federation.toml fixed the digest
         members = {k: Member(**v) for k, v in data.pop("members").items()}
         return cls(**data, members=members)
 
@@ -142,6 +142,12 @@ class AggregatorService:
 
     def open(self) -> None:
         """Load the checkpoint if there is one, connect, restore the engine."""
+        if not self.config.model_digest:
+            raise ValueError(
+                "federation.toml sets no model_digest: the coordinator fixes the base model "
+                "every silo must hold. `fedsilo digest MODEL` prints its SHA-256 (put it in as "
+                "model_digest = \"...\"), or `fedsilo provision --model MODEL` writes it"
+            )
         owner_only(self.state_dir)
         # One live aggregator per state folder: a second would fold and checkpoint over it.
         self._lock.acquire()
@@ -215,9 +221,10 @@ class AggregatorService:
                        f"{list(self.config.adapter.target_modules)}")
         elif state.shapes and wanted != state.shapes:
             problem = f"its model {msg.model!r} has other layer shapes than the federation's"
-        elif state.model_digest and msg.model_digest != state.model_digest:
+        elif msg.model_digest != self.config.model_digest:
             problem = (f"its model {msg.model!r} has other weights than the federation's base "
-                       "model (another checkpoint, dtype, or seed of a built-in model)")
+                       "model (federation.toml model_digest; another checkpoint, dtype, or "
+                       "seed of a built-in model)")
         if problem:
             state.count("model_mismatch")
             state.last_error = f"silo {msg.silo_id} refused: {problem}"
@@ -225,7 +232,6 @@ class AggregatorService:
             self._write_status()
             return
         state.shapes = state.shapes or wanted
-        state.model_digest = state.model_digest or msg.model_digest
         member = state.members.get(msg.silo_id)
         if member is None:
             state.members[msg.silo_id] = Member(msg.model, msg.n_samples, msg.incarnation,

@@ -247,6 +247,12 @@ def provision_command(
             help="Rewrite a non-empty --out in place, keeping its CA, keys and passwords.",
         ),
     ] = False,
+    model: Annotated[
+        str | None,
+        typer.Option(help="The base model every silo holds: its weights' digest goes into "
+                     "federation.toml (model_digest) and the model into each silo.toml."),
+    ] = None,
+    dtype: Annotated[str, typer.Option(help="The silos' dtype for --model.")] = "float32",
 ) -> None:
     """Make one kit per party (broker definitions, keys, trust files, certificates, configs)."""
     from fedsilo.privacy.provision import import_command, provision
@@ -254,7 +260,7 @@ def provision_command(
     try:
         result = provision(
             federation, out, public_keys=public_keys, tls_hosts=tuple(tls_host or ()),
-            vhost=vhost, force=force,
+            vhost=vhost, force=force, model=model, dtype=dtype,
         )
     except (ValueError, OSError) as exc:  # ProvisionError, KeysError, ConfigError are
         _fail(str(exc))  # ValueErrors; OSError: the disk

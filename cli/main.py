@@ -256,6 +256,25 @@ def agent_privacy(
 
 
 @app.command()
+def digest(
+    model: Annotated[str, typer.Argument(help="builtin:tiny | smollm2 | a Hugging Face "
+                                          "folder | a .gguf file, as in silo.toml.")],
+    dtype: Annotated[str, typer.Option(help="The silos' dtype (silo.toml).")] = "float32",
+    seed: Annotated[int, typer.Option(help="The silos' seed (built-in models only).")] = 0,
+) -> None:
+    """Print the SHA-256 of a base model's weights: federation.toml's model_digest."""
+    from fedsilo.sdk.models.digest import weights_digest
+    from fedsilo.sdk.models.loading import ModelLoadError, load_model
+
+    console = Console()
+    try:
+        loaded = load_model(model, dtype=dtype, seed=seed)
+    except (ModelLoadError, ValueError, OSError) as exc:
+        raise _fail(console, f"cannot load {model!r}: {exc}") from None
+    typer.echo(weights_digest(loaded.model))
+
+
+@app.command()
 def status(
     config: Annotated[
         Path | None, typer.Option("--config", "-c", help="The federation.toml.")

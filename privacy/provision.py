@@ -397,6 +397,8 @@ def provision(
     tls_hosts: Sequence[str] = (),
     vhost: str | None = None,
     force: bool = False,
+    model: str | None = None,
+    dtype: str = "float32",
 ) -> ProvisionResult:
     """Write the kits for `config_path`'s federation into `out` (see the module docstring).
 
@@ -405,7 +407,9 @@ def provision(
     under; non-empty turns on TLS (CA, broker server certificate, one client certificate per
     party, amqps URLs). `vhost`: default the URL's vhost unless "/", else the federation name.
     `force` rewrites a non-empty `out` in place, keeping the CA, keyrings and broker passwords
-    found there, so re-provisioning after a key rotation changes only the trust files."""
+    found there, so re-provisioning after a key rotation changes only the trust files.
+    `model` (with the silos' `dtype`): the base model; its weights' digest goes into the
+    aggregator's federation.toml and the model into every silo.toml."""
     config_path, out = Path(config_path), Path(out)
     from fedsilo.aggregator.config import FederationConfig
 
@@ -430,6 +434,7 @@ def provision(
     tls = bool(tls_hosts)
     vhost = vhost or _vhost_of(cfg.broker.urls[0]) or cfg.name
     given = _read_public_keys(public_keys, parties)
+    digest = _model_digest(model, dtype, cfg.model_digest) if model else cfg.model_digest
     _prepare_out(out, force)
 
     users = {p: username(cfg.name, p) for p in parties}
@@ -522,6 +527,8 @@ def provision(
         base_broker, urls_by_party[AGGREGATOR], tls, server_name, declare_topology=True
     )
     federation_doc["security"] = dict(SECURITY_SECTION)
+    if digest:
+        federation_doc["model_digest"] = digest
     _write(
         out / AGGREGATOR / "federation.toml",
         _toml(
@@ -534,6 +541,7 @@ def provision(
     for silo in silos:
         silo_doc = {
             "silo_id": silo,
+            **({"model": model, "dtype": dtype} if model else {}),
             "broker": _broker_section(
                 base_broker, urls_by_party[silo], tls, server_name, declare_topology=False
             ),
@@ -543,8 +551,12 @@ def provision(
             out / silo / "silo.toml",
             _toml(
                 f"silo.toml of {silo!r} in federation {cfg.name!r}, made by `fedsilo "
-                "provision`.\nAdd the base model (model = \"...\", the same as every other "
-                "silo's) and a [data]\nsection pointing at this silo's data before "
+                "provision`.\n"
+                + ("The model is the federation's base model (the aggregator checks its "
+                   "digest). Add a [data]" if model else
+                   "Add the base model (model = \"...\", the same as every other "
+                   "silo's) and a [data]")
+                + "\nsection pointing at this silo's data before "
                 f"`fedsilo agent start --config silo.toml`.\nThe broker user {users[silo]!r} "
                 "may configure nothing: the topology comes from the\nbroker's definitions "
                 "(declare_topology = false). Paths are relative to this file.",
@@ -566,6 +578,23 @@ def provision(
     )
     _write(out / "README.md", _readme(result, tls_hosts), 0o644)
     return result
+
+
+def _model_digest(model: str, dtype: str, configured: str) -> str:
+    """The digest of `model`'s weights; it must agree with federation.toml's, if set."""
+    from fedsilo.sdk.models.digest import weights_digest
+    from fedsilo.sdk.models.loading import ModelLoadError, load_model
+
+    try:
+        digest = weights_digest(load_model(model, dtype=dtype).model)
+    except (ModelLoadError, ValueError, OSError) as exc:
+        raise ProvisionError(f"cannot load the base model {model!r}: {exc}") from None
+    if configured and configured != digest:
+        raise ProvisionError(
+            f"the federation.toml's model_digest {configured[:12]}... is not that of {model!r} "
+            f"in {dtype} ({digest[:12]}...); remove it, or pass the model it names"
+        )
+    return digest
 
 
 def _rabbitmq_conf(federation: str, tls_dir: Path, urls: Sequence[str]) -> str:

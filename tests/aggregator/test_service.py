@@ -28,9 +28,13 @@ class Clock:
         return self.now
 
 
+DIGEST = "d" * 64  # federation.toml's model_digest
+
+
 def _config(tmp_path: Path, min_silos: int = 2, **rounds: object) -> FederationConfig:
     return FederationConfig(
         silos=("a", "b", "c"), min_silos=min_silos, state_dir=tmp_path / "state",
+        model_digest=DIGEST,
         schedule=ScheduleSection(rounds=3, local_steps=1),
         rounds=RoundsSection(**{"deadline_s": 10.0, "quorum": 0.6, **rounds}),  # type: ignore[arg-type]
         strategy=StrategyConfig(name="fedit"),
@@ -44,7 +48,7 @@ def _service(config: FederationConfig, transport: MemoryTransport, clock: Clock
     return service
 
 
-def _announce(silo: str, digest: str = "d", shapes: dict | None = None) -> Announce:
+def _announce(silo: str, digest: str = DIGEST, shapes: dict | None = None) -> Announce:
     return Announce(silo, "m", shapes or SHAPES, 10, incarnation=silo, model_digest=digest)
 
 
@@ -147,3 +151,28 @@ def test_a_stop_request_checkpoints_folded_uploads_before_acknowledging(tmp_path
     resumed = _service(config, transport, clock)
     assert resumed.engine is not None
     assert list(resumed.engine.history[-1].bytes_up) == ["a"]
+
+
+def test_the_base_model_is_fixed_by_the_coordinator_not_by_the_first_silo(
+    tmp_path: Path,
+) -> None:
+    transport, clock = MemoryTransport(), Clock()
+    service = _service(_config(tmp_path), transport, clock)
+    transport.send_announce(_announce("a", digest="e" * 64))  # races in with other weights
+    transport.send_announce(_announce("b"))
+    transport.send_announce(_announce("c"))
+    _steps(service)
+    assert service.state.counters == {"model_mismatch": 1}
+    assert set(service.state.members) == {"b", "c"}
+    assert "federation.toml model_digest" in (service.state.last_error or "")
+    transport.send_announce(_announce("a"))  # the same silo with the federation's model
+    _steps(service)
+    assert service.state.phase == "collecting" and set(service.state.members) == {"a", "b", "c"}
+
+
+def test_no_model_digest_no_run(tmp_path: Path) -> None:
+    config = FederationConfig(**{**_config(tmp_path).__dict__, "model_digest": ""})
+    with pytest.raises(ValueError, match=r"no model_digest.*fedsilo digest MODEL"):
+        AggregatorService(config, connect=MemoryTransport).open()
+    with pytest.raises(ValueError, match="not a SHA-256"):
+        FederationConfig(**{**_config(tmp_path).__dict__, "model_digest": "abc"})

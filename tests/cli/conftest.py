@@ -94,6 +94,14 @@ class Deployment:
         settings = {k: Path(v) if k != "enabled" else v for k, v in self.security(party).items()}
         return SecuritySettings(**settings).codec(party, "test" if party == "aggregator" else None)
 
+    def model_digest(self) -> str:
+        """What `fedsilo digest` prints for the silos' base model."""
+        from fedsilo.sdk.models.digest import weights_digest
+        from fedsilo.sdk.models.loading import load_model
+
+        s = self.sim
+        return weights_digest(load_model(s.model, dtype=s.dtype, seed=s.seed).model)
+
     def write(self) -> None:
         s = self.sim
         if self.secure and not (self.root / "keys").exists():
@@ -102,7 +110,7 @@ class Deployment:
                   "chunk_size_mb": 0.25, **self.broker}
         _write(self.root / "federation.toml", {
             "name": "test", "seed": s.seed, "silos": self.silos,
-            "state_dir": self.aggregator_dir,
+            "state_dir": self.aggregator_dir, "model_digest": self.model_digest(),
         }, {
             "broker": broker,
             "security": {**self.security("aggregator"), **self.security_extra},

@@ -27,6 +27,9 @@ def test_example_configs_load(name: str) -> None:
     assert config.state_dir.is_relative_to(EXAMPLES)
 
 
+DIGEST = f'model_digest = "{"0" * 64}"\n'
+
+
 def _fed(tmp_path: Path, text: str) -> Path:
     path = tmp_path / "federation.toml"
     path.write_text(text)
@@ -70,7 +73,7 @@ def test_print_config_masks_the_broker_password(tmp_path: Path) -> None:
 
 
 def test_unreachable_broker_is_one_clear_line_without_the_password(tmp_path: Path) -> None:
-    path = _fed(tmp_path, f'silos = ["a"]\nstate_dir = "{tmp_path / "st"}"\n[broker]\n'
+    path = _fed(tmp_path, f'silos = ["a"]\nstate_dir = "{tmp_path / "st"}"\n{DIGEST}[broker]\n'
                 'urls = ["amqp://u:hunter2@127.0.0.1:1/v"]\nconnect_timeout_s = 1\n'
                 '[security]\nenabled = false\n')
     result = subprocess.run(
@@ -84,7 +87,7 @@ def test_unreachable_broker_is_one_clear_line_without_the_password(tmp_path: Pat
 
 
 def test_missing_keys_are_one_clear_line_naming_the_fix(tmp_path: Path) -> None:
-    path = _fed(tmp_path, f'silos = ["a"]\nstate_dir = "{tmp_path / "st"}"\n[security]\n'
+    path = _fed(tmp_path, f'silos = ["a"]\nstate_dir = "{tmp_path / "st"}"\n{DIGEST}[security]\n'
                 f'keys_dir = "{tmp_path / "nokeys"}"\n')
     result = subprocess.run(
         [sys.executable, "-m", "fedsilo.cli.main", "aggregator", "run", "--config", str(path)],
@@ -120,3 +123,11 @@ def test_broker_settings_repr_hides_the_urls() -> None:
     from fedsilo.sdk.transport.settings import BrokerSettings
 
     assert "hunter2" not in repr(BrokerSettings(urls=("amqp://u:hunter2@h/",)))
+
+
+def test_no_model_digest_is_one_clear_line_naming_the_fix(tmp_path: Path) -> None:
+    path = _fed(tmp_path, f'silos = ["a"]\nstate_dir = "{tmp_path / "st"}"\n')
+    result = runner.invoke(app, ["aggregator", "run", "--config", str(path)])
+    output = " ".join(result.output.split())
+    assert result.exit_code == 2, output
+    assert "no model_digest" in output and "fedsilo digest MODEL" in output

@@ -517,3 +517,35 @@ def test_url_handling(tmp_path: Path) -> None:
     assert r.urls == ("amqps://acme.aggregator@h:6000/acme",)
     r = provision(_federation(tmp_path, url="amqp://h/%2F"), tmp_path / "d")
     assert r.vhost == "acme"
+
+
+def test_the_base_model_digest_goes_into_the_kit(tmp_path: Path) -> None:
+    from fedsilo.sdk.models.digest import weights_digest
+    from fedsilo.sdk.models.loading import load_model
+
+    out = tmp_path / "kit"
+    provision(_federation(tmp_path), out, model="builtin:tiny")
+    digest = weights_digest(load_model("builtin:tiny").model)
+    fed = load_config(FederationConfig, out / "aggregator" / "federation.toml", env={})
+    assert fed.model_digest == digest
+    silo = load_config(SiloConfig, out / "silo-0" / "silo.toml", env={})
+    assert (silo.model, silo.dtype) == ("builtin:tiny", "float32")
+    with pytest.raises(ProvisionError, match="cannot load the base model"):
+        provision(_federation(tmp_path), tmp_path / "k2", model="/no/such/model")
+    pinned = _federation(tmp_path)
+    pinned.write_text(f'model_digest = "{"0" * 64}"\n' + pinned.read_text())
+    with pytest.raises(ProvisionError, match="is not that of 'builtin:tiny'"):
+        provision(pinned, tmp_path / "k3", model="builtin:tiny")
+
+
+def test_digest_command_prints_what_the_agent_announces() -> None:
+    from typer.testing import CliRunner
+
+    from fedsilo.cli.main import app
+    from fedsilo.sdk.models.digest import weights_digest
+    from fedsilo.sdk.models.loading import load_model
+
+    result = CliRunner().invoke(app, ["digest", "builtin:tiny", "--seed", "3"])
+    assert result.exit_code == 0, result.output
+    assert result.output.strip() == weights_digest(load_model("builtin:tiny", seed=3).model)
+    assert result.output.strip() != weights_digest(load_model("builtin:tiny").model)
