@@ -1,9 +1,11 @@
 """The aggregator's round engine: publish plans, fold in uploads, close the round.
 
 It knows the transport and the `ServerStrategy` interface, never the algorithm. Uploads
-are folded into the strategy one at a time as they arrive (streaming aggregation). The same
-engine runs inside `fedsilo simulate` and inside the long-running aggregator service, which
-adds the roster, deadlines and checkpoints around it.
+are checked as they arrive and held; at the close of the round each silo's update is
+clipped to the round's norm bound (`sdk.aggregation.clipping`: a multiple of the median,
+which needs all of them) and folded into the strategy in silo order. The same engine runs
+inside `fedsilo simulate` and inside the long-running aggregator service, which adds the
+roster, deadlines and checkpoints around it (held uploads are part of the checkpoint).
 """
 
 from __future__ import annotations
@@ -16,7 +18,9 @@ from enum import StrEnum
 from typing import Any
 
 from fedsilo.aggregator.schedule import Schedule
-from fedsilo.privacy.validation import InvalidTensors, check_tensors
+from fedsilo.privacy.validation import InvalidTensors, UploadLimits, check_tensors
+from fedsilo.sdk.aggregation.clipping import ClipSettings, clip_update, update_norm
+from fedsilo.sdk.checkpoint import namespaced_groups, take_groups
 from fedsilo.sdk.logs import log_event
 from fedsilo.sdk.messages import RoundPlan, Upload
 from fedsilo.sdk.params import ModuleShape, TensorDict
@@ -34,11 +38,11 @@ log = logging.getLogger(__name__)
 class Verdict(StrEnum):
     """What the engine did with an upload."""
 
-    FOLDED = "folded"
+    FOLDED = "folded"  # accepted into the round (aggregated when it closes)
     DUPLICATE = "duplicate"  # this silo's upload for this round was already folded
     LATE = "late"  # for a round that is not the open one
     UNKNOWN = "unknown"  # from a silo that is not part of this round
-    INVALID = "invalid"  # tensors not those of the silo's plan, or NaN/Inf, or too large
+    INVALID = "invalid"  # not the silo's plan's tensors, NaN/Inf, too large, bad count
 
 
 @dataclass
@@ -54,6 +58,7 @@ class RoundRecord:
     bytes_up: dict[str, int] = field(default_factory=dict)
     aggregation: AggregationReport | None = None
     ignored: dict[str, int] = field(default_factory=dict)
+    clipped: dict[str, float] = field(default_factory=dict)  # silo -> scale of its update
 
     @property
     def expected(self) -> list[str]:
@@ -80,10 +85,12 @@ class Aggregator:
         transport: Transport,
         schedule: Schedule,
         setup: Mapping[str, Any] | None = None,
-        max_norm: float | None = None,
+        limits: UploadLimits | None = None,
+        clip: ClipSettings | None = None,
     ) -> None:
         self.strategy = strategy
-        self.max_norm = max_norm  # bound on each uploaded tensor's L2 norm (None: none)
+        self.limits = limits or UploadLimits()
+        self.clip = clip or ClipSettings()
         self.setup = dict(setup or {})  # federation settings, sent in every plan
         self.transport = transport
         self.schedule = schedule
@@ -92,6 +99,9 @@ class Aggregator:
         # What each silo must upload for the plans last sent; rebuilt by send_plans (so a
         # resumed aggregator has it again), not checkpointed.
         self._expected: dict[tuple[int, str], UploadSchema] = {}
+        self._sent: dict[str, TensorDict] = {}  # the params each plan carried (same rebuild)
+        # Accepted uploads of the open round, folded at its close; checkpointed.
+        self.held: dict[str, Upload] = {}
         self.last_rejection: InvalidTensors | None = None
 
     def start(self, shapes: Mapping[str, ModuleShape], silo_ids: Sequence[str]) -> None:
@@ -114,6 +124,7 @@ class Aggregator:
             record.assignment[silo] = part.assignment
         if not final:
             self.strategy.begin_round(round)
+        self.held = {}
         self.history.append(record)
         self.send_plans(record, parts)
         return record
@@ -160,7 +171,7 @@ class Aggregator:
             return verdict
         else:
             if not record.final:
-                self.strategy.accumulate(upload)
+                self.held[upload.silo_id] = upload
             record.metrics[upload.silo_id] = dict(upload.metrics)
             record.timings[upload.silo_id] = dict(upload.timings)
             record.bytes_up[upload.silo_id] = size
@@ -173,17 +184,20 @@ class Aggregator:
         return verdict
 
     def check(self, record: RoundRecord, upload: Upload) -> InvalidTensors | None:
-        """Why `upload` must not be folded in (wrong tensors for its plan, NaN/Inf, norm
-        above the bound), or None. Nothing reaches the strategy before this passed."""
+        """Why `upload` must not be folded in (a sample count out of bounds, wrong tensors
+        for its plan, NaN/Inf, a norm above its bound), or None. Nothing reaches the
+        strategy before this passed."""
         schema = self._expected.get((record.round, upload.silo_id))
         if schema is None:  # plans not (re)sent by this engine: derive them again
             self._expect(record, self._parts(record))
             schema = self._expected[(record.round, upload.silo_id)]
         who = f"upload of {upload.silo_id} for round {upload.round}"
         try:
+            self.limits.check_samples(upload.n_samples, who)
             check_tensors(upload.params, schema.params, what=f"{who}: params",
-                          max_norm=self.max_norm)
-            check_tensors(upload.embeddings, schema.embeddings, what=f"{who}: embeddings")
+                          max_norm=self.limits.max_param_norm)
+            check_tensors(upload.embeddings, schema.embeddings, what=f"{who}: embeddings",
+                          max_norm=self.limits.max_embedding_norm)
         except InvalidTensors as exc:
             return exc
         return None
@@ -199,6 +213,7 @@ class Aggregator:
             (record.round, silo): self.strategy.upload_schema(silo, part, record.final)
             for silo, part in parts.items()
         }
+        self._sent = {silo: part.params for silo, part in parts.items()}
 
     def collect(self, record: RoundRecord, deadline: float | None = None) -> RoundRecord:
         """Fold in uploads until every silo answered or `deadline` (monotonic) passed,
@@ -218,23 +233,67 @@ class Aggregator:
         return record
 
     def close(self, record: RoundRecord) -> RoundRecord:
-        """Aggregate what arrived (experts nobody trained keep their values)."""
-        if not record.final:
-            record.aggregation = self.strategy.end_round(record.round)
+        """Clip each held update to the round's bound, fold them in silo order, aggregate
+        (experts nobody trained keep their values)."""
+        if record.final:
+            return record
+        if self.held and not self._sent:  # resumed: the plans were not (re)sent by us
+            self._expect(record, self._parts(record))
+        norms = {silo: update_norm(u.params, self._sent.get(silo, {}))
+                 for silo, u in self.held.items()}
+        bound = self.clip.bound(list(norms.values()))
+        for silo in sorted(self.held):
+            upload = self.held[silo]
+            params, scale = clip_update(upload.params, self._sent.get(silo, {}), bound)
+            if scale < 1.0:
+                record.clipped[silo] = scale
+                log_event(log, "upload_clipped", logging.WARNING, silo=silo,
+                          round=record.round, norm=norms[silo], bound=bound)
+            self.strategy.accumulate(Upload(
+                upload.round, silo, params, upload.embeddings, upload.n_samples,
+                upload.metrics, upload.timings,
+            ))
+        self.held = {}
+        record.aggregation = self.strategy.end_round(record.round)
+        if norms:
+            median = sorted(norms.values())[len(norms) // 2]
+            record.aggregation.details["update_norm_max_ratio"] = (
+                max(norms.values()) / median if median > 0 else 0.0)
+            record.aggregation.details["clipped"] = float(len(record.clipped))
         return record
 
     def state_dict(self) -> tuple[TensorDict, dict[str, Any]]:
         tensors, strategy_meta = self.strategy.state_dict()
+        tensors = dict(tensors)
+        held_params, params_meta = namespaced_groups(
+            "held/params", {s: u.params for s, u in self.held.items()})
+        held_emb, emb_meta = namespaced_groups(
+            "held/embeddings", {s: u.embeddings for s, u in self.held.items()})
+        tensors.update(held_params)
+        tensors.update(held_emb)
         return tensors, {
             "strategy": strategy_meta,
             "silo_ids": self.silo_ids,
             "history": [r.to_json() for r in self.history],
+            "held": {"params": params_meta, "embeddings": emb_meta,
+                     "uploads": {s: {"round": u.round, "n_samples": u.n_samples,
+                                     "metrics": u.metrics, "timings": u.timings}
+                                 for s, u in self.held.items()}},
         }
 
     def load_state_dict(self, tensors: TensorDict, meta: Mapping[str, Any]) -> None:
-        self.strategy.load_state_dict(tensors, meta["strategy"])
+        held = meta.get("held") or {"params": [], "embeddings": [], "uploads": {}}
+        own = {k: v for k, v in tensors.items() if not k.startswith("held/")}
+        self.strategy.load_state_dict(own, meta["strategy"])
         self.silo_ids = list(meta["silo_ids"])
         self.history = [RoundRecord.from_json(r) for r in meta["history"]]
+        params = take_groups("held/params", tensors, held["params"])
+        embeddings = take_groups("held/embeddings", tensors, held["embeddings"])
+        self.held = {
+            silo: Upload(info["round"], silo, params[silo], embeddings[silo],
+                         info["n_samples"], info["metrics"], info["timings"])
+            for silo, info in held["uploads"].items()
+        }
 
 
 def _unique(silo_ids: Sequence[str]) -> list[str]:

@@ -30,7 +30,6 @@ from safetensors.torch import save as serialize
 from fedsilo.aggregator.config import FederationConfig
 from fedsilo.aggregator.coordinator import Aggregator, RoundRecord, Verdict
 from fedsilo.aggregator.report import latest_metrics, summarise
-from fedsilo.privacy.validation import norm_bound
 from fedsilo.sdk.amole.model import target_shapes
 from fedsilo.sdk.checkpoint import load_checkpoint, save_checkpoint
 from fedsilo.sdk.evaluation.metrics import mtal
@@ -345,6 +344,8 @@ class AggregatorService:
         assert self.engine is not None
         self.faults.reach("aggregating", record.round)
         self.engine.close(record)
+        if record.clipped:
+            self.state.count("clipped", len(record.clipped))
         summary = summarise(record, "metric")
         log_event(
             log, "round_closed", round=record.round, final=record.final,
@@ -375,7 +376,8 @@ class AggregatorService:
         assert self.transport is not None
         return Aggregator(server, self.transport, self.config.schedule.schedule(),
                           setup=self.setup.to_json(),
-                          max_norm=norm_bound(self.config.security.max_update_norm))
+                          limits=self.config.security.upload_limits(),
+                          clip=self.config.security.update_clip())
 
     def _checkpoint(self) -> None:
         tensors: dict[str, Any] = {}

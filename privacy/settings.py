@@ -6,6 +6,8 @@ import logging
 from dataclasses import dataclass
 from pathlib import Path
 
+from fedsilo.privacy.validation import UploadLimits, norm_bound
+from fedsilo.sdk.aggregation.clipping import ClipSettings
 from fedsilo.sdk.transport.codec import Codec, PlainCodec
 
 log = logging.getLogger(__name__)
@@ -29,13 +31,38 @@ class SecuritySettings:
     """Tolerated clock difference for messages that seem to come from the future."""
     max_update_norm: float = 0.0
     """Aggregator: refuse an upload with a tensor whose L2 norm exceeds this (0: no bound)."""
+    max_embedding_norm: float = 1e4
+    """Aggregator: refuse an upload with an embedding whose L2 norm exceeds this (0: no
+    bound; without one, huge finite embeddings overflow RSEA's scores)."""
+    max_samples: int = 100_000_000
+    """Aggregator: refuse an upload claiming fewer than 1 or more training examples."""
+    update_clip_factor: float = 5.0
+    """Aggregator: clip each silo's update (uploaded - sent, all its tensors) to this many
+    times the round's median update norm (0: no adaptive bound)."""
+    update_clip_norm: float = 0.0
+    """Aggregator: a fixed cap on each silo's update norm as well (0: none)."""
 
     def __post_init__(self) -> None:
         for name in ("max_message_mb", "max_message_age_s"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"security.{name} must be > 0 (got {getattr(self, name)})")
-        if self.max_clock_skew_s < 0 or self.max_update_norm < 0:
-            raise ValueError("security.max_clock_skew_s and max_update_norm must be >= 0")
+        for name in ("max_clock_skew_s", "max_update_norm", "max_embedding_norm"):
+            if not getattr(self, name) >= 0:
+                raise ValueError(f"security.{name} must be >= 0 (got {getattr(self, name)})")
+        if not self.max_samples >= 1:
+            raise ValueError(f"security.max_samples must be >= 1 (got {self.max_samples})")
+        try:
+            self.update_clip()
+        except ValueError as exc:
+            raise ValueError(f"security.update_clip_{exc}") from None
+
+    def upload_limits(self) -> UploadLimits:
+        return UploadLimits(max_param_norm=norm_bound(self.max_update_norm),
+                            max_embedding_norm=norm_bound(self.max_embedding_norm),
+                            max_samples=self.max_samples)
+
+    def update_clip(self) -> ClipSettings:
+        return ClipSettings(factor=self.update_clip_factor, norm=self.update_clip_norm)
 
     def codec(self, party: str, federation: str | None = None) -> Codec:
         """The codec for `party` ("aggregator" or a silo id). A silo learns the federation's

@@ -85,9 +85,39 @@ def check_tensors(
                 )
 
 
+@dataclass(frozen=True)
+class UploadLimits:
+    """What one upload may hold, checked before it touches any sum. Norm bounds are per
+    tensor (None: none). The embedding bound keeps RSEA's scores finite (honest embeddings
+    of SmolLM2-135M and the built-in model have norms about 1, DP ones about `dp.clip`);
+    the sample count bounds what a silo can claim under `weighting = "samples"`."""
+
+    max_param_norm: float | None = None
+    max_embedding_norm: float | None = 1e4
+    max_samples: int = 100_000_000
+
+    def check_samples(self, n_samples: object, what: str) -> None:
+        if isinstance(n_samples, bool) or not isinstance(n_samples, int) or not (
+            1 <= n_samples <= self.max_samples
+        ):
+            raise InvalidTensors(
+                "sample count",
+                f"{what}: n_samples = {n_samples!r} is not a whole number in "
+                f"1..{self.max_samples} (security.max_samples)",
+            )
+
+
 def norm_bound(value: float) -> float | None:
     """Config convention: 0 (or inf) means no bound."""
     return None if value <= 0 or math.isinf(value) else value
 
 
-__all__ = ["InvalidTensors", "Schema", "TensorSpec", "check_tensors", "norm_bound", "schema_of"]
+__all__ = [
+    "InvalidTensors",
+    "Schema",
+    "TensorSpec",
+    "UploadLimits",
+    "check_tensors",
+    "norm_bound",
+    "schema_of",
+]

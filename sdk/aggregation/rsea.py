@@ -140,6 +140,10 @@ def selection_probs(scores: Tensor, temperature: float = 1.0) -> Tensor:
     return torch.softmax(scores / temperature, dim=0)
 
 
+class NonFiniteRelevance(ArithmeticError):
+    """Scores that overflowed: the module keeps a feasible assignment instead."""
+
+
 @dataclass(frozen=True)
 class RelevanceOptions:
     """How an expert scores the silos (ALGORITHM.md, RSEA, and benchmarks/README.md).
@@ -295,6 +299,11 @@ def assign_module(
     options = options or RelevanceOptions()
     scores = relevance_scores(client_emb, expert_emb, scale, options.mode, trained)
     probs = selection_probs(scores, options.temperature)
+    if not bool(torch.isfinite(probs).all()):
+        raise NonFiniteRelevance(
+            "RSEA's selection probabilities are not finite (embeddings too large for the "
+            "relevance scores); bound the embeddings (security.max_embedding_norm)"
+        )
     objective = probs
     if options.stickiness > 0 and trained is not None:
         bonus = torch.as_tensor(np.asarray(trained, dtype=np.float64), dtype=probs.dtype)

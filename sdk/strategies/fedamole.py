@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import math
 import time
 from collections.abc import Mapping, Sequence
@@ -15,6 +16,7 @@ from fedsilo.privacy.validation import TensorSpec
 from fedsilo.sdk.aggregation.fedavg import RunningMean
 from fedsilo.sdk.aggregation.rsea import (
     AssignmentConstraints,
+    NonFiniteRelevance,
     assign_module,
     kept_share,
     random_assignment,
@@ -28,6 +30,7 @@ from fedsilo.sdk.checkpoint import (
     take_groups,
     take_namespace,
 )
+from fedsilo.sdk.logs import log_event
 from fedsilo.sdk.messages import RoundPlan, Upload
 from fedsilo.sdk.params import (
     ModuleShape,
@@ -48,6 +51,8 @@ from fedsilo.sdk.strategies.base import (
 )
 from fedsilo.sdk.strategies.init import initial_params
 from fedsilo.sdk.training import LocalTrainer
+
+log = logging.getLogger(__name__)
 
 
 class FedAMoLEServer(ServerStrategy):
@@ -192,8 +197,16 @@ class FedAMoLEServer(ServerStrategy):
             return self.assignment, {}
         if self.config.assignment == "random":
             return {m: self._random(len(self.silo_ids)) for m in self.shapes}, {}
-        solved = {m: self._rsea(m, self.silo_ids) for m in self.shapes}
-        return {m: d for m, (d, _) in solved.items()}, {m: p for m, (_, p) in solved.items()}
+        assignment, probs = {}, {}
+        for m in self.shapes:
+            try:
+                assignment[m], probs[m] = self._rsea(m, self.silo_ids)
+            except NonFiniteRelevance as exc:
+                # Validated embeddings cannot get here; if they still do, the round goes
+                # on with a feasible architecture rather than stopping the federation.
+                log_event(log, "rsea_fallback", logging.ERROR, module=m, reason=str(exc))
+                assignment[m] = self._random(len(self.silo_ids))
+        return assignment, probs
 
     def _diagnostics(
         self, probs: Mapping[str, torch.Tensor], previous: Mapping[str, np.ndarray]

@@ -12,13 +12,14 @@ from fedsilo.sdk.strategies import StrategyConfig, get_strategy
 from fedsilo.sdk.transport.memory import MemoryTransport
 
 
-def _aggregator(rounds: int = 2) -> tuple[Aggregator, MemoryTransport]:
+def _aggregator(rounds: int = 2, silos: tuple[str, ...] = ("a", "b")
+                ) -> tuple[Aggregator, MemoryTransport]:
     spec = get_strategy("fedit")
     server = spec.server(spec.adapter(AMoLEConfig(r=2)), StrategyConfig(name="fedit"), 0)
     transport = MemoryTransport()
     agg = Aggregator(server, transport, Schedule(rounds=rounds, local_steps=1, lr=0.1,
                                                  lr_decay=0.5), setup={"name": "t"})
-    agg.start({"m": ModuleShape(3, 3)}, ["a", "b"])
+    agg.start({"m": ModuleShape(3, 3)}, list(silos))
     return agg, transport
 
 
@@ -87,3 +88,71 @@ def test_record_round_trips_through_json() -> None:
     agg.close(agg.collect(record))
     again = RoundRecord.from_json(json.loads(json.dumps(record.to_json())))
     assert again == record
+
+
+def test_an_update_scaled_by_1e30_is_clipped_and_the_average_stays_bounded() -> None:
+    agg, transport = _aggregator(silos=("a", "b", "c"))
+    record = agg.publish(0)
+    sent = transport.receive_plan("a")
+    assert sent is not None
+    start = sent.message.params["m.shared.A"]
+    honest = [_up(0, "a", 1.0), _up(0, "b", 1.5)]
+    attack = _up(0, "c", 1e30)  # finite, valid keys: only the bound stops it
+    for upload in (*honest, attack):
+        transport.send_upload(upload)
+    agg.close(agg.collect(record))
+    assert set(record.clipped) == {"c"} and record.aggregation is not None
+    assert record.aggregation.details["clipped"] == 1.0
+    # c's update was cut to 5 x the median update norm (b's), so the mean moved by <= that / 3
+    median = float(torch.linalg.vector_norm(torch.full((2, 3), 1.5) - start))
+    result = agg.strategy.global_params["m.shared.A"]
+    assert torch.isfinite(result).all()
+    honest_mean = (torch.full((2, 3), 1.0) + torch.full((2, 3), 1.5)) / 2
+    moved = float(torch.linalg.vector_norm(result - (2 * honest_mean + start) / 3))
+    assert moved <= 5 * median / 3 + 1e-5
+
+
+def test_held_uploads_survive_a_checkpoint_and_fold_after_resume() -> None:
+    agg, transport = _aggregator()
+    record = agg.publish(0)
+    transport.send_upload(_up(0, "a", 1.0))
+    agg.collect(record, deadline=0.0)
+    tensors, meta = agg.state_dict()
+    resumed, fresh = _aggregator()
+    resumed.load_state_dict(tensors, json.loads(json.dumps(meta)))
+    assert set(resumed.held) == {"a"}
+    fresh.send_upload(_up(0, "b", 3.0))
+    resumed.close(resumed.collect(resumed.history[-1]))
+    assert torch.allclose(resumed.strategy.global_params["m.shared.A"],
+                          torch.full((2, 3), 2.0))
+
+
+@pytest.mark.parametrize("n_samples", [0, -3, 10**12])
+def test_a_sample_count_out_of_bounds_is_refused(n_samples: int) -> None:
+    agg, transport = _aggregator()
+    record = agg.publish(0)
+    bad = _up(0, "a", 1.0)
+    bad.n_samples = n_samples
+    transport.send_upload(bad)
+    agg.collect(record, deadline=0.0)
+    assert record.ignored == {"sample count": 1} and record.missing == ["a", "b"]
+    assert agg.last_rejection is not None and "n_samples" in str(agg.last_rejection)
+
+
+def test_huge_embeddings_are_refused_before_rsea() -> None:
+    spec = get_strategy("fedamole")
+    config = StrategyConfig(num_experts=2, k_c=1, b=1)
+    server = spec.server(spec.adapter(AMoLEConfig(r=2, top_k=1)), config, 0)
+    transport = MemoryTransport()
+    agg = Aggregator(server, transport, Schedule(rounds=2, local_steps=1, lr=0.1))
+    agg.start({"m": ModuleShape(3, 3)}, ["a", "b"])
+    record = agg.publish(0)
+    plan = transport.receive_plan("a")
+    assert plan is not None
+    schema = server.upload_schema("a", server.configure_round(0, ["a", "b"])["a"], False)
+    emb = {k: torch.full(s.shape, 3e38) for k, s in schema.embeddings.items()}
+    params = {k: torch.zeros(s.shape) for k, s in schema.params.items()}
+    transport.send_upload(Upload(0, "a", params, emb, 10))
+    agg.collect(record, deadline=0.0)
+    assert record.ignored == {"norm bound": 1}
+    assert "embeddings" in str(agg.last_rejection)

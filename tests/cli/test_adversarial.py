@@ -130,9 +130,17 @@ def test_attacks_are_refused_and_the_honest_run_is_unaffected(deployment, tmp_pa
     wrong[name] = torch.zeros(wrong[name].numel() + 1)
     nan_upload = honest2.seal(Upload(0, "silo-2", nan, poisoned.embeddings, 10))
     wrong_upload = honest2.seal(Upload(0, "silo-2", wrong, poisoned.embeddings, 10))
+    # Valid keys, finite values: embeddings that would overflow RSEA, and sample counts
+    # that would crash (0) or take over (1e12) sample-weighted averaging.
+    huge = {k: torch.full_like(v, 3e38) for k, v in poisoned.embeddings.items()}
+    assert huge, "the federation's strategy uploads embeddings (FedAMoLE)"
+    huge_upload = honest2.seal(Upload(0, "silo-2", poisoned.params, huge, 10))
+    no_samples = honest2.seal(Upload(0, "silo-2", poisoned.params, poisoned.embeddings, 0))
+    all_samples = honest2.seal(Upload(0, "silo-2", poisoned.params, poisoned.embeddings,
+                                      10**12))
 
     _publish(url, os.urandom(400), bytes(tampered_body), tampered_header, for_silo1, impostor,
-             stranger, nan_upload, wrong_upload)
+             stranger, nan_upload, wrong_upload, huge_upload, no_samples, all_samples)
     for chunk in split(oversize, "oversize", 256 * 1024):
         _publish(url, chunk.data, headers=chunk.header.to_headers())
     first = split(sealed0, "truncated", 100)[0]  # one chunk of many, the rest never comes
@@ -140,7 +148,8 @@ def test_attacks_are_refused_and_the_honest_run_is_unaffected(deployment, tmp_pa
 
     _wait_rejected(deployment, {"header": 1, "signature": 2, "recipient": 1,
                                 "unknown sender": 2, "non-finite": 1, "tensor schema": 1,
-                                "size": 1, "chunk timeout": 1})
+                                "norm bound": 1, "sample count": 2, "size": 1,
+                                "chunk timeout": 1})
     # A replay of an earlier round's message, once the run has moved past it.
     deployment.wait_for_event("aggregator", "round_opened", round=2, timeout=240)
     _publish(url, nan_upload)
@@ -148,11 +157,12 @@ def test_attacks_are_refused_and_the_honest_run_is_unaffected(deployment, tmp_pa
     deployment.wait_all(timeout=240)
 
     assert rejected == {"header": 1, "signature": 2, "recipient": 1, "unknown sender": 2,
-                        "non-finite": 1, "tensor schema": 1, "size": 1, "chunk timeout": 1,
-                        "replay": 1}
-    assert _dead_letters(url) >= 11  # every refused message kept for audit
+                        "non-finite": 1, "tensor schema": 1, "norm bound": 1,
+                        "sample count": 2, "size": 1, "chunk timeout": 1, "replay": 1}
+    assert _dead_letters(url) >= 14  # every refused message kept for audit
     invalid = deployment.events("aggregator", "upload_invalid")
-    assert {e["reason"] for e in invalid} == {"non-finite", "tensor schema"}
+    assert {e["reason"] for e in invalid} == {"non-finite", "tensor schema", "norm bound",
+                                               "sample count"}
     assert all(e["silo"] == "silo-2" for e in invalid)
 
     reference = run_simulation(deployment.sim, run_dir=deployment.root / "sim").final_params

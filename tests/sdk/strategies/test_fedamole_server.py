@@ -203,3 +203,18 @@ def _run_spread(relevance: str, temperature: float) -> float:
             emb.update({f"{module}.expert.{j}": h for j in ids})
         server.accumulate(Upload(0, silo, dict(plans[silo].params), emb, n_samples=10))
     return server.end_round(0).details["rsea_spread"]
+
+
+def test_embeddings_that_overflow_rsea_leave_a_feasible_architecture() -> None:
+    """Past validation this cannot happen; if it still did, the round closes anyway."""
+    server = _server(relevance="paper", temperature=1.0)
+    server.begin_round(0)
+    for silo in SILOS:
+        emb = {}
+        for module, ids in server.silo_assignment(silo).items():
+            emb[f"{module}.client"] = torch.full((2,), 3e38)
+            emb.update({f"{module}.expert.{j}": torch.full((2,), 3e38) for j in ids})
+        server.accumulate(_upload(server, silo, 0.0, emb))
+    report = server.end_round(0)
+    _check_feasible(server)
+    assert "rsea_spread" not in report.details  # no probabilities to describe
