@@ -195,7 +195,9 @@ class AmqpTransport(Transport):
             silos.insert(0, role)
         self._silos = silos
         self._reassemblers: dict[str, Reassembler] = {}
-        self._held: dict[str, dict[str, list[int]]] = {}  # queue -> message id -> tags
+        # queue -> (sender, message id) -> delivery tags of the chunks held
+        self._held: dict[str, dict[tuple[str, str], list[int]]] = {}
+        self._user: str | None = None  # our broker login, stamped as user_id
         self._max_pending_bytes = max_pending_bytes
         self._reassembly_timeout = reassembly_timeout
         self._quorum = True
@@ -300,6 +302,11 @@ class AmqpTransport(Transport):
             self._connection = connection
             self._url_index = i
             self.url = url
+            # Stamped on every publish: the broker validates it against the login, so a
+            # receiver can tell senders apart (per-sender chunk quotas) without trusting them.
+            credentials = pika.URLParameters(url).credentials
+            self._user = (credentials.username
+                          if isinstance(credentials, pika.PlainCredentials) else None)
             try:
                 self._setup()
             except Exception as exc:
@@ -539,6 +546,7 @@ class AmqpTransport(Transport):
                 content_type=CONTENT_TYPE,
                 message_id=message_id,
                 headers=headers,
+                user_id=self._user,
             )
             try:
                 channel.basic_publish(exchange, routing_key, body, props, mandatory=True)
@@ -608,9 +616,10 @@ class AmqpTransport(Transport):
         self.rejected[reason] = self.rejected.get(reason, 0) + 1
 
     def _expire(self, queue: str) -> None:
-        for mid in self._reassembler(queue).expire():
-            tags = self._held[queue].pop(mid, [])
-            self._reject(tags, "chunk timeout", f"message {mid} incomplete on {queue}")
+        for sender, mid in self._reassembler(queue).expire():
+            tags = self._held[queue].pop((sender, mid), [])
+            self._reject(tags, "chunk timeout",
+                         f"message {mid} of {sender or 'an unknown sender'} incomplete on {queue}")
 
     def _receive(
         self, queue: str, kind: type | tuple[type, ...], timeout: float | None
@@ -661,21 +670,23 @@ class AmqpTransport(Transport):
             tags, data = [tag], body
         else:
             mid = header.message_id
-            before = reassembler.received(mid)
+            sender = _validated_user(props)
+            key = (sender, mid)
+            before = reassembler.received(mid, sender)
             try:
-                data = reassembler.add(Chunk(header, body))
+                data = reassembler.add(Chunk(header, body), sender)
             except ChunkError as exc:
                 tags = [tag]
                 if exc.dropped:
-                    tags = held.pop(mid, []) + tags
+                    tags = held.pop(key, []) + tags
                 self._reject(tags, f"chunk: {exc.reason}", str(exc))
                 return None
-            held.setdefault(mid, []).append(tag)
+            held.setdefault(key, []).append(tag)
             if header.count > 1:
                 now = (
                     (header.count, header.total_size)
                     if data is not None
-                    else (reassembler.received(mid) or (0, 0))
+                    else (reassembler.received(mid, sender) or (0, 0))
                 )
                 if before is None or now[0] != before[0]:
                     self._report(
@@ -691,7 +702,7 @@ class AmqpTransport(Transport):
                     )
             if data is None:
                 return None
-            tags = held.pop(mid)
+            tags = held.pop(key)
         try:
             message = self.codec.open(data)
             if not isinstance(message, kind):
@@ -784,3 +795,12 @@ __all__ = [
     "mask_url",
     "plans_queue",
 ]
+
+
+def _validated_user(props: Any) -> str:
+    """The AMQP user id of a delivery: RabbitMQ refuses a publish whose user_id is not the
+    publisher's login, so this names the sender's broker user ("" when not stamped)."""
+    user = props.user_id
+    if isinstance(user, bytes):
+        user = user.decode("utf-8", "replace")
+    return user if isinstance(user, str) else ""

@@ -101,10 +101,14 @@ class _Pending:
 class Reassembler:
     """Collects chunks of many messages at once, in any order, duplicates ignored.
 
-    Memory is bounded: the bytes held for incomplete messages never exceed
-    `max_pending_bytes` (a chunk that would exceed it raises ChunkError("pending bytes cap")
-    and is not stored). A set that received no chunk for `timeout_s` is dropped by
-    `expire()`. Not thread-safe."""
+    Memory is bounded per sender: the bytes held for one sender's incomplete messages never
+    exceed `max_pending_bytes` (a chunk that would exceed it raises
+    ChunkError("pending bytes cap") and is not stored), so one sender filling its share
+    never costs another sender an upload. Sets are keyed by (sender, message id): a chunk
+    from another sender never joins or breaks a set. `sender` is what the broker vouches
+    for (the AMQP user id it validated), "" when unknown. A set that received no new chunk
+    for `timeout_s` is dropped by `expire()`; a duplicate chunk does not keep it alive.
+    Not thread-safe."""
 
     def __init__(
         self,
@@ -115,24 +119,31 @@ class Reassembler:
         self.max_pending_bytes = max_pending_bytes
         self.timeout_s = timeout_s
         self._clock = clock
-        self._pending: dict[str, _Pending] = {}
+        self._pending: dict[tuple[str, str], _Pending] = {}
+        self._by_sender: dict[str, int] = {}
         self.pending_bytes = 0
 
     def progress(self) -> dict[str, tuple[int, int]]:
         """message id -> (chunks received, chunks expected), for incomplete messages."""
-        return {mid: (len(p.parts), p.first.count) for mid, p in self._pending.items()}
+        return {mid: (len(p.parts), p.first.count) for (_, mid), p in self._pending.items()}
 
-    def received(self, message_id: str) -> tuple[int, int] | None:
+    def received(self, message_id: str, sender: str = "") -> tuple[int, int] | None:
         """(chunks, bytes) held so far for the incomplete message `message_id`, else None."""
-        pending = self._pending.get(message_id)
+        pending = self._pending.get((sender, message_id))
         return None if pending is None else (len(pending.parts), pending.size)
 
-    def discard(self, message_id: str) -> None:
-        pending = self._pending.pop(message_id, None)
+    def sender_bytes(self, sender: str = "") -> int:
+        return self._by_sender.get(sender, 0)
+
+    def discard(self, message_id: str, sender: str = "") -> None:
+        pending = self._pending.pop((sender, message_id), None)
         if pending is not None:
             self.pending_bytes -= pending.size
+            self._by_sender[sender] -= pending.size
+            if not self._by_sender[sender]:
+                del self._by_sender[sender]
 
-    def add(self, chunk: Chunk) -> bytes | None:
+    def add(self, chunk: Chunk, sender: str = "") -> bytes | None:
         """The whole payload once `chunk` completes it (hash checked), else None."""
         h = chunk.header
         mid = h.message_id
@@ -142,7 +153,8 @@ class Reassembler:
             raise ChunkError("index out of range", f"{h.index} not in [0, {h.count})", mid)
         if len(chunk.data) > h.total_size:
             raise ChunkError("chunk larger than total", f"{len(chunk.data)} > {h.total_size}", mid)
-        pending = self._pending.get(mid)
+        key = (sender, mid)
+        pending = self._pending.get(key)
         if pending is not None:
             first = pending.first
             for attr in ("count", "total_size", "sha256"):
@@ -156,25 +168,26 @@ class Reassembler:
             if known is not None:
                 if known != chunk.data:
                     raise ChunkError("conflicting duplicate", f"chunk {h.index} of {mid}", mid)
-                pending.last_seen = self._clock()
-                return None
+                return None  # a duplicate adds nothing and keeps nothing alive
         if h.count == 1:
             return self._finish(mid, h, [chunk.data])
-        if self.pending_bytes + len(chunk.data) > self.max_pending_bytes:
+        if self.sender_bytes(sender) + len(chunk.data) > self.max_pending_bytes:
             raise ChunkError(
                 "pending bytes cap",
-                f"{self.pending_bytes} + {len(chunk.data)} > {self.max_pending_bytes}",
+                f"{self.sender_bytes(sender)} + {len(chunk.data)} > {self.max_pending_bytes} "
+                f"held for sender {sender or '(unknown)'}",
                 mid,
             )
         if pending is None:
-            pending = self._pending[mid] = _Pending(first=h)
+            pending = self._pending[key] = _Pending(first=h)
         pending.parts[h.index] = chunk.data
         pending.size += len(chunk.data)
         pending.last_seen = self._clock()
         self.pending_bytes += len(chunk.data)
+        self._by_sender[sender] = self.sender_bytes(sender) + len(chunk.data)
         if len(pending.parts) < h.count:
             return None
-        self.discard(mid)
+        self.discard(mid, sender)
         return self._finish(mid, h, [pending.parts[i] for i in range(h.count)])
 
     def _finish(self, mid: str, h: ChunkHeader, parts: list[bytes]) -> bytes:
@@ -187,12 +200,13 @@ class Reassembler:
             raise ChunkError("sha256 mismatch", f"payload of {mid}", mid, dropped=True)
         return payload
 
-    def expire(self) -> list[str]:
-        """Drop incomplete sets idle for longer than timeout_s; their message ids."""
+    def expire(self) -> list[tuple[str, str]]:
+        """Drop incomplete sets without a new chunk for longer than timeout_s; their
+        (sender, message id) keys."""
         now = self._clock()
-        old = [mid for mid, p in self._pending.items() if now - p.last_seen > self.timeout_s]
-        for mid in old:
-            self.discard(mid)
+        old = [key for key, p in self._pending.items() if now - p.last_seen > self.timeout_s]
+        for sender, mid in old:
+            self.discard(mid, sender)
         return old
 
 

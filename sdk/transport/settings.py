@@ -52,7 +52,10 @@ class BrokerSettings:
     """Give up (and stop, state saved) after an outage this long."""
     heartbeat_s: int = 60
     max_pending_mb: float = 2048.0
+    """Bytes of incomplete chunked messages held per sender (its broker user); memory is
+    at most this times the number of broker users."""
     reassembly_timeout_s: float = 300.0
+    """Drop a chunked message that got no new chunk for this long."""
 
     def __post_init__(self) -> None:
         if isinstance(self.urls, str):

@@ -141,10 +141,10 @@ def test_expiry() -> None:
     r.add(b[0])
     assert r.expire() == []
     clock.now = 5.5
-    assert r.expire() == ["a"]
+    assert r.expire() == [("", "a")]
     assert r.progress() == {"b": (1, 3)} and r.pending_bytes == 1_000
     clock.now = 100
-    assert r.expire() == ["b"] and r.pending_bytes == 0
+    assert r.expire() == [("", "b")] and r.pending_bytes == 0
 
 
 def test_pending_bytes_cap() -> None:
@@ -161,3 +161,38 @@ def test_pending_bytes_cap() -> None:
         r.add(a[2])
     r.discard("a")
     assert r.pending_bytes == 0
+
+
+def test_one_sender_filling_its_quota_costs_another_nothing() -> None:
+    r = Reassembler(max_pending_bytes=2_500, timeout_s=10)
+    junk = split(os.urandom(10_000), "junk", 1_000)
+    r.add(junk[0], "mallory")
+    r.add(junk[1], "mallory")
+    with pytest.raises(ChunkError, match=r"pending bytes cap.*mallory"):
+        r.add(junk[2], "mallory")
+    honest = os.urandom(2_400)
+    parts = split(honest, "up", 1_000)
+    assert [r.add(c, "silo-0") for c in parts][-1] == honest
+    assert r.sender_bytes("mallory") == 2_000 and r.sender_bytes("silo-0") == 0
+
+
+def test_a_chunk_from_another_sender_never_joins_or_breaks_a_set() -> None:
+    r = Reassembler(1 << 20, 10)
+    payload = os.urandom(3_000)
+    parts = split(payload, "same-id", 1_000)
+    r.add(parts[0], "silo-0")
+    forged = Chunk(parts[1].header, b"x" * 1_000)  # same message id and index, other bytes
+    assert r.add(forged, "mallory") is None  # a set of mallory's own, not silo-0's
+    assert r.add(parts[1], "silo-0") is None
+    assert r.add(parts[2], "silo-0") == payload
+
+
+def test_duplicates_do_not_keep_an_incomplete_set_alive() -> None:
+    clock = FakeClock()
+    r = Reassembler(1 << 20, timeout_s=5, clock=clock)
+    parts = split(os.urandom(3_000), "stuck", 1_000)
+    r.add(parts[0], "mallory")
+    for t in (2, 4, 6):
+        clock.now = t
+        r.add(parts[0], "mallory")  # the same chunk again and again
+    assert r.expire() == [("mallory", "stuck")] and r.pending_bytes == 0
