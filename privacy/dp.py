@@ -32,6 +32,7 @@ __all__ = [
     "DPConfig",
     "DPError",
     "DPSGDConfig",
+    "NonFiniteValues",
     "clip_rows",
     "embeddings_release",
     "noise_multiplier_for",
@@ -45,6 +46,12 @@ _SIGMA_RTOL = 1e-3  # relative precision of the noise-multiplier search
 
 class DPError(ValueError):
     """Infeasible or invalid DP settings; says which and what to change."""
+
+
+class NonFiniteValues(DPError):
+    """Values to release that are NaN or inf: the model diverged or the data is broken,
+    not a privacy-budget problem. Nothing is released; embeddings are checked before they
+    are charged (DP-SGD's charge for the round was made before training and stays)."""
 
 
 @dataclass(frozen=True)
@@ -113,7 +120,7 @@ def clip_rows(x: Tensor, clip: float) -> Tensor:
         )
     norms = torch.linalg.vector_norm(x, dim=1, keepdim=True)
     if not bool(torch.isfinite(norms).all()):
-        raise DPError(
+        raise NonFiniteValues(
             "per-example values contain NaN or inf; fix the model or data producing them "
             "(they cannot be clipped)"
         )

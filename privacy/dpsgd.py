@@ -17,7 +17,7 @@ from collections.abc import Callable, Sequence
 import torch
 from torch import Tensor
 
-from fedsilo.privacy.dp import DPError, DPSGDConfig, secure_generator
+from fedsilo.privacy.dp import DPError, DPSGDConfig, NonFiniteValues, secure_generator
 from fedsilo.privacy.ledger import DP_SGD, Release
 
 __all__ = ["dpsgd_release", "private_gradients"]
@@ -77,7 +77,7 @@ def private_gradients(
             torch.stack([torch.linalg.vector_norm(g).to(sums[0].device) for g in flat])
         )
         if not bool(torch.isfinite(norm)):
-            raise DPError(
+            raise NonFiniteValues(
                 f"example {i} has a NaN or inf gradient; lower the learning rate or check the "
                 "data (a non-finite gradient cannot be clipped)"
             )

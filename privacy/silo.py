@@ -17,7 +17,13 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from fedsilo.privacy.dp import DPConfig, embeddings_release, noise_multiplier_for, private_mean
+from fedsilo.privacy.dp import (
+    DPConfig,
+    NonFiniteValues,
+    embeddings_release,
+    noise_multiplier_for,
+    private_mean,
+)
 from fedsilo.privacy.dpsgd import dpsgd_release
 from fedsilo.privacy.ledger import PrivacyLedger, Release
 from fedsilo.sdk.logs import log_event
@@ -99,6 +105,12 @@ class SiloPrivacy:
     def release_embeddings(self, per_example: Mapping[str, Tensor]) -> dict[str, Tensor]:
         """Clip per example, sum, add noise, divide by the (public) count: charged first."""
         assert self.noise_multiplier is not None, "begin_round calibrates the noise first"
+        for key, value in per_example.items():
+            if not bool(torch.isfinite(value).all()):
+                raise NonFiniteValues(
+                    f"the embeddings {key} hold NaN or inf: the model diverged (or the data "
+                    "is broken); nothing was released or charged"
+                )
         self._charge(embeddings_release(self.round, noise_multiplier=self.noise_multiplier,
                                         clip=self.config.clip))
         return private_mean(per_example, clip=self.config.clip,

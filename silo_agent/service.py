@@ -21,7 +21,7 @@ from typing import Any, Protocol
 
 import torch
 
-from fedsilo.privacy.dp import DPError
+from fedsilo.privacy.dp import DPError, NonFiniteValues
 from fedsilo.privacy.ledger import BudgetExceeded
 from fedsilo.privacy.silo import SiloPrivacy
 from fedsilo.privacy.validation import InvalidTensors, check_tensors
@@ -210,6 +210,16 @@ class AgentService:
         self.observer.round_started(plan.round, plan.local_steps)
         try:
             upload = self.agent.handle(plan)
+        except NonFiniteValues as exc:
+            # Not a privacy problem: the model diverged on this round's plan. Skip the round
+            # (nothing sent; the aggregator closes it without us) and take the next plan.
+            log_event(log, "round_skipped", logging.ERROR, silo=self.silo_id,
+                      round=plan.round, reason="non-finite values", detail=str(exc))
+            self.state.last_round = plan.round
+            self._codec().advance(plan.round)
+            self._checkpoint()
+            delivery.ack()
+            return
         except (BudgetExceeded, DPError) as exc:
             log_event(log, "privacy_budget_exhausted", logging.ERROR, silo=self.silo_id,
                       round=plan.round, detail=str(exc))

@@ -124,3 +124,16 @@ def test_dp_sgd_training_is_charged_and_moves_the_adapter(tmp_path: Path) -> Non
     assert math.isclose(release.sample_rate, 2 / trainer.num_train)
     embeddings = trainer.embed()  # noised and charged as well
     assert len(trainer.privacy.ledger.releases) == 2 and embeddings
+
+
+def test_nan_embeddings_are_a_divergence_not_a_budget_problem(tmp_path: Path) -> None:
+    from fedsilo.privacy.dp import NonFiniteValues
+
+    privacy = SiloPrivacy.open(DPConfig(epsilon=4.0), tmp_path, "s")
+    privacy.begin_round(0, total_rounds=2, local_steps=0, batch_size=1, num_train=10)
+    broken = _per_example()
+    broken["m.client"][3, 1] = float("nan")
+    with pytest.raises(NonFiniteValues, match=r"m\.client hold NaN or inf.*nothing was released"):
+        privacy.release_embeddings(broken)
+    assert privacy.ledger.releases == []  # nothing charged
+    assert not isinstance(NonFiniteValues("x"), BudgetExceeded)
