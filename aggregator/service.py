@@ -73,6 +73,9 @@ class ServiceState:
     deadline_at: float | None = None
     extensions: int = 0
     counters: dict[str, int] = field(default_factory=dict)
+    # Messages the transport refused, by reason, in earlier runs of this state folder (a
+    # restart must not reset what an operator audits); this run's come from the transport.
+    rejected_before: dict[str, int] = field(default_factory=dict)
     last_error: str | None = None
 
     def count(self, key: str, n: int = 1) -> None:
@@ -381,11 +384,13 @@ class AggregatorService:
 
     def _checkpoint(self) -> None:
         tensors: dict[str, Any] = {}
+        service = self.state.to_json()
+        service["rejected_before"] = self._rejected()  # what a restart starts from
         meta: dict[str, Any] = {
             "version": STATE_VERSION,
             "federation": self.config.name,
             "fingerprint": self.fingerprint,
-            "service": self.state.to_json(),
+            "service": service,
             "engine": None,
             "codec": self._codec().state_dict(),
         }
@@ -463,9 +468,16 @@ class AggregatorService:
             "bytes_down": dict(record.bytes_down) if record else {},
             "counters": dict(state.counters),
             "reconnects": getattr(self.transport, "reconnects", 0),
-            "rejected": dict(getattr(self.transport, "rejected", {})),
+            "rejected": self._rejected(),
             "last_error": state.last_error,
         }
+
+    def _rejected(self) -> dict[str, int]:
+        """Refusals by reason over every run of this state folder."""
+        total = dict(self.state.rejected_before)
+        for reason, n in (self.transport.rejected if self.transport is not None else {}).items():
+            total[reason] = total.get(reason, 0) + n
+        return total
 
     def _write_status(self) -> None:
         _write_json(self.state_dir / STATUS, self.status())

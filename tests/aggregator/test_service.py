@@ -176,3 +176,26 @@ def test_no_model_digest_no_run(tmp_path: Path) -> None:
         AggregatorService(config, connect=MemoryTransport).open()
     with pytest.raises(ValueError, match="not a SHA-256"):
         FederationConfig(**{**_config(tmp_path).__dict__, "model_digest": "abc"})
+
+
+def test_refusal_counts_survive_a_restart(tmp_path: Path) -> None:
+    transport, clock = MemoryTransport(), Clock()
+    config = _config(tmp_path)
+    service = _service(config, transport, clock)
+    for silo in "abc":
+        transport.send_announce(_announce(silo))
+    _steps(service)
+    bad = _upload(0, "a")
+    bad.params["layer.q_proj.shared.A"][0, 0] = float("nan")
+    transport.send_upload(bad)
+    _steps(service)
+    before = service.status()
+    assert before["rejected"] == {"non-finite": 1}
+    assert before["counters"]["rejected: non-finite"] == 1
+    service.close()
+    again = _service(config, MemoryTransport(), clock)  # a new process: fresh transport
+    assert again.status()["rejected"] == {"non-finite": 1}
+    assert again.status()["counters"] == before["counters"]
+    again.close()
+    third = _service(config, MemoryTransport(), clock)
+    assert third.status()["rejected"] == {"non-finite": 1}  # not counted twice
