@@ -269,6 +269,8 @@ class AggregatorService:
             self.faults.reach("folded", record.round)
         else:
             self.state.count(verdict.value)
+            if verdict is Verdict.DUPLICATE:
+                self.faults.reach("duplicate", record.round)
         self._write_status()
         return True
 

@@ -517,11 +517,19 @@ def _decrypt(
 
 class ReplayGuard:
     """Message ids accepted so far, per round, with a floor: anything for a round below the
-    floor, or an id seen before, is a replay. JSON-able state so it survives restarts."""
+    floor, or an id accepted before, is a replay. JSON-able state so it survives restarts.
+
+    An id accepted since the last `state_dict()` is *uncommitted*: its effect is not in
+    any checkpoint yet, so the broker's redelivery of it (after a lost connection) is the
+    same message, not a replay, and passes; the receiver handles it idempotently (the
+    aggregator as a duplicate upload, an agent as a plan it already ran). `state_dict()`
+    commits: from then on a copy is a replay. A restart loads only committed ids, so what
+    was accepted but never checkpointed is accepted again, and nothing is lost."""
 
     def __init__(self) -> None:
         self._floor = 0
         self._seen: dict[int, set[tuple[str, str]]] = {}
+        self._uncommitted: set[tuple[int, str, str]] = set()
 
     def __repr__(self) -> str:
         counts = {r: len(ids) for r, ids in sorted(self._seen.items())}
@@ -539,6 +547,8 @@ class ReplayGuard:
                 f"message {header.message_id!r} from {header.sender!r} is for round "
                 f"{header.round}, below the floor {self._floor} (those rounds are closed)",
             )
+        if (header.round, header.sender, header.message_id) in self._uncommitted:
+            return  # a redelivery of a message whose effect is not checkpointed yet
         if (header.sender, header.message_id) in self._seen.get(header.round, ()):
             raise EnvelopeError(
                 "replay",
@@ -551,6 +561,7 @@ class ReplayGuard:
         once only the first to be remembered wins (EnvelopeError("replay") for the other)."""
         self.check(header)
         self._seen.setdefault(header.round, set()).add((header.sender, header.message_id))
+        self._uncommitted.add((header.round, header.sender, header.message_id))
 
     def set_floor(self, round: int) -> None:
         """Close every round below `round`: forget their ids and reject them from now on.
@@ -559,8 +570,11 @@ class ReplayGuard:
             raise ValueError(f"floor must be a non-negative integer round, got {round!r}")
         self._floor = max(self._floor, round)
         self._seen = {r: ids for r, ids in self._seen.items() if r >= self._floor}
+        self._uncommitted = {key for key in self._uncommitted if key[0] >= self._floor}
 
     def state_dict(self) -> dict[str, Any]:
+        """Every accepted id, for the checkpoint being written; commits them (see above)."""
+        self._uncommitted = set()
         seen = {str(r): sorted([s, m] for s, m in ids) for r, ids in sorted(self._seen.items())}
         return {"floor": self._floor, "seen": seen}
 
@@ -590,4 +604,4 @@ class ReplayGuard:
             raise ValueError(
                 f"not a ReplayGuard state ({exc}); pass what ReplayGuard.state_dict() returned"
             ) from None
-        self._floor, self._seen = floor, seen
+        self._floor, self._seen, self._uncommitted = floor, seen, set()

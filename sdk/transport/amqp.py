@@ -179,6 +179,7 @@ class AmqpTransport(Transport):
         self.prefetch = prefetch
         self.traffic = TrafficCounter()
         self.rejected: dict[str, int] = {}
+        self.redelivered_done = 0  # redeliveries of messages already handled, acknowledged
         self.reconnects = 0
         self.connect_timeout = connect_timeout
         self.reconnect_timeout = reconnect_timeout
@@ -644,7 +645,8 @@ class AmqpTransport(Transport):
                     delay = min(delay * 2, 0.1)
                     continue
                 delay = 0.005
-                delivery = self._handle(queue, kind, method.delivery_tag, props, body or b"")
+                delivery = self._handle(queue, kind, method.delivery_tag, props, body or b"",
+                                        redelivered=bool(method.redelivered))
             except Exception as exc:
                 if not self._is_loss(exc):
                     raise
@@ -657,7 +659,8 @@ class AmqpTransport(Transport):
             # that is already waiting; an empty queue ends the wait above.
 
     def _handle(
-        self, queue: str, kind: type | tuple[type, ...], tag: int, props: Any, body: bytes
+        self, queue: str, kind: type | tuple[type, ...], tag: int, props: Any, body: bytes,
+        redelivered: bool = False,
     ) -> Delivery | None:
         reassembler = self._reassembler(queue)
         held = self._held[queue]
@@ -708,6 +711,15 @@ class AmqpTransport(Transport):
             if not isinstance(message, kind):
                 raise Rejected("protocol", f"unexpected {type(message).__name__} on {queue}")
         except Rejected as exc:
+            if exc.reason == "replay" and redelivered:
+                # The broker redelivers what we accepted and checkpointed but could not
+                # acknowledge (the connection was lost first): done already, not an attack.
+                log.debug("acknowledging a redelivered message already handled: %s",
+                          exc.detail)
+                self.redelivered_done += 1
+                for t in tags:
+                    self._channel.basic_ack(t)
+                return None
             self._reject(tags, exc.reason, exc.detail)
             return None
         except Exception as exc:  # a codec bug must not stop the consumer: dead-letter it

@@ -135,6 +135,11 @@ def test_broker_dropping_connections_and_an_agent_stopped_mid_round_change_nothi
     deployment.wait_all(timeout=240)
     status = json.loads((deployment.aggregator_dir / "status.json").read_text())
     assert status["reconnects"] >= 1
+    # What the broker redelivered after the close was handled as itself, never refused as
+    # a replay (dead-lettered and counted as an attack) by the aggregator or an agent.
+    assert "replay" not in status["rejected"], status["rejected"]
+    for silo in deployment.silos:
+        assert "(replay)" not in deployment.log(silo), silo
     _assert_same_params(deployment, _reference(deployment))
 
 
@@ -173,3 +178,35 @@ def test_dead_agent_round_closes_with_quorum_and_it_rejoins(deployment, tmp_path
     assert set(summary["per_silo"]) == set(deployment.silos)
     status = json.loads((deployment.aggregator_dir / "status.json").read_text())
     assert status["counters"]["duplicate"] == 1 and status["counters"]["late"] == 1
+
+
+def test_uploads_redelivered_before_their_checkpoint_are_not_lost(deployment, one_thread) -> None:
+    """Round 1: silo-0 and silo-1 uploaded (held, not yet checkpointed), silo-2 is down; the
+    broker closes every connection, so it redelivers the two uploads: they are the same
+    messages, not replays. The aggregator is SIGKILLed while handling the redelivery, before
+    any checkpoint: restarted, it gets them again, and the run equals the fault-free one."""
+    deployment.rounds = {"checkpoint_interval_s": 1e6, "deadline_s": 900.0}
+    deployment.write()
+    deployment.start_aggregator(env={"FEDSILO_FAULT": "duplicate@1"})
+    deployment.start_agent("silo-0")
+    deployment.start_agent("silo-1")
+    deployment.start_agent("silo-2", env={"FEDSILO_FAULT": "plan_received@1"})
+    assert deployment.wait("silo-2", timeout=180) == -signal.SIGKILL
+    for silo in ("silo-0", "silo-1"):
+        deployment.wait_for_event("aggregator", "upload_folded", round=1, silo=silo,
+                                  timeout=180)
+    subprocess.run(
+        ["rabbitmqctl", "close_all_connections", "-p", _vhost(deployment.broker_url),
+         "test: broker-side close"], check=True, capture_output=True, timeout=60,
+    )
+    # Handling the first redelivered upload as the duplicate it is: killed right there.
+    assert deployment.wait("aggregator", timeout=180) == -signal.SIGKILL
+    deployment.start_aggregator()
+    deployment.start_agent("silo-2")
+    deployment.wait_all(timeout=300)
+
+    status = json.loads((deployment.aggregator_dir / "status.json").read_text())
+    assert "replay" not in status["rejected"], status["rejected"]
+    closed = [e["round"] for e in deployment.events("aggregator", "round_closed")]
+    assert closed == [0, 1, 2]
+    _assert_same_params(deployment, _reference(deployment))

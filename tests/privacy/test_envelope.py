@@ -363,9 +363,13 @@ def test_replay_of_the_same_message(world: World) -> None:
     header, _ = _open(world, data, replay=guard)
     header_again, _ = _open(world, data, replay=guard)  # open_sealed does not remember
     guard.remember(header)
+    # Not checkpointed yet: a copy is a redelivery of the same message and passes (the
+    # receiver handles it idempotently); once state_dict() committed it, it is a replay.
+    guard.remember(header_again)
+    guard.state_dict()
     assert _reason(world, data, replay=guard) == "replay"
     with pytest.raises(EnvelopeError, match="already accepted"):
-        guard.remember(header_again)  # two copies in flight: only one is accepted
+        guard.remember(header_again)
     # A fresh message of the same round is fine, and so is the same id from another sender.
     fresh = _seal(world)
     guard.remember(_open(world, fresh, replay=guard)[0])
@@ -392,11 +396,14 @@ def test_replay_guard_state_survives_a_restart(world: World) -> None:
         guard.remember(header)
     guard.set_floor(5)
     state = json.loads(json.dumps(guard.state_dict()))
+    uncommitted = _open(world, _seal(world, round=6))[0]
+    guard.remember(uncommitted)  # accepted after the checkpoint above: not in `state`
 
     restored = ReplayGuard()
     restored.load_state_dict(state)
-    assert restored.state_dict() == guard.state_dict()
+    assert restored.state_dict() == state
     assert restored.floor == 5
+    restored.remember(uncommitted)  # its effect was lost with the crash: accept it again
     for header in headers:
         with pytest.raises(EnvelopeError, match="replay"):
             restored.check(header)
