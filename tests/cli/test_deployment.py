@@ -168,7 +168,18 @@ def test_dead_agent_round_closes_with_quorum_and_it_rejoins(deployment, tmp_path
 
     closed = deployment.wait_for_event("aggregator", "round_closed_at_deadline", timeout=60)
     assert closed["round"] == 1 and closed["missing"] == ["silo-2"]
-    deployment.start_agent("silo-2")
+    # Round 2 must not close at its deadline while silo-2 starts again, however slow the
+    # machine: freeze the aggregator once the others uploaded, thaw it when silo-2 did.
+    deployment.wait_for_event("aggregator", "round_opened", round=2)
+    for silo in ("silo-0", "silo-1"):
+        deployment.wait_for_event("aggregator", "upload_folded", round=2, silo=silo)
+    aggregator = deployment.processes["aggregator"]
+    aggregator.send_signal(signal.SIGSTOP)
+    try:
+        deployment.start_agent("silo-2")
+        deployment.wait_for_event("silo-2", "round_done", round=2, timeout=240)
+    finally:
+        aggregator.send_signal(signal.SIGCONT)
     deployment.wait_all(timeout=240)
 
     assert deployment.events("aggregator", "silo_rejoined")[0]["silo"] == "silo-2"
