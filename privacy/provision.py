@@ -191,6 +191,8 @@ def broker_definitions(
     passwords: Mapping[str, str],
     *,
     quorum: bool = True,
+    dead_letter_max: int = 100_000,
+    dead_letter_ttl_h: float = 14 * 24.0,
 ) -> dict[str, Any]:
     """A RabbitMQ definitions document for one federation: its vhost, one user per party
     (`passwords` maps "aggregator" and every silo to its password), least-privilege
@@ -199,7 +201,10 @@ def broker_definitions(
     Silos may configure nothing (`NOTHING`), write only to the uploads exchange and read only
     their own plans queue; the aggregator may configure, write and read the federation's exchanges
     and queues and nothing else. `quorum=False` for brokers without quorum queues (the
-    transport then falls back to classic durable queues the same way)."""
+    transport then falls back to classic durable queues the same way). A policy bounds the
+    dead-letter queue (`dead_letter_max` messages, oldest dropped first; each kept
+    `dead_letter_ttl_h` hours): a policy, not queue arguments, so it also applies to a
+    queue that already exists and can be changed without redeclaring it."""
     _check_silos(silos)
     parties = (AGGREGATOR, *silos)
     missing = [p for p in parties if not passwords.get(p)]
@@ -257,7 +262,15 @@ def broker_definitions(
         "topic_permissions": [],
         "parameters": [],
         "global_parameters": [],
-        "policies": [],
+        "policies": [{
+            "vhost": vhost,
+            "name": "fedsilo-dead-letters-bounded",
+            "pattern": f"^{re.escape(DEAD_QUEUE)}$",
+            "apply-to": "queues",
+            "priority": 0,
+            "definition": {"max-length": dead_letter_max, "overflow": "drop-head",
+                           "message-ttl": int(dead_letter_ttl_h * 3600 * 1000)},
+        }],
         "exchanges": exchanges,
         "queues": queues,
         "bindings": bindings,
@@ -445,7 +458,9 @@ def provision(
         old = _existing_password(out / party / _PASSWORD_FILE) if force else None
         passwords[party] = old or secrets.token_urlsafe(24)
         _write(out / party / _PASSWORD_FILE, passwords[party] + "\n", 0o600)
-    definitions = broker_definitions(cfg.name, vhost, silos, passwords)
+    definitions = broker_definitions(cfg.name, vhost, silos, passwords,
+                                     dead_letter_max=cfg.broker.dead_letter_max,
+                                     dead_letter_ttl_h=cfg.broker.dead_letter_ttl_h)
     passwords.clear()
     broker = _private_dir(out / "broker")
     _write(broker / "definitions.json", json.dumps(definitions, indent=2) + "\n", 0o600)

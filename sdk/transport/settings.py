@@ -56,6 +56,11 @@ class BrokerSettings:
     at most this times the number of broker users."""
     reassembly_timeout_s: float = 300.0
     """Drop a chunked message that got no new chunk for this long."""
+    dead_letter_max: int = 100_000
+    """Provisioned brokers: the dead-letter queue keeps at most this many messages (the
+    oldest go first), so a flood of refused messages cannot fill the broker's disk."""
+    dead_letter_ttl_h: float = 14 * 24.0
+    """Provisioned brokers: a dead letter is kept this many hours for audit."""
 
     def __post_init__(self) -> None:
         if isinstance(self.urls, str):
@@ -68,6 +73,9 @@ class BrokerSettings:
                     "broker.urls entries must start with amqp:// or amqps:// "
                     f"(got one starting with {url.split(':', 1)[0]!r})"
                 )
+        if not (isinstance(self.dead_letter_max, int) and self.dead_letter_max >= 1
+                and self.dead_letter_ttl_h > 0):
+            raise ValueError("broker.dead_letter_max must be >= 1 and dead_letter_ttl_h > 0")
         for name in ("chunk_size_mb", "connect_timeout_s", "max_pending_mb",
                      "reassembly_timeout_s"):
             if not getattr(self, name) > 0:

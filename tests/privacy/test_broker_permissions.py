@@ -27,6 +27,8 @@ from fedsilo.privacy.provision import ProvisionResult, provision
 from fedsilo.sdk.config import load_config
 from fedsilo.sdk.messages import RoundPlan, Upload
 from fedsilo.sdk.transport.amqp import (
+    DEAD_EXCHANGE,
+    DEAD_QUEUE,
     PLANS_EXCHANGE,
     UPLOADS_EXCHANGE,
     UPLOADS_QUEUE,
@@ -88,12 +90,14 @@ def _wait_for_import(fed: Federation, timeout: float = 60.0) -> None:
 
 
 @pytest.fixture
-def fed(tmp_path: Path, broker_url: str) -> Iterator[Federation]:
+def fed(request: pytest.FixtureRequest, tmp_path: Path, broker_url: str
+        ) -> Iterator[Federation]:
+    """The provisioned federation; `indirect` parametrisation adds `[broker]` TOML lines."""
     name = f"fedtest{uuid.uuid4().hex[:10]}"
     config = tmp_path / "federation.toml"
     config.write_text(
         f'name = "{name}"\nsilos = {list(SILOS)!r}\n'.replace("'", '"')
-        + f'[broker]\nurls = ["{broker_url}"]\n'
+        + f'[broker]\nurls = ["{broker_url}"]\n' + getattr(request, "param", "")
     )
     result = provision(config, tmp_path / "kit")
     assert result.vhost == urlsplit(broker_url).path.lstrip("/")  # the fixture's vhost
@@ -254,3 +258,21 @@ def test_a_silo_transport_that_declares_is_told_why(fed: Federation) -> None:
 
     with pytest.raises(BrokerUnavailable, match="declare_topology"):
         AmqpTransport([fed.url("silo-a")], "silo-a")
+
+
+@pytest.mark.parametrize("fed", ["dead_letter_max = 3\n"], indirect=True)
+def test_the_dead_letter_queue_is_bounded(fed: Federation) -> None:
+    with _admin(fed.admin_url) as admin:
+        channel = admin.channel()
+        channel.confirm_delivery()
+        for i in range(6):
+            channel.basic_publish(DEAD_EXCHANGE, "", f"refused {i}".encode(), mandatory=True)
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:  # the policy applies asynchronously
+            count = channel.queue_declare(DEAD_QUEUE, passive=True).method.message_count
+            if count <= 3:
+                break
+            time.sleep(0.2)
+        assert count == 3
+        method, _, body = channel.basic_get(DEAD_QUEUE, auto_ack=True)
+        assert method is not None and body == b"refused 3"  # the oldest were dropped
