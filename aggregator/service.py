@@ -481,6 +481,8 @@ class AggregatorService:
             "counters": dict(state.counters),
             "reconnects": getattr(self.transport, "reconnects", 0),
             "rejected": self._rejected(),
+            "refusals": [asdict(r) for r in self.transport.refusals]
+            if self.transport is not None else [],
             "last_error": state.last_error,
         }
 

@@ -274,6 +274,44 @@ def digest(
     typer.echo(weights_digest(loaded.model))
 
 
+@app.command("dead-letters")
+def dead_letters(
+    config: Annotated[Path, typer.Option("--config", "-c", help="The federation.toml.")],
+    limit: Annotated[int, typer.Option(help="Show at most this many (oldest first).")] = 50,
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON rows.")] = False,
+) -> None:
+    """List the refused messages the broker keeps (fedsilo.dead) and why each was refused;
+    they stay in the queue."""
+    from fedsilo.aggregator.config import FederationConfig
+    from fedsilo.cli.dead_letters import describe_all, render_dead_letters
+    from fedsilo.cli.status import read_status
+    from fedsilo.sdk.transport.amqp import BrokerUnavailable
+
+    console = Console()
+    cfg = _load(console, FederationConfig, config, None, False)
+    try:
+        transport = cfg.broker.connect("aggregator", cfg.silos,
+                                       codec=cfg.security.codec("aggregator", cfg.name))
+    except BrokerUnavailable as exc:
+        console.print(f"[bold red]error:[/] {exc}", highlight=False)
+        raise typer.Exit(code=4) from None
+    except ValueError as exc:
+        raise _fail(console, str(exc)) from None
+    try:
+        letters = transport.peek_dead_letters(limit)
+    finally:
+        transport.close()
+    try:
+        refusals = read_status(cfg.state_dir).get("refusals", [])
+    except (OSError, ValueError):
+        refusals = []
+    rows = describe_all(letters, refusals)
+    if as_json:
+        console.print_json(data=rows)
+    else:
+        render_dead_letters(console, rows)
+
+
 @app.command()
 def status(
     config: Annotated[

@@ -56,8 +56,10 @@ import logging
 import random
 import time
 import uuid
+from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from datetime import datetime
 from typing import Any, Literal, TypeVar
 from urllib.parse import quote, unquote, urlsplit, urlunsplit
 
@@ -65,7 +67,14 @@ import pika
 import pika.exceptions
 
 from fedsilo.sdk.messages import Announce, RoundPlan, Upload
-from fedsilo.sdk.transport.base import Delivery, Inbound, TrafficCounter, Transport
+from fedsilo.sdk.transport.base import (
+    REFUSALS_KEPT,
+    Delivery,
+    Inbound,
+    Refusal,
+    TrafficCounter,
+    Transport,
+)
 from fedsilo.sdk.transport.chunking import Chunk, ChunkError, ChunkHeader, Reassembler, split
 from fedsilo.sdk.transport.codec import Codec, PlainCodec, Rejected
 from fedsilo.sdk.transport.tls import TlsFiles, describe_tls_error, ssl_options
@@ -179,6 +188,7 @@ class AmqpTransport(Transport):
         self.prefetch = prefetch
         self.traffic = TrafficCounter()
         self.rejected: dict[str, int] = {}
+        self.refusals: deque[Refusal] = deque(maxlen=REFUSALS_KEPT)
         self.redelivered_done = 0  # redeliveries of messages already handled, acknowledged
         self.reconnects = 0
         self.connect_timeout = connect_timeout
@@ -604,7 +614,8 @@ class AmqpTransport(Transport):
             self._held[queue] = {}
         return self._reassemblers[queue]
 
-    def _reject(self, tags: Sequence[int], reason: str, detail: str) -> None:
+    def _reject(self, tags: Sequence[int], reason: str, detail: str, message_id: str = ""
+                ) -> None:
         log.warning(
             "rejecting %d deliver%s (%s): %s",
             len(tags),
@@ -615,12 +626,14 @@ class AmqpTransport(Transport):
         for tag in tags:
             self._channel.basic_reject(tag, requeue=False)
         self.rejected[reason] = self.rejected.get(reason, 0) + 1
+        self.refusals.append(Refusal(time.time(), reason, detail, message_id))
 
     def _expire(self, queue: str) -> None:
         for sender, mid in self._reassembler(queue).expire():
             tags = self._held[queue].pop((sender, mid), [])
             self._reject(tags, "chunk timeout",
-                         f"message {mid} of {sender or 'an unknown sender'} incomplete on {queue}")
+                         f"message {mid} of {sender or 'an unknown sender'} incomplete on {queue}",
+                         mid)
 
     def _receive(
         self, queue: str, kind: type | tuple[type, ...], timeout: float | None
@@ -664,10 +677,11 @@ class AmqpTransport(Transport):
     ) -> Delivery | None:
         reassembler = self._reassembler(queue)
         held = self._held[queue]
+        message_id = props.message_id or ""
         try:
             header = ChunkHeader.from_headers(getattr(props, "headers", None))
         except ChunkError as exc:
-            self._reject([tag], f"chunk: {exc.reason}", str(exc))
+            self._reject([tag], f"chunk: {exc.reason}", str(exc), message_id)
             return None
         if header is None:
             tags, data = [tag], body
@@ -682,7 +696,7 @@ class AmqpTransport(Transport):
                 tags = [tag]
                 if exc.dropped:
                     tags = held.pop(key, []) + tags
-                self._reject(tags, f"chunk: {exc.reason}", str(exc))
+                self._reject(tags, f"chunk: {exc.reason}", str(exc), message_id)
                 return None
             held.setdefault(key, []).append(tag)
             if header.count > 1:
@@ -720,13 +734,14 @@ class AmqpTransport(Transport):
                 for t in tags:
                     self._channel.basic_ack(t)
                 return None
-            self._reject(tags, exc.reason, exc.detail)
+            self._reject(tags, exc.reason, exc.detail, message_id)
             return None
         except Exception as exc:  # a codec bug must not stop the consumer: dead-letter it
             log.exception("codec failed on a message from %s", queue)
-            self._reject(tags, "codec error", repr(exc))
+            self._reject(tags, "codec error", repr(exc), message_id)
             return None
-        return Delivery(message, len(data), self._acker(tags), self._rejecter(tags))
+        return Delivery(message, len(data), self._acker(tags),
+                        self._rejecter(tags, message_id))
 
     def _acker(self, tags: list[int]) -> Callable[[], None]:
         generation = self._generation
@@ -758,7 +773,7 @@ class AmqpTransport(Transport):
 
         return ack
 
-    def _rejecter(self, tags: list[int]) -> Callable[[str, str], None]:
+    def _rejecter(self, tags: list[int], message_id: str) -> Callable[[str, str], None]:
         """Application-level refusal: dead-letter (never requeue) and count."""
         generation = self._generation
 
@@ -770,7 +785,7 @@ class AmqpTransport(Transport):
                     "connection, so the broker will deliver it again", reason, detail,
                 )
                 return
-            self._reject(tags, reason, detail)
+            self._reject(tags, reason, detail, message_id)
 
         def reject(reason: str, detail: str) -> None:
             if self._closed:
@@ -779,6 +794,28 @@ class AmqpTransport(Transport):
                 self._call(lambda: reject_tags(reason, detail), "rejecting a delivery")
 
         return reject
+
+    def peek_dead_letters(self, limit: int = 50) -> list[DeadLetter]:
+        """Up to `limit` messages of the dead-letter queue, oldest first, left in place
+        (they are taken unacknowledged and requeued): for `fedsilo dead-letters`."""
+        out: list[DeadLetter] = []
+
+        def peek() -> None:
+            out.clear()
+            tags = []
+            try:
+                for _ in range(limit):
+                    method, props, body = self._channel.basic_get(DEAD_QUEUE, auto_ack=False)
+                    if method is None:
+                        break
+                    tags.append(method.delivery_tag)
+                    out.append(DeadLetter.of(props, body or b""))
+            finally:
+                for tag in tags:
+                    self._channel.basic_nack(tag, requeue=True)
+
+        self._call(peek, "reading the dead-letter queue")
+        return out
 
     def close(self) -> None:
         """Close the connection; the transport cannot be used afterwards (except `close`)."""
@@ -807,6 +844,41 @@ __all__ = [
     "mask_url",
     "plans_queue",
 ]
+
+
+@dataclass(frozen=True)
+class DeadLetter:
+    """A refused message as the broker keeps it: its id, size, where it was refused and
+    when (the broker's x-death record), and its first bytes (an envelope's clear header)."""
+
+    message_id: str
+    size: int
+    queue: str
+    died_at: float | None
+    sender: str  # the broker-validated user id, "" if not stamped
+    chunk: str  # "i/n" for a chunk of a chunked message, "" otherwise
+    head: bytes
+
+    @classmethod
+    def of(cls, props: Any, body: bytes) -> DeadLetter:
+        headers = props.headers or {}
+        deaths = headers.get("x-death") or [{}]
+        death = deaths[0] if isinstance(deaths, list) and deaths else {}
+        queue = death.get("queue", "")
+        when = death.get("time")
+        try:
+            chunk = ChunkHeader.from_headers(headers)
+        except ChunkError:
+            chunk = None
+        return cls(
+            message_id=props.message_id or "",
+            size=len(body),
+            queue=queue.decode() if isinstance(queue, bytes) else str(queue),
+            died_at=when.timestamp() if isinstance(when, datetime) else None,
+            sender=_validated_user(props),
+            chunk=f"{chunk.index + 1}/{chunk.count}" if chunk is not None else "",
+            head=body[:4096],
+        )
 
 
 def _validated_user(props: Any) -> str:

@@ -8,6 +8,7 @@ measured in simulation are the bytes a real deployment sends.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Generic, TypeVar
@@ -57,10 +58,27 @@ class Delivery(Generic[M]):
     reject: Callable[[str, str], None] = _drop
 
 
+@dataclass(frozen=True)
+class Refusal:
+    """One refused message, for the operator: when, why, and its message id (the AMQP
+    message id of what lies in the dead-letter queue)."""
+
+    at: float  # unix time
+    reason: str
+    detail: str
+    message_id: str = ""
+
+
+#: Refusals a transport remembers (the newest); the counts in `rejected` are complete.
+REFUSALS_KEPT = 200
+
+
 class Transport(ABC):
     traffic: TrafficCounter
     #: Messages refused (by the codec or the application), by reason.
     rejected: dict[str, int]
+    #: The newest refusals, oldest first (at most REFUSALS_KEPT).
+    refusals: deque[Refusal]
 
     @abstractmethod
     def send_plan(self, plan: RoundPlan) -> int:

@@ -5,8 +5,11 @@ parameters are exactly those of a run nobody attacked."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -57,10 +60,19 @@ def _publish(url: str, *bodies: bytes, headers: dict | None = None) -> None:
         for body in bodies:
             channel.basic_publish(
                 UPLOADS_EXCHANGE, UPLOADS_ROUTING_KEY, body,
-                pika.BasicProperties(delivery_mode=2, headers=headers), mandatory=True,
+                pika.BasicProperties(delivery_mode=2, headers=headers,
+                                     message_id=_message_id(body, headers)),
+                mandatory=True,
             )
     finally:
         connection.close()
+
+
+def _message_id(body: bytes, headers: dict | None) -> str:
+    """What a fedsilo publisher sets: one AMQP message id per message (all its chunks)."""
+    if headers and "fedsilo-chunk-id" in headers:
+        return str(headers["fedsilo-chunk-id"])
+    return hashlib.sha256(body).hexdigest()[:32]
 
 
 def _dead_letters(url: str) -> int:
@@ -164,6 +176,22 @@ def test_attacks_are_refused_and_the_honest_run_is_unaffected(deployment, tmp_pa
     assert {e["reason"] for e in invalid} == {"non-finite", "tensor schema", "norm bound",
                                                "sample count"}
     assert all(e["silo"] == "silo-2" for e in invalid)
+
+    # The operator's view: every refused message still in fedsilo.dead, with its reason.
+    listed = subprocess.run(
+        [sys.executable, "-m", "fedsilo.cli.main", "dead-letters", "--config",
+         str(deployment.root / "federation.toml"), "--json", "--limit", "100"],
+        capture_output=True, text=True, timeout=120,
+    )
+    assert listed.returncode == 0, listed.stdout + listed.stderr
+    rows = json.loads(listed.stdout)
+    assert len(rows) == _dead_letters(url)  # peeking leaves them in place
+    reasons = {r["reason"] for r in rows}
+    assert {"non-finite", "tensor schema", "norm bound", "sample count", "signature",
+            "replay"} <= reasons, reasons
+    poisoned_rows = [r for r in rows if r["reason"] == "sample count"]
+    assert all(r["type"] == "upload" and r["claimed_sender"] == "silo-2"
+               for r in poisoned_rows)
 
     reference = run_simulation(deployment.sim, run_dir=deployment.root / "sim").final_params
     params = load_file(str(deployment.aggregator_dir / "global_params.safetensors"))
