@@ -71,6 +71,8 @@ class SimulationConfig:
     stickiness: float = StrategyConfig.stickiness
     client_embedding: str = StrategyConfig.client_embedding
     weighting: str = "uniform"
+    aggregation: str = StrategyConfig.aggregation
+    trim: float = StrategyConfig.trim
     # FedLEASE
     warmup_rounds: int = 2
     max_clusters: int = 8
@@ -124,6 +126,7 @@ class SimulationConfig:
             temperature=self.temperature, stickiness=self.stickiness,
             client_embedding=self.client_embedding,  # type: ignore[arg-type]
             weighting=self.weighting,  # type: ignore[arg-type]
+            aggregation=self.aggregation, trim=self.trim,  # type: ignore[arg-type]
             warmup_rounds=self.warmup_rounds, max_clusters=self.max_clusters,
             expert_init=self.expert_init,  # type: ignore[arg-type]
             sync_every=self.sync_every, outer_lr=self.outer_lr,

@@ -10,6 +10,7 @@ gives both behaviours from the same code.
 from __future__ import annotations
 
 import math
+from abc import ABC, abstractmethod
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -18,10 +19,39 @@ from torch import Tensor
 
 from ..params import TensorDict
 
-__all__ = ["RunningMean", "fedavg"]
+__all__ = ["RunningMean", "TensorMean", "fedavg", "parse_dtype"]
 
 
-class RunningMean:
+class TensorMean(ABC):
+    """What a strategy folds a round's tensors into: a mean per key over the contributions
+    that carried the key (`RunningMean`, or a robust rule of `aggregation.robust`)."""
+
+    @abstractmethod
+    def add(self, tensors: Mapping[str, Tensor], weight: float = 1.0) -> None: ...
+
+    @abstractmethod
+    def contributors(self, key: str) -> int: ...
+
+    @abstractmethod
+    def keys(self) -> set[str]: ...
+
+    @abstractmethod
+    def result(self, previous: Mapping[str, Tensor] | None = None) -> TensorDict: ...
+
+    @abstractmethod
+    def state_dict(self) -> tuple[TensorDict, dict[str, Any]]: ...
+
+    @abstractmethod
+    def load_state_dict(self, tensors: Mapping[str, Tensor], meta: Mapping[str, Any]) -> None:
+        ...
+
+    @staticmethod
+    @abstractmethod
+    def tensor_names(meta: Mapping[str, Any]) -> list[str]:
+        """The tensor names a `state_dict` with this `meta` holds (to load it back)."""
+
+
+class RunningMean(TensorMean):
     """Streaming (weighted) mean per tensor key: memory holds one running sum per key, not one
     copy per silo.
 
@@ -115,6 +145,10 @@ class RunningMean:
         }
         return tensors, meta
 
+    @staticmethod
+    def tensor_names(meta: Mapping[str, Any]) -> list[str]:
+        return list(meta["weights"])
+
     def load_state_dict(self, tensors: Mapping[str, Tensor], meta: Mapping[str, Any]) -> None:
         """Replace the state with one from `state_dict` (the tensors are copied)."""
         weights, counts, dtypes = meta["weights"], meta["counts"], meta["dtypes"]
@@ -126,10 +160,10 @@ class RunningMean:
         self._sums = {key: tensors[key].to(torch.float64, copy=True) for key in weights}
         self._weights = {key: float(w) for key, w in weights.items()}
         self._counts = {key: int(c) for key, c in counts.items()}
-        self._dtypes = {key: _parse_dtype(name) for key, name in dtypes.items()}
+        self._dtypes = {key: parse_dtype(name) for key, name in dtypes.items()}
 
 
-def _parse_dtype(name: str) -> torch.dtype:
+def parse_dtype(name: str) -> torch.dtype:
     dtype = getattr(torch, str(name), None)
     if not isinstance(dtype, torch.dtype):
         raise ValueError(f"unknown torch dtype {name!r} in RunningMean state")

@@ -15,6 +15,8 @@ from typing import TYPE_CHECKING, Any, Literal
 from torch import Tensor
 
 from fedsilo.privacy.validation import Schema, schema_of
+from fedsilo.sdk.aggregation.fedavg import TensorMean
+from fedsilo.sdk.aggregation.robust import RULES, Rule, new_mean
 from fedsilo.sdk.aggregation.rsea import Relevance, RelevanceOptions
 from fedsilo.sdk.amole.config import AMoLEConfig
 from fedsilo.sdk.messages import RoundPlan, Upload
@@ -45,7 +47,10 @@ class StrategyConfig:
     outer optimizer (`outer_lr`, `outer_momentum`, Nesterov); the fusion search
     (`fusion_budget` evaluations, `fusion_l1` penalty, on `fusion_batches` validation
     batches).
-    All: `weighting` of FedAvg ("uniform", as the paper's code, or "samples").
+    All: `weighting` of FedAvg ("uniform", as the paper's code, or "samples"), and the
+    `aggregation` rule of the parameters ("mean", FedAvg; "median" or "trimmed_mean" with
+    `trim` cut from each end, coordinate-wise, robust to a minority of bad silos at one
+    copy per silo of memory and no sample weighting: `aggregation.robust`).
     """
 
     name: str = "fedamole"
@@ -61,6 +66,8 @@ class StrategyConfig:
     stickiness: float = 0.0
     client_embedding: Literal["trained", "received"] = "trained"
     weighting: Literal["uniform", "samples"] = "uniform"
+    aggregation: Rule = "mean"
+    trim: float = 0.1
     warmup_rounds: int = 2
     max_clusters: int = 8
     expert_init: Literal["own", "mean"] = "own"
@@ -78,6 +85,7 @@ class StrategyConfig:
             "weighting": ("uniform", "samples"),
             "expert_init": ("own", "mean"),
             "client_embedding": ("trained", "received"),
+            "aggregation": RULES,
         }
         for key, values in allowed.items():
             if getattr(self, key) not in values:
@@ -103,6 +111,12 @@ class StrategyConfig:
             raise ValueError(f"strategy.{exc}") from None
         if not self.fusion_l1 >= 0:
             raise ValueError(f"strategy.fusion_l1 = {self.fusion_l1!r}: use a number >= 0")
+        if not (isinstance(self.trim, (int, float)) and 0 <= self.trim < 0.5):
+            raise ValueError(f"strategy.trim = {self.trim!r}: use a share in [0, 0.5)")
+
+    def parameter_mean(self) -> TensorMean:
+        """A fresh accumulator for a round's parameters under `aggregation`."""
+        return new_mean(self.aggregation, self.trim)
 
     def relevance_options(self) -> RelevanceOptions:
         return RelevanceOptions(self.relevance, self.temperature, self.stickiness)

@@ -73,7 +73,7 @@ class FedAMoLEServer(ServerStrategy):
         self.assignment: dict[str, np.ndarray] = {}
         self.expert_embeddings: dict[tuple[str, int], torch.Tensor] = {}
         self.client_embeddings: dict[str, dict[str, torch.Tensor]] = {}
-        self._sum = RunningMean()
+        self._sum = self.config.parameter_mean()
         self._expert_emb_sum = RunningMean()
         self._uploaded: list[str] = []  # silos folded into the open round
         self._aggregated = 0  # rounds closed so far
@@ -146,7 +146,7 @@ class FedAMoLEServer(ServerStrategy):
         return UploadSchema(schema.params, embeddings)
 
     def begin_round(self, round: int) -> None:
-        self._sum = RunningMean()
+        self._sum = self.config.parameter_mean()
         self._uploaded = []
         self._expert_emb_sum = RunningMean()
 
@@ -315,9 +315,9 @@ class FedAMoLEServer(ServerStrategy):
             assert parsed is not None
             self.expert_embeddings[parsed] = value
         self.client_embeddings = take_groups("client_emb", tensors, meta["client_emb"])
-        self._sum = RunningMean()
+        self._sum = self.config.parameter_mean()
         self._sum.load_state_dict(
-            take_namespace("sum", tensors, list(meta["sum"]["weights"])), meta["sum"]
+            take_namespace("sum", tensors, self._sum.tensor_names(meta["sum"])), meta["sum"]
         )
         emb_meta = meta["expert_emb_sum"]
         self._expert_emb_sum = RunningMean()

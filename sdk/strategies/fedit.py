@@ -16,7 +16,6 @@ from typing import Any
 
 import torch
 
-from fedsilo.sdk.aggregation.fedavg import RunningMean
 from fedsilo.sdk.amole.config import AMoLEConfig
 from fedsilo.sdk.checkpoint import check_settings, namespaced, take_namespace
 from fedsilo.sdk.messages import RoundPlan, Upload
@@ -43,7 +42,7 @@ class FedITServer(ServerStrategy):
         self.config = config
         self.seed = seed
         self._params: TensorDict = {}
-        self._sum = RunningMean()
+        self._sum = self.config.parameter_mean()
         self._uploaded: list[str] = []  # silos folded into the open round
 
     @property
@@ -64,7 +63,7 @@ class FedITServer(ServerStrategy):
         return super().configure_final(silo_ids)
 
     def begin_round(self, round: int) -> None:
-        self._sum = RunningMean()
+        self._sum = self.config.parameter_mean()
         self._uploaded = []
 
     def accumulate(self, upload: Upload) -> None:
@@ -104,9 +103,9 @@ class FedITServer(ServerStrategy):
     def load_state_dict(self, tensors: Mapping[str, torch.Tensor], meta: Mapping[str, Any]) -> None:
         check_settings(meta, self._settings())
         self._params = take_namespace("params", tensors, meta["params"])
-        self._sum = RunningMean()
+        self._sum = self.config.parameter_mean()
         self._sum.load_state_dict(
-            take_namespace("sum", tensors, list(meta["sum"]["weights"])), meta["sum"]
+            take_namespace("sum", tensors, self._sum.tensor_names(meta["sum"])), meta["sum"]
         )
         self._uploaded = list(meta["uploaded"])
 

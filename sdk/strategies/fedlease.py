@@ -85,7 +85,7 @@ class FedLEASEServer(ServerStrategy):
         self.num_clusters = 0  # 0 until the clustering ran
         self.silhouette: dict[int, float] = {}
         self._own_start: dict[str, TensorDict] = {}  # expert_init="own", first round only
-        self._sum = RunningMean()
+        self._sum = self.config.parameter_mean()
         self._uploaded: list[str] = []
         self._aggregated = 0
 
@@ -189,7 +189,7 @@ class FedLEASEServer(ServerStrategy):
     # -- aggregation ---------------------------------------------------------------------
 
     def begin_round(self, round: int) -> None:
-        self._sum = RunningMean()
+        self._sum = self.config.parameter_mean()
         self._fresh = {}
         self._uploaded = []
 
@@ -318,9 +318,9 @@ class FedLEASEServer(ServerStrategy):
         self.labels = {s: int(c) for s, c in meta["labels"].items()}
         self.num_clusters = int(meta["num_clusters"])
         self.silhouette = {int(k): float(v) for k, v in meta["silhouette"].items()}
-        self._sum = RunningMean()
+        self._sum = self.config.parameter_mean()
         self._sum.load_state_dict(
-            take_namespace("sum", tensors, list(meta["sum"]["weights"])), meta["sum"]
+            take_namespace("sum", tensors, self._sum.tensor_names(meta["sum"])), meta["sum"]
         )
         self._uploaded = list(meta["uploaded"])
         self._aggregated = int(meta["aggregated"])
