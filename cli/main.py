@@ -217,13 +217,7 @@ def agent_start(
     interactive = console.is_terminal and not log_json
     observer = TrainingProgress(console, cfg.silo_id) if interactive else None
     transfers = TransferProgress(console) if interactive else None
-    service = AgentService(
-        cfg,
-        connect=lambda: cfg.broker.connect(
-            cfg.silo_id, progress=transfers, codec=cfg.security.codec(cfg.silo_id)
-        ),
-        observer=observer,
-    )
+    service = AgentService(cfg, observer=observer, progress=transfers)
     _run_service(console, service, f"agent {cfg.silo_id}")
     if service.state.finished:
         console.print(f"[bold green]{cfg.silo_id} finished[/]; personalised adapter in "
@@ -363,7 +357,7 @@ def _run_service(console: Console, service: Any, name: str) -> None:
     from fedsilo.sdk.checkpoint import CheckpointError
     from fedsilo.sdk.data.examples import DataError
     from fedsilo.sdk.models.loading import ModelLoadError
-    from fedsilo.sdk.transport.amqp import BrokerUnavailable
+    from fedsilo.sdk.transport.amqp import BrokerUnavailable, SiloAlreadyConnected
     from fedsilo.silo_agent.service import PrivacyBudgetExhausted
 
     signals = {"count": 0}
@@ -383,7 +377,8 @@ def _run_service(console: Console, service: Any, name: str) -> None:
     except (FederationAborted, PrivacyBudgetExhausted) as exc:
         console.print(f"[bold red]aborted:[/] {exc}", highlight=False)
         raise typer.Exit(code=3) from None
-    except (ValueError, FileNotFoundError, DataError, ModelLoadError, CheckpointError) as exc:
+    except (ValueError, FileNotFoundError, DataError, ModelLoadError, CheckpointError,
+            SiloAlreadyConnected) as exc:
         raise _fail(console, f"{name}: {exc}") from None
     finally:
         for sig, handler in previous.items():

@@ -3,10 +3,10 @@
 What the coordinator hands out, and why it looks like this:
 
 * the broker gets a definitions document (`rabbitmqctl import_definitions`) with one user per
-  party and least-privilege permissions: a silo may only publish to the uploads exchange and
-  read its own plans queue, and may configure nothing; so the whole topology is declared in
-  the document, EXACTLY as `AmqpTransport` declares it (same flags, same queue arguments), or
-  the aggregator's idempotent redeclare would fail with PRECONDITION_FAILED;
+  party and least-privilege permissions: a silo may only publish to the uploads exchange,
+  read its own plans queue and configure its own lock queue; so the whole topology is
+  declared in the document, EXACTLY as `AmqpTransport` declares it (same flags, same queue
+  arguments), or the aggregator's idempotent redeclare would fail with PRECONDITION_FAILED;
 * every party gets its own folder: broker password file, private keys (unless it made its
   own with `fedsilo keys init` and sent only `public.json`), the peers' pinned public keys,
   TLS client certificate, and a config pointing at all of it by relative path.
@@ -46,6 +46,7 @@ from fedsilo.sdk.transport.amqp import (
     UPLOADS_EXCHANGE,
     UPLOADS_QUEUE,
     UPLOADS_ROUTING_KEY,
+    lock_queue,
     plans_queue,
 )
 
@@ -198,8 +199,9 @@ def broker_definitions(
     (`passwords` maps "aggregator" and every silo to its password), least-privilege
     permissions and the topology `AmqpTransport._declare_topology` declares.
 
-    Silos may configure nothing (`NOTHING`), write only to the uploads exchange and read only
-    their own plans queue; the aggregator may configure, write and read the federation's exchanges
+    Silos may configure only their own lock queue (an exclusive queue: one live agent per
+    silo), write only to the uploads exchange and read only their own plans queue; the
+    aggregator may configure, write and read the federation's exchanges
     and queues and nothing else. `quorum=False` for brokers without quorum queues (the
     transport then falls back to classic durable queues the same way). A policy bounds the
     dead-letter queue (`dead_letter_max` messages, oldest dropped first; each kept
@@ -233,7 +235,7 @@ def broker_definitions(
         {
             "user": username(federation, silo),
             "vhost": vhost,
-            "configure": NOTHING,
+            "configure": _exactly([lock_queue(silo)]),  # its lock, nothing else
             "write": _exactly([UPLOADS_EXCHANGE]),
             "read": _exactly([plans_queue(silo)]),
         }
@@ -573,7 +575,8 @@ def provision(
                    "silo's) and a [data]")
                 + "\nsection pointing at this silo's data before "
                 f"`fedsilo agent start --config silo.toml`.\nThe broker user {users[silo]!r} "
-                "may configure nothing: the topology comes from the\nbroker's definitions "
+                "may configure only its lock queue: the topology comes from the\nbroker's "
+                "definitions "
                 "(declare_topology = false). Paths are relative to this file.",
                 silo_doc,
             ),

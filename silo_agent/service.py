@@ -89,8 +89,10 @@ class AgentService:
         connect: Callable[[], Transport] | None = None,
         observer: AgentObserver | None = None,
         keep_alive_s: float = 5.0,
+        progress: Callable[[Any], None] | None = None,
     ) -> None:
         self.config = config
+        self._progress = progress  # of large transfers, for the broker's transport
         self.silo_id = config.silo_id
         self.state_dir = Path(config.state_dir)
         self._connect = connect or self._connect_broker
@@ -112,7 +114,9 @@ class AgentService:
 
     def _connect_broker(self) -> Transport:
         codec = self.config.security.codec(self.silo_id)
-        return self.config.broker.connect(self.silo_id, codec=codec)
+        # exclusive: the broker refuses a second live agent of this silo (its lock queue)
+        return self.config.broker.connect(self.silo_id, progress=self._progress, codec=codec,
+                                          exclusive=True)
 
     # -- lifecycle -----------------------------------------------------------------------
 

@@ -101,6 +101,12 @@ def plans_queue(silo_id: str) -> str:
     return f"silo.{silo_id}.plans"
 
 
+def lock_queue(silo_id: str) -> str:
+    """An exclusive queue an agent holds while connected: the broker refuses a second one
+    and drops it when the holder's connection dies (however it dies)."""
+    return f"silo.{silo_id}.lock"
+
+
 def mask_url(url: str) -> str:
     """`url` with the password replaced by *** and the port made explicit."""
     parts = urlsplit(url)
@@ -117,6 +123,11 @@ def mask_url(url: str) -> str:
 
 class BrokerUnavailable(ConnectionError):
     """The broker could not be reached or refused the connection."""
+
+
+class SiloAlreadyConnected(RuntimeError):
+    """Another live process holds this silo's broker lock: two agents of one silo would
+    split its plans between them."""
 
 
 class PublishError(RuntimeError):
@@ -171,6 +182,7 @@ class AmqpTransport(Transport):
         tls: TlsFiles | None = None,
         declare_topology: bool = True,
         codec: Codec | None = None,
+        exclusive: bool = False,
     ) -> None:
         if chunk_size <= 0:
             raise ValueError("chunk_size must be positive")
@@ -201,6 +213,10 @@ class AmqpTransport(Transport):
         self.tls = tls or TlsFiles()  # used by amqps:// URLs only
         self.declare_topology = declare_topology  # False: the broker's definitions provide it
         self.codec = codec or PlainCodec()
+        # A silo's agent holds its lock queue (one live agent per silo); other transports
+        # of the same role (a test's sender) do not.
+        self.exclusive = exclusive and role != AGGREGATOR
+        self._ever_connected = False
         silos = list(dict.fromkeys(silo_ids))
         if role != AGGREGATOR and role not in silos:
             silos.insert(0, role)
@@ -322,6 +338,12 @@ class AmqpTransport(Transport):
                 self._setup()
             except Exception as exc:
                 self._drop()
+                if getattr(exc, "reply_code", None) == 405 and not self._ever_connected:
+                    raise SiloAlreadyConnected(
+                        f"another agent of {self.role} is connected to the broker at "
+                        f"{mask_url(url)} (it holds {lock_queue(self.role)}); stop it first: "
+                        "two agents of one silo would split its plans"
+                    ) from None
                 if getattr(exc, "reply_code", None) == 403:  # permanent: retrying won't help
                     raise BrokerUnavailable(
                         f"the broker at {mask_url(url)} refused access while setting up "
@@ -333,6 +355,7 @@ class AmqpTransport(Transport):
                     raise
                 errors.append((url, exc))
                 continue
+            self._ever_connected = True
             return None
         return errors
 
@@ -345,6 +368,10 @@ class AmqpTransport(Transport):
         target.add_on_connection_blocked_callback(self._on_blocked)
         target.add_on_connection_unblocked_callback(self._on_unblocked)
         self._open_channel()
+        if self.exclusive:
+            # 405 RESOURCE_LOCKED while another connection holds it. After an outage of our
+            # own that is our old connection the broker has not dropped yet: retried.
+            self._channel.queue_declare(lock_queue(self.role), exclusive=True, auto_delete=True)
         if self.declare_topology:
             self._declare_topology()
 

@@ -109,6 +109,7 @@ class BrokerSettings:
         silo_ids: Sequence[str] = (),
         progress: Callable[[Any], None] | None = None,
         codec: Codec | None = None,
+        exclusive: bool = False,
     ) -> AmqpTransport:
         from fedsilo.sdk.transport.amqp import AmqpTransport, mask_url
         from fedsilo.sdk.transport.tls import TlsFiles, insecure_remote
@@ -144,6 +145,7 @@ class BrokerSettings:
             tls=tls,
             declare_topology=self.declare_topology,
             codec=codec,
+            exclusive=exclusive,
         )
 
 

@@ -57,6 +57,17 @@ def test_three_agents_and_an_aggregator_match_simulate(deployment, one_thread) -
     _twin_is_refused(deployment, "aggregator-twin", [
         "aggregator", "run", "--config", str(deployment.root / "federation.toml")],
         "aggregator")
+    # The same silo from another folder (another machine): the broker refuses it.
+    elsewhere = deployment.root / "silo-0-elsewhere.toml"
+    text = (deployment.root / "silo-0.toml").read_text()
+    old_dir = str(deployment.silo_dir("silo-0"))
+    assert old_dir in text
+    elsewhere.write_text(text.replace(old_dir, str(deployment.root / "elsewhere")))
+    deployment._spawn("silo-0-elsewhere", ["agent", "start", "--config", str(elsewhere)], None)
+    assert deployment.wait("silo-0-elsewhere", timeout=180) == 2
+    deployment.processes.pop("silo-0-elsewhere")
+    assert "another agent of silo-0 is connected" in " ".join(
+        deployment.log("silo-0-elsewhere").split())
     for silo in deployment.silos[1:]:
         deployment.start_agent(silo)
     deployment.wait_all(timeout=300)

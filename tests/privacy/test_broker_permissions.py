@@ -34,6 +34,8 @@ from fedsilo.sdk.transport.amqp import (
     UPLOADS_QUEUE,
     UPLOADS_ROUTING_KEY,
     AmqpTransport,
+    SiloAlreadyConnected,
+    lock_queue,
     plans_queue,
 )
 from fedsilo.sdk.transport.settings import BrokerSettings
@@ -182,6 +184,7 @@ def test_silo_cannot_do_anything_else(fed: Federation) -> None:
         _refused(lambda ch: ch.exchange_declare("silo-a.x", exchange_type="fanout"), silo)
         _refused(lambda ch: ch.queue_bind(plans_queue("silo-a"), UPLOADS_EXCHANGE, "x"), silo)
         _refused(lambda ch: ch.basic_consume(plans_queue("silo-b"), lambda *a: None), silo)
+        _refused(lambda ch: ch.queue_declare(lock_queue("silo-b"), exclusive=True), silo)
 
     # no access to any other vhost
     other = urlunsplit(urlsplit(fed.url("silo-a"))._replace(path="/"))
@@ -226,8 +229,12 @@ def test_the_kits_run_a_round_trip(fed: Federation) -> None:
     aggregator = fcfg.broker.connect(
         "aggregator", fcfg.silos, codec=fcfg.security.codec("aggregator", fcfg.name)
     )
-    silo = scfg.broker.connect(scfg.silo_id, codec=scfg.security.codec(scfg.silo_id))
+    silo = scfg.broker.connect(scfg.silo_id, codec=scfg.security.codec(scfg.silo_id),
+                               exclusive=True)  # as the agent connects
     try:
+        with pytest.raises(SiloAlreadyConnected, match="another agent of silo-b"):
+            scfg.broker.connect(scfg.silo_id, codec=scfg.security.codec(scfg.silo_id),
+                                exclusive=True)
         aggregator.send_plan(_plan("silo-b"))
         delivery = silo.receive_plan("silo-b", timeout=10)
         assert delivery is not None and delivery.message.silo_id == "silo-b"
@@ -245,7 +252,8 @@ def test_the_kits_run_a_round_trip(fed: Federation) -> None:
         admin_ch = admin.channel()
         admin_ch.confirm_delivery()
         admin_ch.basic_publish(PLANS_EXCHANGE, "silo-b", b"unsigned", mandatory=True)
-    silo = scfg.broker.connect(scfg.silo_id, codec=scfg.security.codec(scfg.silo_id))
+    silo = scfg.broker.connect(scfg.silo_id, codec=scfg.security.codec(scfg.silo_id),
+                               exclusive=True)  # the first one closed: its lock is free
     try:
         assert silo.receive_plan("silo-b", timeout=1) is None
         assert sum(silo.rejected.values()) == 1

@@ -22,7 +22,6 @@ from fedsilo.aggregator.config import FederationConfig
 from fedsilo.privacy.keys import Keyring, PartyKeys, TrustStore
 from fedsilo.privacy.provision import (
     HASHING_ALGORITHM,
-    NOTHING,
     ProvisionError,
     aggregator_resources,
     broker_definitions,
@@ -37,6 +36,7 @@ from fedsilo.sdk.transport.amqp import (
     UPLOADS_EXCHANGE,
     UPLOADS_QUEUE,
     AmqpTransport,
+    lock_queue,
     plans_queue,
 )
 from fedsilo.silo_agent.config import SiloConfig
@@ -120,8 +120,9 @@ def test_silo_permissions_are_least_privilege(definitions: dict[str, Any]) -> No
     names = _universe(SILOS)
     for silo in SILOS:
         p = perms[f"fed.{silo}"]
-        assert p["configure"] == NOTHING
-        assert _matches(p["configure"], names | {"\n"}) == {""}
+        # only its own lock queue (one live agent per silo), never another silo's
+        assert _matches(p["configure"], names | {"\n", *map(lock_queue, SILOS)}) == {
+            lock_queue(silo)}
         assert _matches(p["write"], names) == {UPLOADS_EXCHANGE}
         assert _matches(p["read"], names) == {plans_queue(silo)}
 
