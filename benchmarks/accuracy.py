@@ -231,6 +231,11 @@ def run_one(job: dict[str, Any]) -> dict[str, Any]:
         "per_silo": final, "per_silo_val": final_val, "curve": curve,
         "silo_data": groups,
         "train_s_per_silo_round": statistics.fmean(train_s) if train_s else 0.0,
+        # Bounded influence must not touch honest runs: how often it clipped, how far the
+        # largest update norm was from the round's median.
+        "clipped": sum(int(r.aggregation.get("clipped", 0)) for r in result.rounds),
+        "update_norm_max_ratio": max((r.aggregation.get("update_norm_max_ratio", 0.0)
+                                      for r in result.rounds), default=0.0),
         "rsea": rsea_rounds(result.rounds, assignments, groups, config.k_c),
         "seconds": round(seconds, 1),
     }
@@ -436,6 +441,8 @@ def labelled(job: Job, record: dict[str, Any]) -> dict[str, Any]:
         "examples_per_silo_round": steps * record["config"].get("batch_size", 8),
         "train_s_per_silo_round": record.get("train_s_per_silo_round", 0.0),
         "rsea": record.get("rsea", []), "seconds": record["seconds"], "git": record["git"],
+        "clipped": record.get("clipped"),  # None: run before clipping was recorded
+        "update_norm_max_ratio": record.get("update_norm_max_ratio"),
     }
 
 
@@ -688,6 +695,14 @@ def to_markdown(report: dict[str, Any]) -> str:
         for method, c in report["compute"].items():
             lines.append(f"| {method} | {c['steps']:.0f} | {c['examples']:.0f} | "
                          f"{c['train_s']:.1f} |")
+    recorded = [r for r in report["runs"] if r.get("clipped") is not None]
+    if recorded:
+        clipped = sum(r["clipped"] for r in recorded)
+        ratio = max(r["update_norm_max_ratio"] or 0.0 for r in recorded)
+        lines += ["", f"Bounded influence (update clipping at `security.update_clip_factor` "
+                  f"x the round's median norm): {clipped} uploads clipped in the "
+                  f"{len(recorded)} runs that record it; the largest update norm was "
+                  f"{ratio:.2f} x its round's median."]
     if report.get("rsea"):
         lines += ["", "## Does RSEA follow the data?", "",
                   "Per closed round, mean over seeds and modules: spread = mean over experts "

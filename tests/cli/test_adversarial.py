@@ -198,3 +198,51 @@ def test_attacks_are_refused_and_the_honest_run_is_unaffected(deployment, tmp_pa
     assert params.keys() == reference.keys()
     for key, value in params.items():
         assert torch.equal(value, reference[key]), key
+
+
+def test_a_silo_with_valid_keys_cannot_pick_the_model_or_blow_up_the_average(
+    deployment,
+) -> None:
+    """silo-2 is the attacker, played by the test with silo-2's own keys: it announces
+    first with other weights (the coordinator's digest decides, so only it is refused),
+    then joins properly and sends a round-0 update scaled by 1e30 (finite: it is clipped to
+    the round's bound, not averaged in), then goes silent (later rounds close by quorum).
+    The honest silos finish; the global model stays finite and near the honest one."""
+    from fedsilo.sdk.amole.model import linear_shapes
+    from fedsilo.sdk.messages import Announce
+    from fedsilo.sdk.transport.amqp import AmqpTransport
+
+    deployment.rounds = {"deadline_s": 20.0, "quorum": 0.6}
+    deployment.write()
+    deployment.start_aggregator()
+    attacker = AmqpTransport(deployment.broker_url, "silo-2", codec=deployment.codec("silo-2"))
+    try:
+        sim = deployment.sim
+        model = load_model(sim.model, dtype=sim.dtype, seed=sim.seed).model
+        shapes = linear_shapes(model)
+        attacker.send_announce(Announce("silo-2", sim.model, shapes, 10, "evil", "e" * 64))
+        deployment.wait_for_event("aggregator", "silo_refused", silo="silo-2")
+        deployment.start_agent("silo-0")
+        deployment.start_agent("silo-1")
+        attacker.send_announce(Announce("silo-2", sim.model, shapes, 10, "evil",
+                                        deployment.model_digest()))
+        plan = attacker.receive_plan("silo-2", timeout=180)
+        assert plan is not None and plan.message.round == 0
+        plan.ack()
+        blown = {k: v * 1e30 + 1e30 for k, v in plan.message.params.items()}
+        emb = _expected_upload(deployment, "silo-2").embeddings
+        attacker.send_upload(Upload(0, "silo-2", blown, emb, 10, {"metric": 1.0}, {}))
+        deployment.wait_all(timeout=400)
+    finally:
+        attacker.close()
+
+    status = json.loads((deployment.aggregator_dir / "status.json").read_text())
+    assert status["counters"]["model_mismatch"] == 1 and status["counters"]["clipped"] == 1
+    closed = deployment.events("aggregator", "round_closed")
+    assert closed[0]["round"] == 0 and closed[0]["clipped"] == 1.0
+    params = load_file(str(deployment.aggregator_dir / "global_params.safetensors"))
+    assert all(bool(torch.isfinite(v).all()) for v in params.values())
+    biggest = max(float(v.abs().max()) for v in params.values())
+    assert biggest < 100.0, biggest  # 1e30 would be there had it been averaged in
+    summary = deployment.summary()
+    assert {"silo-0", "silo-1"} <= set(summary["per_silo"])
