@@ -36,7 +36,26 @@ class TensorMean(ABC):
     def keys(self) -> set[str]: ...
 
     @abstractmethod
-    def result(self, previous: Mapping[str, Tensor] | None = None) -> TensorDict: ...
+    def combined(self, key: str) -> Tensor:
+        """The aggregate of `key` over the contributions that carried it."""
+
+    def result(self, previous: Mapping[str, Tensor] | None = None) -> TensorDict:
+        """The aggregate of each key over the contributions that had it (eq. 22: expert j
+        over the silos that trained it; shared/W_t over all).
+
+        Keys in `previous` that nobody sent keep their previous value (the same tensor, not a
+        copy: experts nobody trained keep their values). Output dtype = dtype of the first
+        contribution for that key (or of `previous` for untouched keys). Key order: that of
+        `previous`, then new keys sorted, so it does not depend on arrival order either.
+        """
+        out: TensorDict = {}
+        seen = self.keys()
+        if previous is not None:
+            for key, value in previous.items():
+                out[key] = self.combined(key) if key in seen else value
+        for key in sorted(seen - out.keys()):
+            out[key] = self.combined(key)
+        return out
 
     @abstractmethod
     def state_dict(self) -> tuple[TensorDict, dict[str, Any]]: ...
@@ -114,24 +133,7 @@ class RunningMean(TensorMean):
         """Keys that at least one contribution carried."""
         return set(self._sums)
 
-    def result(self, previous: Mapping[str, Tensor] | None = None) -> TensorDict:
-        """Mean of each key over the contributions that had it (eq. 22: expert j averaged over
-        the silos that trained it; shared/W_t over all).
-
-        Keys in `previous` that nobody sent keep their previous value (the same tensor, not a
-        copy: experts nobody trained keep their values). Output dtype = dtype of the first
-        contribution for that key (or of `previous` for untouched keys). Key order: that of
-        `previous`, then new keys sorted, so it does not depend on arrival order either.
-        """
-        out: TensorDict = {}
-        if previous is not None:
-            for key, value in previous.items():
-                out[key] = self._mean(key) if key in self._sums else value
-        for key in sorted(self._sums.keys() - out.keys()):
-            out[key] = self._mean(key)
-        return out
-
-    def _mean(self, key: str) -> Tensor:
+    def combined(self, key: str) -> Tensor:
         return (self._sums[key] / self._weights[key]).to(self._dtypes[key])
 
     def state_dict(self) -> tuple[TensorDict, dict[str, Any]]:

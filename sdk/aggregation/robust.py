@@ -71,16 +71,7 @@ class RobustMean(TensorMean):
     def keys(self) -> set[str]:
         return set(self._values)
 
-    def result(self, previous: Mapping[str, Tensor] | None = None) -> TensorDict:
-        out: TensorDict = {}
-        if previous is not None:
-            for key, value in previous.items():
-                out[key] = self._combine(key) if key in self._values else value
-        for key in sorted(self._values.keys() - out.keys()):
-            out[key] = self._combine(key)
-        return out
-
-    def _combine(self, key: str) -> Tensor:
+    def combined(self, key: str) -> Tensor:
         """Sorted over silos per coordinate, so the arrival order does not matter."""
         ordered = torch.stack([v.double() for v in self._values[key]]).sort(dim=0).values
         n = ordered.shape[0]
