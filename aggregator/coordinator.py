@@ -11,6 +11,7 @@ roster, deadlines and checkpoints around it (held uploads are part of the checkp
 from __future__ import annotations
 
 import logging
+import statistics
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
@@ -256,7 +257,7 @@ class Aggregator:
         self.held = {}
         record.aggregation = self.strategy.end_round(record.round)
         if norms:
-            median = sorted(norms.values())[len(norms) // 2]
+            median = statistics.median(norms.values())  # the one the bound is made of
             record.aggregation.details["update_norm_max_ratio"] = (
                 max(norms.values()) / median if median > 0 else 0.0)
             record.aggregation.details["clipped"] = float(len(record.clipped))

@@ -47,6 +47,7 @@ log = logging.getLogger(__name__)
 
 CHECKPOINT = "aggregator.ckpt"
 STATUS = "status.json"
+STATUS_EVERY_S = 1.0  # new refusals reach status.json at most this late
 STATE_VERSION = 1
 
 
@@ -113,6 +114,7 @@ class AggregatorService:
         self.faults = FaultPlan()
         self._pending: list[Callable[[], None]] = []  # acks waiting for the next checkpoint
         self._last_checkpoint = 0.0
+        self._status_written = (0.0, 0)  # when, and the refusals it counted
         self._stop_reason: str | None = None
         self._join_started = clock()
         self._lock = FolderLock(self.state_dir, "aggregator")
@@ -196,6 +198,17 @@ class AggregatorService:
             self.clock() - self._last_checkpoint >= self.config.rounds.checkpoint_interval_s
         ):
             self._checkpoint()
+        self._refresh_status()
+
+    def _refresh_status(self) -> None:
+        """Refusals show in status.json within a second, also while a round waits (a
+        flood between the events that write it anyway)."""
+        when, counted = self._status_written
+        if self._refusal_count() != counted and self.clock() - when >= STATUS_EVERY_S:
+            self._write_status()
+
+    def _refusal_count(self) -> int:
+        return sum(self.transport.rejected.values()) if self.transport is not None else 0
 
     def _receive(self, timeout: float) -> bool:
         """Handle the next message within `timeout`; False if none came."""
@@ -495,6 +508,7 @@ class AggregatorService:
 
     def _write_status(self) -> None:
         _write_json(self.state_dir / STATUS, self.status())
+        self._status_written = (self.clock(), self._refusal_count())
 
 
 def _fingerprint(setup: dict[str, Any], schedule: Any) -> str:

@@ -15,7 +15,7 @@ import logging
 import time
 import uuid
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -202,6 +202,9 @@ class AgentService:
             delivery.reject(exc.reason, exc.detail)
             return
         self.faults.reach("plan_received", plan.round)
+        if self.faults.poisons("plan_received", plan.round):  # crash tests: a diverging model
+            plan = replace(plan, params={k: torch.full_like(v, 3e38)
+                                         for k, v in plan.params.items()})
         setup = FederationSetup.from_json(plan.setup)
         if self.trainer is None:
             self._build(setup, loaded, data)

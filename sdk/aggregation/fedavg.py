@@ -26,8 +26,33 @@ class TensorMean(ABC):
     """What a strategy folds a round's tensors into: a mean per key over the contributions
     that carried the key (`RunningMean`, or a robust rule of `aggregation.robust`)."""
 
+    def add(self, tensors: Mapping[str, Tensor], weight: float = 1.0) -> None:
+        """Fold one contribution (e.g. one silo's upload).
+
+        The whole contribution is validated before anything is folded, so a bad upload
+        leaves the state unchanged.
+        """
+        weight = float(weight)
+        if not (math.isfinite(weight) and weight > 0):
+            raise ValueError(f"weight must be a finite number > 0, got {weight}")
+        for key, value in tensors.items():
+            if not isinstance(value, Tensor):
+                raise TypeError(f"{key!r}: expected a torch.Tensor, got {type(value).__name__}")
+            shape = self._shape(key)
+            if shape is not None and shape != value.shape:
+                raise ValueError(
+                    f"shape mismatch for {key!r}: got {tuple(value.shape)}, "
+                    f"earlier contributions had {tuple(shape)}"
+                )
+        self._fold(tensors, weight)
+
     @abstractmethod
-    def add(self, tensors: Mapping[str, Tensor], weight: float = 1.0) -> None: ...
+    def _shape(self, key: str) -> torch.Size | None:
+        """The shape earlier contributions gave `key` (None before the first)."""
+
+    @abstractmethod
+    def _fold(self, tensors: Mapping[str, Tensor], weight: float) -> None:
+        """Take in a contribution that `add` validated."""
 
     @abstractmethod
     def contributors(self, key: str) -> int: ...
@@ -92,24 +117,11 @@ class RunningMean(TensorMean):
         self._counts: dict[str, int] = {}
         self._dtypes: dict[str, torch.dtype] = {}
 
-    def add(self, tensors: Mapping[str, Tensor], weight: float = 1.0) -> None:
-        """Fold one contribution (e.g. one silo's upload) into the running sums.
+    def _shape(self, key: str) -> torch.Size | None:
+        held = self._sums.get(key)
+        return None if held is None else held.shape
 
-        The whole contribution is validated before anything is summed, so a bad upload
-        leaves the state unchanged.
-        """
-        weight = float(weight)
-        if not (math.isfinite(weight) and weight > 0):
-            raise ValueError(f"weight must be a finite number > 0, got {weight}")
-        for key, value in tensors.items():
-            if not isinstance(value, Tensor):
-                raise TypeError(f"{key!r}: expected a torch.Tensor, got {type(value).__name__}")
-            held = self._sums.get(key)
-            if held is not None and held.shape != value.shape:
-                raise ValueError(
-                    f"shape mismatch for {key!r}: got {tuple(value.shape)}, "
-                    f"earlier contributions had {tuple(held.shape)}"
-                )
+    def _fold(self, tensors: Mapping[str, Tensor], weight: float) -> None:
         for key, value in tensors.items():
             held = self._sums.get(key)
             device = value.device if held is None else held.device

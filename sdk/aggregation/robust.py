@@ -47,20 +47,12 @@ class RobustMean(TensorMean):
         self._values: dict[str, list[Tensor]] = {}
         self._dtypes: dict[str, torch.dtype] = {}
 
-    def add(self, tensors: Mapping[str, Tensor], weight: float = 1.0) -> None:
-        """Hold one contribution (weights are checked, then ignored: see the module)."""
-        weight = float(weight)
-        if not (math.isfinite(weight) and weight > 0):
-            raise ValueError(f"weight must be a finite number > 0, got {weight}")
-        for key, value in tensors.items():
-            if not isinstance(value, Tensor):
-                raise TypeError(f"{key!r}: expected a torch.Tensor, got {type(value).__name__}")
-            held = self._values.get(key)
-            if held and held[0].shape != value.shape:
-                raise ValueError(
-                    f"shape mismatch for {key!r}: got {tuple(value.shape)}, "
-                    f"earlier contributions had {tuple(held[0].shape)}"
-                )
+    def _shape(self, key: str) -> torch.Size | None:
+        held = self._values.get(key)
+        return held[0].shape if held else None
+
+    def _fold(self, tensors: Mapping[str, Tensor], weight: float) -> None:
+        """Hold one contribution (its weight was checked, and is ignored: see the module)."""
         for key, value in tensors.items():
             self._values.setdefault(key, []).append(value.detach().to("cpu", copy=True))
             self._dtypes.setdefault(key, value.dtype)

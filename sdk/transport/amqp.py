@@ -89,6 +89,9 @@ UPLOADS_QUEUE = "aggregator.uploads"
 UPLOADS_ROUTING_KEY = "aggregator"
 AGGREGATOR = "aggregator"
 CONTENT_TYPE = "application/x-fedsilo"
+#: Stale chunk sets are dropped when a queue runs empty, and at least this often while a
+#: flood keeps it busy.
+EXPIRE_EVERY_S = 1.0
 
 #: Channel.Close reply codes that mean "the broker side went away", not "you made a mistake"
 #: (320 connection-forced, 506 resource-error, 541 internal-error).
@@ -224,6 +227,7 @@ class AmqpTransport(Transport):
         self._reassemblers: dict[str, Reassembler] = {}
         # queue -> (sender, message id) -> delivery tags of the chunks held
         self._held: dict[str, dict[tuple[str, str], list[int]]] = {}
+        self._expired_at: dict[str, float] = {}  # queue -> when stale chunk sets were dropped
         self._user: str | None = None  # our broker login, stamped as user_id
         self._max_pending_bytes = max_pending_bytes
         self._reassembly_timeout = reassembly_timeout
@@ -656,6 +660,7 @@ class AmqpTransport(Transport):
         self.refusals.append(Refusal(time.time(), reason, detail, message_id))
 
     def _expire(self, queue: str) -> None:
+        self._expired_at[queue] = time.monotonic()
         for sender, mid in self._reassembler(queue).expire():
             tags = self._held[queue].pop((sender, mid), [])
             self._reject(tags, "chunk timeout",
@@ -685,6 +690,8 @@ class AmqpTransport(Transport):
                     delay = min(delay * 2, 0.1)
                     continue
                 delay = 0.005
+                if time.monotonic() - self._expired_at.get(queue, 0.0) >= EXPIRE_EVERY_S:
+                    self._expire(queue)  # a queue kept busy must not keep stale sets alive
                 delivery = self._handle(queue, kind, method.delivery_tag, props, body or b"",
                                         redelivered=bool(method.redelivered))
             except Exception as exc:

@@ -232,3 +232,80 @@ def test_uploads_redelivered_before_their_checkpoint_are_not_lost(deployment, on
     closed = [e["round"] for e in deployment.events("aggregator", "round_closed")]
     assert closed == [0, 1, 2]
     _assert_same_params(deployment, _reference(deployment))
+
+
+def test_an_agent_killed_after_its_plan_was_redelivered_loses_nothing(
+    deployment, tmp_path, one_thread
+) -> None:
+    """silo-0 holds its round-1 plan (taken, not yet acknowledged) when the broker closes
+    every connection, so the broker puts the plan back for redelivery; silo-0 goes on,
+    uploads on a new connection and is SIGKILLed before its checkpoint. Restarted, it takes
+    the redelivered plan as the same plan, not as a replay (nothing refused or
+    dead-lettered): it runs round 1 again, or skips it for round 2's plan if round 1 closed
+    meanwhile with the upload it sent; the aggregator folds silo-0 once, and the run equals
+    the fault-free one."""
+    go = tmp_path / "silo-0.go"
+    deployment.rounds = {"deadline_s": 900.0}
+    deployment.write()
+    deployment.start_aggregator()
+    deployment.start_agent("silo-0", env={"FEDSILO_FAULT": f"plan_received@1:wait={go},"
+                                                          "uploaded@1"})
+    deployment.start_agent("silo-1")
+    deployment.start_agent("silo-2")
+    deployment.wait_for_event("silo-0", "fault_waiting", round=1, timeout=240)
+    subprocess.run(
+        ["rabbitmqctl", "close_all_connections", "-p", _vhost(deployment.broker_url),
+         "test: broker-side close"], check=True, capture_output=True, timeout=60,
+    )
+    go.touch()
+    assert deployment.wait("silo-0", timeout=240) == -signal.SIGKILL
+    deployment.start_agent("silo-0")
+    deployment.wait_all(timeout=300)
+
+    status = json.loads((deployment.aggregator_dir / "status.json").read_text())
+    assert "replay" not in status["rejected"], status["rejected"]
+    for silo in deployment.silos:
+        assert "(replay)" not in deployment.log(silo), silo
+    folded = [e for e in deployment.events("aggregator", "upload_folded")
+              if e["silo"] == "silo-0" and e["round"] == 1]
+    assert len(folded) == 1
+    again = deployment.events("silo-0", "round_done") + deployment.events("silo-0",
+                                                                         "plan_skipped")
+    assert any(e["round"] == 1 for e in again), deployment.log("silo-0")  # it got the plan
+    closed = [e["round"] for e in deployment.events("aggregator", "round_closed")]
+    assert closed == [0, 1, 2]
+    _assert_same_params(deployment, _reference(deployment))
+
+
+def test_a_silo_whose_model_diverges_skips_the_round_and_the_federation_goes_on(
+    deployment,
+) -> None:
+    """silo-2's model diverges on its round-1 plan (its values become non-finite) with DP
+    on: it releases and is charged nothing, says so (not "privacy budget exhausted"), skips
+    the round and takes the next plan; the round closes by quorum without it."""
+    deployment.sim = replace(deployment.sim, rounds=3)
+    deployment.rounds = {"deadline_s": 20.0, "quorum": 0.6}
+    deployment.dp = {"enabled": True, "epsilon": 8.0}
+    deployment.write()
+    deployment.start_aggregator()
+    deployment.start_agent("silo-0")
+    deployment.start_agent("silo-1")
+    deployment.start_agent("silo-2", env={"FEDSILO_FAULT": "plan_received@1:poison"})
+    deployment.wait_all(timeout=400)
+
+    skipped = deployment.events("silo-2", "round_skipped")
+    assert [(e["round"], e["reason"]) for e in skipped] == [(1, "non-finite values")]
+    assert "NaN or inf" in skipped[0]["detail"]
+    assert not deployment.events("silo-2", "privacy_budget_exhausted")
+    done = [e["round"] for e in deployment.events("silo-2", "round_done")]
+    assert 1 not in done and done == [0, *range(2, done[-1] + 1)]
+    folded = {(e["silo"], e["round"]) for e in deployment.events("aggregator", "upload_folded")}
+    assert ("silo-2", 1) not in folded and ("silo-2", 0) in folded
+    closed = [e["round"] for e in deployment.events("aggregator", "round_closed")]
+    assert closed == list(range(done[-1] + 1))
+    params = _global_params(deployment.root)
+    assert all(bool(torch.isfinite(v).all()) for v in params.values())
+    # Only what was released was charged: not the skipped round.
+    ledger = json.loads((deployment.silo_dir("silo-2") / "privacy-ledger.json").read_text())
+    charged = {r["round"] for r in ledger["releases"]}
+    assert 1 not in charged and {0, 2} <= charged, ledger  # the final round only evaluates
