@@ -7,8 +7,9 @@ keys are shown by id and fingerprint, passwords never.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Annotated, NoReturn
+from typing import Annotated, Any, NoReturn
 
 import typer
 from rich.console import Console
@@ -16,11 +17,15 @@ from rich.markup import escape
 from rich.table import Table
 
 keys_app = typer.Typer(
-    help="This party's key pairs (sign what it sends, open what is sealed to it).",
+    help="This party's key pairs (sign what it sends, open what is sealed to it). Rotation "
+    "without an outage: `keys rotate` (a pending key: published, decrypts, does not sign), "
+    "peers `trust add` the new public.json, `keys activate` (it signs from then on), "
+    "`keys retire OLD`, peers `trust retire` it.",
     no_args_is_help=True,
 )
 trust_app = typer.Typer(
-    help="The peers' pinned public keys (a trust.json); picked up without a restart.",
+    help="The peers' pinned public keys and retired keys (a trust.json); running processes "
+    "pick changes up without a restart.",
     no_args_is_help=True,
 )
 
@@ -42,13 +47,39 @@ def _out() -> Console:
     return Console(highlight=False, soft_wrap=True)  # fingerprints must stay on one line
 
 
-def _key_lines(console: Console, keys: object) -> None:
+def _key_lines(console: Console, keys: object, retired: Iterable[Any] = ()) -> None:
+    """A peer's pinned keys (the newest is the one sealed to) and its retired keys."""
     from fedsilo.privacy.keys import PartyKeys
 
     assert isinstance(keys, PartyKeys)
     for i, key in enumerate(keys.keys):
-        state = "active" if i == 0 else "older "
+        state = "newest " if i == 0 else "older  "
         console.print(f"  {state}  {key.key_id}  {key.fingerprint}")
+    _retired_lines(console, retired)
+
+
+def _retired_lines(console: Console, retired: Iterable[Any]) -> None:
+    for record in retired:
+        fingerprint = record.fingerprint or "(fingerprint not recorded)"
+        console.print(f"  retired  {record.key_id}  {fingerprint}  on {record.retired}")
+
+
+def _keyring_lines(console: Console, keyring: object) -> None:
+    """This party's keys with their state: pending (decrypts, does not sign yet), active
+    (signs), older (decrypts), retired (deleted, refused)."""
+    from fedsilo.privacy.keys import Keyring
+
+    assert isinstance(keyring, Keyring)
+    pending = keyring.pending
+    for key in keyring.public().keys:
+        if key == keyring.active:
+            state = "active "
+        elif pending is not None and key == pending:
+            state = "pending"
+        else:
+            state = "older  "
+        console.print(f"  {state}  {key.key_id}  {key.fingerprint}")
+    _retired_lines(console, keyring.retired)
 
 
 # -- fedsilo keys ---------------------------------------------------------------------------
@@ -70,7 +101,7 @@ def keys_init(
         _fail(str(exc))
     console = _out()
     console.print(f"keyring of {escape(party)} created in {escape(str(dir_))}")
-    _key_lines(console, keyring.public())
+    _keyring_lines(console, keyring)
     console.print(
         f"Send {escape(str(dir_ / PUBLIC_FILE))} to the coordinator (it holds no secret); "
         "confirm the fingerprint with them by another channel. Keep the folder private."
@@ -79,22 +110,62 @@ def keys_init(
 
 @keys_app.command("rotate")
 def keys_rotate(dir_: DirOption) -> None:
-    """Add a new active key; the old ones keep opening messages already sealed to them."""
+    """Make a new pending key: published, decrypts, does not sign until `keys activate`.
+
+    The new key is listed first in DIR/public.json (peers that pin it encrypt to it, and it
+    decrypts here), but this party keeps signing with its active key until `fedsilo keys
+    activate`, so no peer is sent a signature it cannot verify."""
     from fedsilo.privacy.keys import PUBLIC_FILE, Keyring, KeysError
 
     try:
         keyring = Keyring.load(dir_)
+        old = keyring.active
         new = keyring.rotate()
     except (KeysError, OSError) as exc:
         _fail(str(exc))
     console = _out()
-    console.print(f"new active key of {escape(keyring.party)}: {new.key_id}  {new.fingerprint}")
-    _key_lines(console, keyring.public())
-    older = [k.key_id for k in keyring.public().keys[1:]]
+    party, folder = escape(keyring.party), escape(str(dir_))
+    console.print(f"new pending key of {party}: {new.key_id}  {new.fingerprint}")
+    _keyring_lines(console, keyring)
     console.print(
-        f"Send {escape(str(dir_ / PUBLIC_FILE))} to your peers (`fedsilo trust add`); once "
-        "they have it, retire the old key"
-        + (f" (`fedsilo keys retire --dir {escape(str(dir_))} {older[0]}`)." if older else ".")
+        f"{party} still signs with {old.key_id} and already opens what is sealed to "
+        f"{new.key_id}. Next: 1. send {escape(str(dir_ / PUBLIC_FILE))} to every peer, which "
+        "runs `fedsilo trust add trust.json public.json` (running processes pick it up); "
+        f"2. once every peer has pinned it: `fedsilo keys activate --dir {folder}` ({party} "
+        f"then signs with {new.key_id}; its log says which peers already seal to it); "
+        f"3. then `fedsilo keys retire --dir {folder} {old.key_id}`, and every peer runs "
+        f"`fedsilo trust retire trust.json {party} {old.key_id}`."
+    )
+
+
+@keys_app.command("activate")
+def keys_activate(
+    dir_: DirOption,
+    key_id: Annotated[
+        str | None, typer.Argument(help="The pending key id (optional: checked if given).")
+    ] = None,
+) -> None:
+    """Sign with the pending key from now on, once every peer has pinned it.
+
+    Run it only once every peer has pinned the new public.json (`fedsilo trust add`): a peer
+    that has not would refuse what this party signs. The previous key keeps opening
+    messages still sealed to it."""
+    from fedsilo.privacy.keys import Keyring, KeysError
+
+    try:
+        keyring = Keyring.load(dir_)
+        old = keyring.active
+        new = keyring.activate(key_id)
+    except (KeysError, OSError) as exc:
+        _fail(str(exc))
+    console = _out()
+    party = escape(keyring.party)
+    console.print(f"{party} now signs with {new.key_id}  {new.fingerprint}")
+    _keyring_lines(console, keyring)
+    console.print(
+        f"Running processes pick this up with their next message. Once no message sealed to "
+        f"{old.key_id} can still be in flight: `fedsilo keys retire --dir "
+        f"{escape(str(dir_))} {old.key_id}`."
     )
 
 
@@ -103,20 +174,25 @@ def keys_retire(
     dir_: DirOption,
     key_id: Annotated[str, typer.Argument(help="The (non-active) key id to delete.")],
 ) -> None:
-    """Delete an old key for good (messages sealed to it can no longer be opened)."""
+    """Delete a non-active key for good and record it as retired; peers then `trust retire` it.
+
+    An older key, or the pending one to give up a rotation. Messages still sealed to it are
+    refused with a reason naming it. Then every peer runs `fedsilo trust retire` so that it
+    refuses the key too."""
     from fedsilo.privacy.keys import Keyring, KeysError
 
     try:
         keyring = Keyring.load(dir_)
-        keyring.retire(key_id)
+        record = keyring.retire(key_id)
     except (KeysError, OSError) as exc:
         _fail(str(exc))
     console = _out()
-    console.print(f"retired key {escape(key_id)} of {escape(keyring.party)}; keys now:")
-    _key_lines(console, keyring.public())
+    party = escape(keyring.party)
+    console.print(f"retired key {escape(key_id)} of {party} on {record.retired}; keys now:")
+    _keyring_lines(console, keyring)
     console.print(
-        f"Peers may now drop it: `fedsilo trust remove trust.json {escape(keyring.party)} "
-        f"{escape(key_id)}`."
+        f"Every peer must now refuse it: `fedsilo trust retire trust.json {party} "
+        f"{escape(key_id)}` (fingerprint {record.fingerprint})."
     )
 
 
@@ -131,7 +207,7 @@ def keys_show(dir_: DirOption) -> None:
         _fail(str(exc))
     console = _out()
     console.print(f"party {escape(keyring.party)} ({escape(str(dir_))})")
-    _key_lines(console, keyring.public())
+    _keyring_lines(console, keyring)
 
 
 # -- fedsilo trust --------------------------------------------------------------------------
@@ -142,25 +218,38 @@ def trust_add(
     trust_file: Annotated[Path, typer.Argument(help="The trust.json to update.")],
     public_json: Annotated[Path, typer.Argument(help="A party's public.json.")],
 ) -> None:
-    """Pin a party's public keys (replacing what was pinned for it), e.g. after it rotated."""
+    """Pin a party's public keys (replacing what was pinned for it), e.g. after it rotated.
+
+    This side then seals to its newest key and accepts signatures by any key pinned. Keys
+    retired here (`fedsilo trust retire`) are never pinned again."""
     from fedsilo.privacy.keys import KeysError, PartyKeys, TrustStore
 
     try:
         store = TrustStore.load(trust_file)
         keys = PartyKeys.load(public_json)
         before = store.parties.get(keys.party)
-        store.add(keys)
+        dropped = store.add(keys)
         store.save(trust_file)
     except (KeysError, OSError) as exc:
         _fail(str(exc))
     console = _out()
+    party = escape(keys.party)
+    pinned = store.party(keys.party)
     old = {k.key_id for k in before.keys} if before is not None else set()
-    new = {k.key_id for k in keys.keys}
+    new = {k.key_id for k in pinned.keys}
     verb = "updated" if before is not None else "added"
-    console.print(f"{verb} {escape(keys.party)} in {escape(str(trust_file))}:")
-    _key_lines(console, keys)
-    if before is not None and old - new:
-        console.print("no longer pinned: " + ", ".join(sorted(old - new)))
+    console.print(f"{verb} {party} in {escape(str(trust_file))}:")
+    _key_lines(console, pinned)
+    for record in dropped:
+        console.print(f"not pinned again: {record.key_id} (retired here on {record.retired})")
+    if before is not None and old - new - {r.key_id for r in dropped}:
+        gone = sorted(old - new)
+        console.print(
+            "no longer pinned: " + ", ".join(gone) + "; if the party retired "
+            + ("it" if len(gone) == 1 else "them")
+            + f", refuse it by name: `fedsilo trust retire {escape(str(trust_file))} {party} "
+            + f"{gone[0]}`"
+        )
     console.print("Compare the fingerprints with the party's operator by another channel.")
 
 
@@ -168,18 +257,21 @@ def trust_add(
 def trust_remove(
     trust_file: Annotated[Path, typer.Argument(help="The trust.json to update.")],
     party: Annotated[str, typer.Argument(help="The party whose key to unpin.")],
-    key_id: Annotated[str, typer.Argument(help="The key id to unpin (retired by the party).")],
+    key_id: Annotated[str, typer.Argument(help="The key id (or fingerprint) to unpin.")],
 ) -> None:
-    """Unpin one of a party's keys (after it retired that key)."""
+    """Unpin one of a party's keys without refusing it (say, one pinned by mistake).
+
+    For a key its party retired use `fedsilo trust retire`, which refuses it by name."""
     from fedsilo.privacy.keys import KeysError, PartyKeys, TrustStore
 
     try:
         store = TrustStore.load(trust_file)
         keys = store.party(party)
-        if keys.get(key_id) is None:
+        match = keys.get(key_id)
+        if match is None:
             pinned = ", ".join(k.key_id for k in keys.keys)
             _fail(f"key {key_id} is not pinned for {party} in {trust_file} (pinned: {pinned})")
-        remaining = tuple(k for k in keys.keys if k.key_id != key_id)
+        remaining = tuple(k for k in keys.keys if k is not match)
         if not remaining:
             _fail(
                 f"{key_id} is the only key pinned for {party}; pin its new public.json first "
@@ -192,6 +284,39 @@ def trust_remove(
     console = _out()
     console.print(f"unpinned {escape(key_id)} of {escape(party)}; still pinned:")
     _key_lines(console, store.party(party))
+
+
+@trust_app.command("retire")
+def trust_retire(
+    trust_file: Annotated[Path, typer.Argument(help="The trust.json to update.")],
+    party: Annotated[str, typer.Argument(help="The party that retired the key.")],
+    key: Annotated[str, typer.Argument(help="The retired key's id or fingerprint.")],
+) -> None:
+    """Refuse a party's retired key from now on (after it ran `keys retire`).
+
+    Unpins the key and records it (with the time) in the trust file, so running processes
+    refuse what it signs, naming it, never seal to it, and `fedsilo trust add` never pins it
+    again."""
+    from fedsilo.privacy.keys import KeysError, TrustStore
+
+    try:
+        store = TrustStore.load(trust_file)
+        already = store.retired_key(party, key)
+        record = store.retire(party, key)
+        if already is None:
+            store.save(trust_file)
+    except (KeysError, OSError) as exc:
+        _fail(str(exc))
+    console = _out()
+    if already is not None:
+        console.print(f"{escape(record.key_id)} of {escape(party)} was already retired on "
+                      f"{record.retired}; nothing changed")
+        return
+    console.print(
+        f"retired {escape(record.key_id)} of {escape(party)} in {escape(str(trust_file))}: "
+        "what it signs is refused from now on, and nothing is sealed to it; pinned:"
+    )
+    _key_lines(console, store.party(party), store.retired.get(party, ()))
 
 
 @trust_app.command("show")
@@ -209,7 +334,7 @@ def trust_show(
     console.print(f"federation {escape(store.federation)} ({escape(str(trust_file))})")
     for name in sorted(store.parties):
         console.print(escape(name))
-        _key_lines(console, store.parties[name])
+        _key_lines(console, store.parties[name], store.retired.get(name, ()))
 
 
 # -- fedsilo provision ----------------------------------------------------------------------

@@ -59,6 +59,9 @@ def simulate(
     ),
     k_c: Annotated[int, typer.Option("--k-c", help="Silos each expert selects.")] = _D.k_c,
     b: Annotated[int, typer.Option("--b", help="Max experts per module per silo.")] = _D.b,
+    min_contributors: Annotated[int, typer.Option(
+        help="A tensor fewer silos trained in a round keeps its value (1: publish even one "
+        "silo's update as it trained it).")] = _D.min_contributors,
     assignment: Annotated[str, typer.Option(help="rsea | random | static.")] = _D.assignment,
     solver: Annotated[str, typer.Option(help="scip | flow | lp (exact fast paths).")] = (
         _D.solver
@@ -128,8 +131,9 @@ def simulate(
 
     config = replace(
         _D, silos=silos, rounds=rounds, local_steps=local_steps, strategy=strategy,
-        num_experts=experts, top_k=k_e, k_c=k_c, b=b, assignment=assignment, solver=solver,
-        relevance=relevance, temperature=temperature, stickiness=stickiness,
+        num_experts=experts, top_k=k_e, k_c=k_c, b=b, min_contributors=min_contributors,
+        assignment=assignment, solver=solver, relevance=relevance, temperature=temperature,
+        stickiness=stickiness,
         client_embedding=client_embedding,
         data=data, data_dir=data_dir, partition=partition, alpha=alpha,
         examples_per_silo=examples_per_silo, model=model, lr=lr, batch_size=batch_size,
@@ -235,11 +239,17 @@ def agent_privacy(
     from fedsilo.cli.display import render_privacy
     from fedsilo.privacy.silo import SiloPrivacy
     from fedsilo.silo_agent.config import SiloConfig
+    from fedsilo.silo_agent.service import recorded_ledger
 
     console = Console()
     cfg = _load(console, SiloConfig, config, set_, False)
     try:
-        privacy = SiloPrivacy.open(cfg.dp, cfg.state_dir, cfg.silo_id)
+        # Read-only: no lock, so it never blocks a running agent; checked against the
+        # checkpoint (read first) like the agent's start-up, so a deleted or replaced ledger
+        # is reported as such, not as nothing spent.
+        recorded = recorded_ledger(cfg.state_dir)
+        privacy = SiloPrivacy.open(cfg.dp, cfg.state_dir, cfg.silo_id, read_only=True,
+                                   recorded=recorded)
     except ValueError as exc:
         raise _fail(console, str(exc)) from None
     summary = privacy.ledger.summary()

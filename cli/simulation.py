@@ -73,6 +73,7 @@ class SimulationConfig:
     weighting: str = "uniform"
     aggregation: str = StrategyConfig.aggregation
     trim: float = StrategyConfig.trim
+    min_contributors: int = StrategyConfig.min_contributors
     # FedLEASE
     warmup_rounds: int = 2
     max_clusters: int = 8
@@ -127,6 +128,7 @@ class SimulationConfig:
             client_embedding=self.client_embedding,  # type: ignore[arg-type]
             weighting=self.weighting,  # type: ignore[arg-type]
             aggregation=self.aggregation, trim=self.trim,  # type: ignore[arg-type]
+            min_contributors=self.min_contributors,
             warmup_rounds=self.warmup_rounds, max_clusters=self.max_clusters,
             expert_init=self.expert_init,  # type: ignore[arg-type]
             sync_every=self.sync_every, outer_lr=self.outer_lr,

@@ -44,7 +44,12 @@ class EnvelopeCodec(Codec):
     changes, so keys rotate without a restart), and its replay memory.
 
     Announcements carry round 0 and skip the replay floor: a silo announces whenever it
-    starts, and a replayed announcement changes nothing (same incarnation)."""
+    starts, and a replayed announcement changes nothing (same incarnation).
+
+    During a rotation (see `fedsilo.privacy.keys`) it signs with the active key, opens what
+    is sealed to any key it holds, and logs once per peer when that peer first seals to the
+    pending key, i.e. has pinned it (`peers_on_pending`): once every peer has, activating the
+    new key refuses nothing."""
 
     def __init__(
         self,
@@ -60,6 +65,7 @@ class EnvelopeCodec(Codec):
         self.limits = limits or EnvelopeLimits()
         self.clock = clock
         self.guard = ReplayGuard()
+        self._on_pending: dict[str, set[str]] = {}  # pending key id -> peers sealing to it
         store = self.trust
         if store.federation != federation:
             raise KeysError(
@@ -123,7 +129,27 @@ class EnvelopeCodec(Codec):
                 self.guard.remember(header)
             except EnvelopeError as exc:
                 raise Rejected(exc.reason, exc.detail) from None
+        self._note_pending(header.sender, header.recipient_key)
         return message
+
+    def peers_on_pending(self) -> frozenset[str]:
+        """The peers seen (since this codec started) sealing a message to this party's
+        pending key: they have pinned it, so they verify what it will sign."""
+        pending = self.keyring.pending
+        return frozenset(self._on_pending.get(pending.key_id, ()) if pending else ())
+
+    def _note_pending(self, sender: str, key_id: str) -> None:
+        pending = self.keyring.pending
+        if pending is None or key_id != pending.key_id:
+            return
+        seen = self._on_pending.setdefault(key_id, set())
+        if sender not in seen:
+            seen.add(sender)
+            log.info(
+                "%s sealed a message to %s's pending key %s: it has pinned it (%d peer(s) so "
+                "far: %s); run `fedsilo keys activate` once every peer has",
+                sender, self.party, key_id, len(seen), ", ".join(sorted(seen)),
+            )
 
     def advance(self, round: int) -> None:
         """Messages of rounds before `round` are replays from now on."""

@@ -29,6 +29,7 @@ from torch import Tensor
 from fedsilo.privacy.ledger import ACCOUNTANTS, DP_SGD, EMBEDDINGS, Release, compose_epsilon
 
 __all__ = [
+    "EMBEDDING_SET_CHANGE",
     "DPConfig",
     "DPError",
     "DPSGDConfig",
@@ -37,9 +38,17 @@ __all__ = [
     "embeddings_release",
     "noise_multiplier_for",
     "private_mean",
+    "private_sum",
     "secure_generator",
+    "sensitivity",
 ]
 
+#: Examples of the embedding set D_emb that adding or removing one record of a silo can
+#: change: that record enters or leaves, and a floor or cap that binds passes one other
+#: record on (`sdk.data.splits`; tested there). The DP unit is one record of the silo.
+EMBEDDING_SET_CHANGE = 2
+#: Each example's weight in the release's count coordinate, as a share of the clip bound.
+COUNT_WEIGHT = 0.5
 MAX_NOISE_MULTIPLIER = 1e6
 _SIGMA_RTOL = 1e-3  # relative precision of the noise-multiplier search
 
@@ -127,24 +136,29 @@ def clip_rows(x: Tensor, clip: float) -> Tensor:
     return x * (clip / norms.clamp(min=clip))
 
 
-def private_mean(
+def private_sum(
     per_example: Mapping[str, Tensor],
     *,
     clip: float,
     noise_multiplier: float,
-    count: int | None = None,
+    records_changed: int = EMBEDDING_SET_CHANGE,
     generator: torch.Generator | None = None,
-) -> dict[str, Tensor]:
-    """The DP mean of per-example values {key: (N, ...)}: {key: (...)} float32 on the CPU.
+) -> tuple[dict[str, Tensor], float]:
+    """One Gaussian mechanism over per-example values {key: (N, ...)}: their clipped sum
+    {key: (...)} float64 and their count, both noised.
 
-    Clips each example's concatenated vector (all keys) to `clip`, sums, adds
-    N(0, (noise_multiplier*clip)^2) per coordinate, divides by `count` (public; default N).
-    noise_multiplier 0 gives the clipped mean without noise. Computed in float64.
-    `generator` must be a CPU generator; None draws from :func:`secure_generator`.
+    Each example contributes its vector (all keys concatenated) clipped to `clip`, and
+    ``clip * COUNT_WEIGHT`` to a count coordinate. Adding or removing one record of the silo
+    changes at most `records_changed` examples, so the release moves by at most
+    ``sensitivity(clip, records_changed)`` in L2; every coordinate gets
+    N(0, (noise_multiplier * that)^2). noise_multiplier 0: exact. `generator` must be a CPU
+    generator; None draws from :func:`secure_generator`.
     """
     _check_clip("clip", clip)
     if not _is_real(noise_multiplier) or not 0 <= noise_multiplier < math.inf:
         raise DPError(f"noise_multiplier must be finite and >= 0 (got {noise_multiplier!r})")
+    if not isinstance(records_changed, int) or records_changed < 1:
+        raise DPError(f"records_changed must be an int >= 1 (got {records_changed!r})")
     if not per_example:
         raise DPError("private_mean got no values; pass at least one key of per-example tensors")
     keys = sorted(per_example)
@@ -157,23 +171,43 @@ def private_mean(
         )
     if n == 0:
         raise DPError("private_mean got 0 examples; the embedding set must not be empty")
-    count = n if count is None else count
-    if not isinstance(count, int) or isinstance(count, bool) or count < 1:
-        raise DPError(f"count must be a positive int (got {count!r})")
-
     shapes = [tuple(per_example[key].shape[1:]) for key in keys]
     rows = torch.cat(
         [per_example[key].detach().to("cpu", torch.float64).reshape(n, -1) for key in keys],
         dim=1,
     )
     total = clip_rows(rows, clip).sum(dim=0)
+    count = float(n) * clip * COUNT_WEIGHT
     if noise_multiplier > 0:
         gen = generator if generator is not None else secure_generator()
-        noise = torch.randn(total.shape, generator=gen, dtype=torch.float64)
-        total = total + noise * (noise_multiplier * clip)
-    mean = (total / count).to(torch.float32)
-    parts = mean.split([math.prod(shape) for shape in shapes])
-    return {key: part.reshape(shape) for key, part, shape in zip(keys, parts, shapes, strict=True)}
+        std = noise_multiplier * sensitivity(clip, records_changed)
+        total = total + torch.randn(total.shape, generator=gen, dtype=torch.float64) * std
+        count += float(torch.randn((), generator=gen, dtype=torch.float64)) * std
+    parts = total.split([math.prod(shape) for shape in shapes])
+    sums = {key: part.reshape(shape) for key, part, shape in zip(keys, parts, shapes, strict=True)}
+    return sums, count / (clip * COUNT_WEIGHT)
+
+
+def sensitivity(clip: float, records_changed: int = EMBEDDING_SET_CHANGE) -> float:
+    """L2 sensitivity of `private_sum`'s release: each changed example's row (its clipped
+    vector and its count coordinate) has norm at most clip * sqrt(1 + COUNT_WEIGHT^2)."""
+    return records_changed * clip * math.sqrt(1.0 + COUNT_WEIGHT**2)
+
+
+def private_mean(
+    per_example: Mapping[str, Tensor],
+    *,
+    clip: float,
+    noise_multiplier: float,
+    records_changed: int = EMBEDDING_SET_CHANGE,
+    generator: torch.Generator | None = None,
+) -> dict[str, Tensor]:
+    """The DP mean of per-example values {key: (N, ...)}: {key: (...)} float32 on the CPU:
+    `private_sum`'s noisy sum over its noisy count (at least 1). Post-processing of one
+    release: the count costs no budget of its own, and N itself is never released."""
+    sums, count = private_sum(per_example, clip=clip, noise_multiplier=noise_multiplier,
+                              records_changed=records_changed, generator=generator)
+    return {key: (value / max(count, 1.0)).to(torch.float32) for key, value in sums.items()}
 
 
 def noise_multiplier_for(

@@ -24,9 +24,9 @@ Wire format (integers big endian)::
   bytes) and AAD = header + i (4 bytes) + final flag (1 byte), so segments cannot be
   reordered, dropped, or cut off at a segment boundary. An empty payload is one empty final
   segment. A receiver accepts any segment sizes up to the AESGCM limit.
-- Signature: Ed25519 by the sender's active key over b"fedsilo/v1/sig" + SHA-512(all bytes
-  before the signature). Signing the ciphertext (not the plaintext) lets a receiver reject a
-  forged message before doing any decryption work.
+- Signature: Ed25519 by the sender's active key (never a pending one, see `keys`) over
+  b"fedsilo/v1/sig" + SHA-512(all bytes before the signature). Signing the ciphertext (not
+  the plaintext) lets a receiver reject a forged message before doing any decryption work.
 
 Overhead: 177 bytes + the header (about 250) + 20 bytes per segment, i.e. under 0.01% of
 a payload of a few MB (fedsilo promises wire bytes within 2% of raw tensor bytes).
@@ -407,6 +407,15 @@ def open_sealed(
     my_keys = me.public()
     recipient_key = my_keys.get(header.recipient_key)
     if recipient_key is None:
+        retired = me.retired_key(header.recipient_key)
+        if retired is not None:
+            raise EnvelopeError(
+                "recipient",
+                f"message from {header.sender!r} is sealed to key {header.recipient_key!r}, "
+                f"which {me.party!r} retired on {retired.retired}: {header.sender!r} must pin "
+                f"{me.party!r}'s current public.json (`fedsilo trust add`) and refuse the old "
+                f"key (`fedsilo trust retire trust.json {me.party} {header.recipient_key}`)",
+            )
         raise EnvelopeError(
             "recipient",
             f"message is sealed to key {header.recipient_key!r}, which {me.party!r} does not "

@@ -3,8 +3,28 @@
 Each party (a silo or the aggregator) holds one or more key *generations*. A generation is an
 Ed25519 key (signs what the party sends) and an X25519 key (receives what is sealed to it),
 named by a key id derived from both public keys. Several generations coexist during a
-rotation: the newest is *active* (it signs, and peers encrypt to it); older ones are kept
-only so messages already sealed to them can still be opened, until they are retired.
+rotation, each in one state:
+
+- *active* (exactly one): signs what the party sends;
+- *pending* (at most one, the newest): made by `rotate` and published in `public.json`, so
+  peers that pin it encrypt to it, but it does not sign until `activate`: no peer is ever
+  sent a signature by a key it has not pinned yet;
+- *older*: kept only so messages still sealed to it can be opened, until `retire`.
+
+Every generation decrypts. `public.json` lists the newest first (what peers encrypt to).
+
+Rotation without an outage, each step safe whatever the order messages arrive in:
+
+1. `fedsilo keys rotate`: a pending key; the party still signs with the old one.
+2. every peer `fedsilo trust add trust.json public.json`: it now encrypts to the new key and
+   accepts signatures by both (running processes re-read the trust file).
+3. `fedsilo keys activate`: the party signs with the new key (peers pinned it in step 2).
+4. `fedsilo keys retire OLD`: the old private key is deleted; every peer
+   `fedsilo trust retire trust.json PARTY OLD`: the peer refuses it from then on, by name.
+
+Retired keys are recorded (here in `keyring.json`, at peers in the trust file) with the time
+they were retired, so a message signed with or sealed to one is refused with a reason that
+says so, and a stale `public.json` cannot pin a retired key again.
 
 Why pinning: a peer's public keys reach a party out of band (`fedsilo provision`) and are
 stored with their fingerprint; every load recomputes the fingerprint and key id, so an edited
@@ -32,8 +52,9 @@ import contextlib
 import hashlib
 import json
 import os
+import re
 import stat
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -54,6 +75,8 @@ __all__ = [
     "KeysError",
     "PartyKeys",
     "PublicKey",
+    "RetiredKey",
+    "RetiredKeyError",
     "TrustFile",
     "TrustStore",
 ]
@@ -67,10 +90,20 @@ _FINGERPRINT_PREFIX = "sha256:"
 _KEY_ID_LEN = 16
 _MAX_NAME_LEN = 256
 _PUBLIC_FIELDS = frozenset({"key_id", "signing", "encryption", "fingerprint"})
+_KEY_ID_RE = re.compile(r"[0-9a-f]{16}")
+_FINGERPRINT_RE = re.compile(r"sha256:[0-9a-f]{64}")
 
 
 class KeysError(ValueError):
     """A key file or trust file that cannot be used; says why and what to do."""
+
+
+class RetiredKeyError(KeysError):
+    """A key its party retired: refused, with when and what to do."""
+
+
+def _now() -> str:
+    return datetime.now(UTC).isoformat(timespec="seconds")
 
 
 def _check_name(value: object, what: str) -> str:
@@ -189,11 +222,56 @@ class PublicKey:
 
 
 @dataclass(frozen=True)
+class RetiredKey:
+    """A key its party retired, recorded so that it is refused by name (which key, since
+    when) rather than merely unknown, and is never pinned or used again."""
+
+    key_id: str
+    retired: str  # when it was retired (ISO 8601, UTC), as recorded where this is stored
+    fingerprint: str | None = None  # known when the key was held or pinned at retirement
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.key_id, str) or not _KEY_ID_RE.fullmatch(self.key_id):
+            raise KeysError(f"a retired key id must be 16 lowercase hex characters, got "
+                            f"{self.key_id!r}")
+        try:
+            datetime.fromisoformat(self.retired)
+        except (TypeError, ValueError):
+            raise KeysError(f"retired key {self.key_id!r}: 'retired' must be an ISO 8601 "
+                            f"time, got {self.retired!r}") from None
+        if self.fingerprint is not None and (
+            not isinstance(self.fingerprint, str)
+            or not _FINGERPRINT_RE.fullmatch(self.fingerprint)
+            or self.fingerprint[len(_FINGERPRINT_PREFIX):][:_KEY_ID_LEN] != self.key_id
+        ):
+            raise KeysError(f"retired key {self.key_id!r}: fingerprint {self.fingerprint!r} "
+                            "is not the fingerprint of that key id; the entry was altered")
+
+    def to_dict(self) -> dict[str, str]:
+        d = {"key_id": self.key_id, "retired": self.retired}
+        if self.fingerprint is not None:
+            d["fingerprint"] = self.fingerprint
+        return d
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> RetiredKey:
+        if (
+            not isinstance(d, Mapping)
+            or not {"key_id", "retired"} <= set(d) <= {"key_id", "retired", "fingerprint"}
+        ):
+            raise KeysError(f"a retired key needs 'key_id' and 'retired' (and optionally "
+                            f"'fingerprint'), got {d!r}")
+        return cls(d["key_id"], d["retired"], d.get("fingerprint"))
+
+
+@dataclass(frozen=True)
 class PartyKeys:
     """The public side of one party: what its peers pin."""
 
     party: str
-    keys: tuple[PublicKey, ...]  # newest first; keys[0] is the active key senders encrypt to
+    # Newest first; keys[0] is the key senders encrypt to. At the party it may still be
+    # pending (it decrypts there but does not sign yet): see the module docstring.
+    keys: tuple[PublicKey, ...]
 
     def __post_init__(self) -> None:
         _check_name(self.party, "party name")
@@ -209,10 +287,12 @@ class PartyKeys:
 
     @property
     def active(self) -> PublicKey:
+        """The key senders encrypt to (the newest)."""
         return self.keys[0]
 
     def get(self, key_id: str) -> PublicKey | None:
-        return next((k for k in self.keys if k.key_id == key_id), None)
+        """The key with id (or fingerprint) `key_id`, if listed."""
+        return next((k for k in self.keys if key_id in (k.key_id, k.fingerprint)), None)
 
     def to_dict(self) -> dict[str, Any]:
         return {"party": self.party, "keys": [k.to_dict() for k in self.keys]}
@@ -260,13 +340,15 @@ class _KeyringState:
     """What `keyring.json` and the PEM files said when read; swapped whole on refresh."""
 
     party: str
-    generations: tuple[_Generation, ...]  # active first, then as listed
+    generations: tuple[_Generation, ...]  # active first, then as listed (newest first)
+    pending: str | None  # the pending key's id while a rotation is under way
+    retired: tuple[RetiredKey, ...]  # oldest first
     stamp: tuple[int, ...]  # identity of the keyring.json that was read
 
 
 class Keyring:
-    """A party's private keys, in an owner-only folder. Several keys during a rotation:
-    the active one signs and is advertised; older ones still decrypt messages sealed to them."""
+    """A party's private keys, in an owner-only folder. Several keys during a rotation: the
+    active one signs; a pending one (newest, advertised) and older ones only decrypt."""
 
     def __init__(self, folder: Path, state: _KeyringState) -> None:
         """Use `create` or `load`; this only wraps state already read from `folder`."""
@@ -274,7 +356,10 @@ class Keyring:
         self._state = state
 
     def __repr__(self) -> str:
-        return f"Keyring(party={self.party!r}, folder={str(self.folder)!r}, active={self.active})"
+        return (
+            f"Keyring(party={self.party!r}, folder={str(self.folder)!r}, active={self.active}, "
+            f"pending={self.pending})"
+        )
 
     # -- lifecycle -----------------------------------------------------------------------
 
@@ -292,7 +377,7 @@ class Keyring:
         folder.mkdir(mode=0o700, parents=True, exist_ok=True)
         os.chmod(folder, 0o700)  # an existing folder may have been made with a wider mode
         generation = _new_generation(folder)
-        _write_keyring(folder, party, (generation,))
+        _write_keyring(folder, party, (generation,), generation.public.key_id, None, ())
         keyring = cls(folder, _read_state(folder))
         keyring.public().save(folder / PUBLIC_FILE)
         return keyring
@@ -317,11 +402,27 @@ class Keyring:
 
     @property
     def active(self) -> PublicKey:
+        """The key that signs what this party sends."""
         return self._state.generations[0].public
 
+    @property
+    def pending(self) -> PublicKey | None:
+        """The key made by `rotate` and not activated yet (it decrypts, it does not sign)."""
+        state = self._state
+        return next((g.public for g in state.generations if g.public.key_id == state.pending),
+                    None)
+
+    @property
+    def retired(self) -> tuple[RetiredKey, ...]:
+        """The keys this party retired, oldest first (their private halves are deleted)."""
+        return self._state.retired
+
+    def retired_key(self, key_id: str) -> RetiredKey | None:
+        return next((r for r in self._state.retired if r.key_id == key_id), None)
+
     def public(self) -> PartyKeys:
-        """All keys, active (newest) first."""
-        return PartyKeys(self.party, tuple(g.public for g in self._state.generations))
+        """All keys, newest first: the pending key (if any), the active one, older ones."""
+        return PartyKeys(self.party, tuple(g.public for g in _ordered(self._state)))
 
     def sign(self, data: bytes) -> tuple[str, bytes]:
         """(active key id, Ed25519 signature of `data`)."""
@@ -341,40 +442,108 @@ class Keyring:
         for generation in self._state.generations:
             if generation.public.key_id == key_id:
                 return generation
+        retired = self.retired_key(key_id)
+        if retired is not None:
+            raise RetiredKeyError(
+                f"key {key_id!r} of {self.party!r} was retired on {retired.retired}; its "
+                f"private key is deleted. Keys held: {self._ids()}"
+            )
         raise KeysError(
             f"keyring {self.folder} ({self.party}) has no key {key_id!r}; it holds "
-            f"{[g.public.key_id for g in self._state.generations]} (was it retired?)"
+            f"{self._ids()}"
         )
+
+    def _ids(self) -> list[str]:
+        return [g.public.key_id for g in _ordered(self._state)]
 
     # -- rotation ------------------------------------------------------------------------
 
     def rotate(self) -> PublicKey:
-        """Add a new key and make it active; older keys stay to open messages in flight.
-        Hand the new `public.json` to peers, then `retire` the old key once they use it."""
+        """Add a new *pending* key: it is published first in `public.json` and decrypts, but
+        the active key goes on signing until `activate`, so peers that have not pinned the
+        new key yet keep verifying everything. Refused while a rotation is under way."""
         self.refresh()
+        state = self._state
+        pending = self.pending
+        if pending is not None:
+            raise KeysError(
+                f"{self.party!r} already has a pending key {pending.key_id!r} (a rotation is "
+                "under way): once every peer has pinned it, activate it (`fedsilo keys "
+                f"activate`), or give it up (`fedsilo keys retire {pending.key_id}`)"
+            )
         generation = _new_generation(self.folder)
-        _write_keyring(self.folder, self.party, (generation, *self._state.generations))
+        _write_keyring(self.folder, self.party, (generation, *_ordered(state)),
+                       self.active.key_id, generation.public.key_id, state.retired)
         self._state = _read_state(self.folder)
         self.public().save(self.folder / PUBLIC_FILE)
         return generation.public
 
-    def retire(self, key_id: str) -> None:
-        """Forget a non-active key and delete its private files."""
+    def activate(self, key_id: str | None = None) -> PublicKey:
+        """Sign with the pending key from now on (the previous active key becomes an older
+        key that still decrypts). Do this once every peer has pinned the new `public.json`:
+        a peer that has not would refuse what this party signs. `public.json` is unchanged
+        (it already lists the new key first)."""
         self.refresh()
-        retired = self._generation(key_id)
-        if retired is self._state.generations[0]:
+        state = self._state
+        pending = self.pending
+        if pending is None:
             raise KeysError(
-                f"key {key_id!r} is the active key of {self.party!r}; rotate first, then "
-                "retire it once peers have the new public keys"
+                f"{self.party!r} has no pending key to activate (active: "
+                f"{self.active.key_id!r}); make one with `fedsilo keys rotate`"
             )
-        remaining = tuple(g for g in self._state.generations if g is not retired)
-        _write_keyring(self.folder, self.party, remaining)
+        if key_id is not None and key_id not in (pending.key_id, pending.fingerprint):
+            raise KeysError(
+                f"{key_id!r} is not the pending key of {self.party!r} (pending: "
+                f"{pending.key_id!r}, active: {self.active.key_id!r})"
+            )
+        _write_keyring(self.folder, self.party, _ordered(state), pending.key_id, None,
+                       state.retired)
+        self._state = _read_state(self.folder)
+        self.public().save(self.folder / PUBLIC_FILE)
+        return pending
+
+    def retire(self, key_id: str) -> RetiredKey:
+        """Forget a non-active key (an older one, or the pending one to give up a rotation),
+        delete its private files and record it as retired. Peers refuse it once they run
+        `fedsilo trust retire`."""
+        self.refresh()
+        state = self._state
+        already = self.retired_key(key_id)
+        if already is not None:
+            raise RetiredKeyError(
+                f"key {key_id!r} of {self.party!r} was already retired on {already.retired}"
+            )
+        retired = self._generation(key_id)
+        if retired is state.generations[0]:
+            if state.pending is not None:
+                hint = (f"activate the pending key {state.pending!r} first (`fedsilo keys "
+                        "activate`, once every peer has pinned it), then retire this one")
+            else:
+                hint = ("rotate first (`fedsilo keys rotate`), have every peer pin the new "
+                        "public.json, activate it (`fedsilo keys activate`), then retire "
+                        "this one")
+            raise KeysError(
+                f"key {key_id!r} is the active key of {self.party!r} (it signs what this "
+                f"party sends); {hint}"
+            )
+        remaining = tuple(g for g in _ordered(state) if g is not retired)
+        record = RetiredKey(key_id, _now(), retired.public.fingerprint)
+        pending = None if state.pending == key_id else state.pending
+        _write_keyring(self.folder, self.party, remaining, self.active.key_id, pending,
+                       (*state.retired, record))
         self._state = _read_state(self.folder)
         self.public().save(self.folder / PUBLIC_FILE)
         for suffix in (".ed25519.pem", ".x25519.pem"):
             with contextlib.suppress(FileNotFoundError):
                 (self.folder / f"{key_id}{suffix}").unlink()
         fsync_dir(self.folder)
+        return record
+
+
+def _ordered(state: _KeyringState) -> tuple[_Generation, ...]:
+    """Newest first: the pending key (if any), then the active one, then older ones."""
+    pending = tuple(g for g in state.generations if g.public.key_id == state.pending)
+    return pending + tuple(g for g in state.generations if g.public.key_id != state.pending)
 
 
 def _new_generation(folder: Path) -> _Generation:
@@ -392,14 +561,27 @@ def _new_generation(folder: Path) -> _Generation:
     return _Generation(public, created, signing, encryption)
 
 
-def _write_keyring(folder: Path, party: str, generations: tuple[_Generation, ...]) -> None:
-    document = {
+def _write_keyring(
+    folder: Path,
+    party: str,
+    generations: tuple[_Generation, ...],
+    active: str,
+    pending: str | None,
+    retired: tuple[RetiredKey, ...],
+) -> None:
+    """`pending` and `retired` are written only when present, so a keyring without a
+    rotation under way reads the same as before they existed."""
+    document: dict[str, Any] = {
         "format": _KEYRING_FORMAT,
         "version": _KEYRING_VERSION,
         "party": party,
-        "active": generations[0].public.key_id,
+        "active": active,
         "keys": [{"key_id": g.public.key_id, "created": g.created} for g in generations],
     }
+    if pending is not None:
+        document["pending"] = pending
+    if retired:
+        document["retired"] = [r.to_dict() for r in retired]
     write_atomic(folder / KEYRING_FILE, _dump_json(document), 0o600)
 
 
@@ -461,8 +643,21 @@ def _read_state(folder: Path) -> _KeyringState:
     active = document.get("active")
     if active not in ids:
         raise KeysError(f"{path}: active key {active!r} is not among its keys {ids}")
+    pending = document.get("pending")
+    if pending is not None and (pending not in ids or pending == active):
+        raise KeysError(f"{path}: pending key {pending!r} is not one of its non-active keys "
+                        f"{ids}; restore the keyring")
+    entries = document.get("retired", [])
+    if not isinstance(entries, list):
+        raise KeysError(f"{path}: 'retired' must be a list; restore the keyring")
+    try:
+        retired = tuple(RetiredKey.from_dict(entry) for entry in entries)
+    except KeysError as exc:
+        raise KeysError(f"{path}: {exc}") from None
+    if any(r.key_id in ids for r in retired):
+        raise KeysError(f"{path} lists a key as both held and retired; restore the keyring")
     generations.sort(key=lambda g: g.public.key_id != active)  # stable: active first
-    return _KeyringState(party, tuple(generations), stamp)
+    return _KeyringState(party, tuple(generations), pending, retired, stamp)
 
 
 def _read_generation(folder: Path, key_id: str, created: str) -> _Generation:
@@ -501,13 +696,18 @@ def _read_generation(folder: Path, key_id: str, created: str) -> _Generation:
 
 
 class TrustStore:
-    """Pinned public keys of the parties this one talks to (what `fedsilo provision` hands out)."""
+    """Pinned public keys of the parties this one talks to (what `fedsilo provision` hands
+    out), and the keys those parties retired: refused by name, never pinned again."""
 
     federation: str
     parties: dict[str, PartyKeys]
+    retired: dict[str, tuple[RetiredKey, ...]]  # per party, oldest first
 
     def __init__(
-        self, federation: str, parties: Mapping[str, PartyKeys] = MappingProxyType({})
+        self,
+        federation: str,
+        parties: Mapping[str, PartyKeys] = MappingProxyType({}),
+        retired: Mapping[str, Iterable[RetiredKey]] = MappingProxyType({}),
     ) -> None:
         self.federation = _check_name(federation, "federation name")
         self.parties = {}
@@ -515,6 +715,26 @@ class TrustStore:
             if not isinstance(keys, PartyKeys) or keys.party != name:
                 raise KeysError(f"trust entry {name!r} must be the PartyKeys of party {name!r}")
             self.parties[name] = keys
+        self.retired = {}
+        for name, records in retired.items():
+            _check_name(name, "party name")
+            records = tuple(records)
+            if not all(isinstance(r, RetiredKey) for r in records):
+                raise KeysError(f"retired keys of {name!r} must be RetiredKey instances")
+            ids = [r.key_id for r in records]
+            if len(set(ids)) != len(ids):
+                raise KeysError(f"party {name!r} lists a retired key twice: {ids}")
+            if records:
+                self.retired[name] = records
+        for name, keys in self.parties.items():
+            for key in keys.keys:
+                record = self.retired_key(name, key.key_id)
+                if record is not None:
+                    raise KeysError(
+                        f"key {key.key_id!r} of {name!r} is both pinned and retired (on "
+                        f"{record.retired}); the trust file was edited by hand: remove the "
+                        "key from the party's pinned keys"
+                    )
 
     def __repr__(self) -> str:
         return f"TrustStore(federation={self.federation!r}, parties={sorted(self.parties)})"
@@ -522,13 +742,70 @@ class TrustStore:
     def __eq__(self, other: object) -> bool:
         if not isinstance(other, TrustStore):
             return NotImplemented
-        return self.federation == other.federation and self.parties == other.parties
+        return (self.federation, self.parties, self.retired) == (
+            other.federation, other.parties, other.retired
+        )
 
     __hash__ = None  # type: ignore[assignment]  # mutable
 
-    def add(self, keys: PartyKeys) -> None:
-        """Pin `keys`, replacing what was pinned for that party."""
+    def retired_key(self, party: str, key_id: str) -> RetiredKey | None:
+        """The record of `party`'s retired key `key_id` (id or fingerprint), if retired."""
+        return next(
+            (r for r in self.retired.get(party, ()) if key_id in (r.key_id, r.fingerprint)),
+            None,
+        )
+
+    def add(self, keys: PartyKeys) -> tuple[RetiredKey, ...]:
+        """Pin `keys`, replacing what was pinned for that party. Keys retired here are not
+        pinned again (a stale public.json cannot bring one back): they are returned. Raises
+        RetiredKeyError if every key in `keys` is retired."""
+        dropped = tuple(
+            r for k in keys.keys if (r := self.retired_key(keys.party, k.key_id)) is not None
+        )
+        if dropped:
+            remaining = tuple(k for k in keys.keys if self.retired_key(keys.party, k.key_id)
+                              is None)
+            if not remaining:
+                raise RetiredKeyError(
+                    f"every key of {keys.party!r} offered here was retired "
+                    f"({', '.join(f'{r.key_id} on {r.retired}' for r in dropped)}); this is "
+                    f"a stale public.json: get {keys.party!r}'s current one"
+                )
+            keys = PartyKeys(keys.party, remaining)
         self.parties[keys.party] = keys
+        return dropped
+
+    def retire(self, party: str, key: str, when: str | None = None) -> RetiredKey:
+        """Refuse `party`'s key `key` (a key id or fingerprint) from now on: unpin it and
+        record it as retired, so a message signed with it is refused with a reason saying so,
+        nothing is sealed to it, and it is never pinned again. A key that is no longer pinned
+        may be retired too. Retiring a retired key returns its record unchanged."""
+        known = self.party(party)  # KeysError for an unknown party
+        existing = self.retired_key(party, key)
+        if existing is not None:
+            return existing
+        match = known.get(key)
+        when = _now() if when is None else when
+        if match is not None:
+            remaining = tuple(k for k in known.keys if k is not match)
+            if not remaining:
+                raise KeysError(
+                    f"{match.key_id} is the only key pinned for {party!r}; pin its new "
+                    "public.json first (`fedsilo trust add`), then retire the old key"
+                )
+            record = RetiredKey(match.key_id, when, match.fingerprint)
+            self.parties[party] = PartyKeys(party, remaining)
+        elif _FINGERPRINT_RE.fullmatch(key):
+            record = RetiredKey(key.removeprefix(_FINGERPRINT_PREFIX)[:_KEY_ID_LEN], when, key)
+        elif _KEY_ID_RE.fullmatch(key):
+            record = RetiredKey(key, when)
+        else:
+            raise KeysError(
+                f"{key!r} is neither a key id (16 lowercase hex characters) nor a fingerprint "
+                f"(sha256: and 64 hex characters); copy it from `fedsilo keys show` at {party}"
+            )
+        self.retired[party] = (*self.retired.get(party, ()), record)
+        return record
 
     def party(self, name: str) -> PartyKeys:
         keys = self.parties.get(name)
@@ -540,7 +817,19 @@ class TrustStore:
         return keys
 
     def key(self, party: str, key_id: str) -> PublicKey:
-        key = self.party(party).get(key_id)
+        """`party`'s pinned key `key_id`; KeysError if not pinned, RetiredKeyError (with
+        when and what to do) if `party` retired it."""
+        known = self.party(party)
+        record = self.retired_key(party, key_id)
+        if record is not None:
+            raise RetiredKeyError(
+                f"key {record.key_id!r} of {party!r} was retired on {record.retired} (this "
+                "trust file records it) and is no longer trusted: what it signs is refused. "
+                f"If {party!r} still signs with it, its operator must activate the new key "
+                f"(`fedsilo keys activate`), and this side pin {party!r}'s current public.json "
+                "(`fedsilo trust add`) if it has not"
+            )
+        key = known.get(key_id)
         if key is None:
             pinned = [k.key_id for k in self.party(party).keys]
             raise KeysError(
@@ -550,20 +839,43 @@ class TrustStore:
         return key
 
     def to_dict(self) -> dict[str, Any]:
-        return {
+        """`retired` only when a key was retired, so older trust files read the same."""
+        document: dict[str, Any] = {
             "federation": self.federation,
             "parties": {name: keys.to_dict() for name, keys in sorted(self.parties.items())},
         }
+        if self.retired:
+            document["retired"] = {
+                name: [r.to_dict() for r in records]
+                for name, records in sorted(self.retired.items())
+            }
+        return document
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> TrustStore:
-        if not isinstance(d, Mapping) or set(d) != {"federation", "parties"}:
+        if not isinstance(d, Mapping) or not (
+            {"federation", "parties"} <= set(d) <= {"federation", "parties", "retired"}
+        ):
             got = sorted(d) if isinstance(d, Mapping) else type(d).__name__
-            raise KeysError(f"a trust file must hold 'federation' and 'parties', got {got}")
+            raise KeysError(
+                f"a trust file must hold 'federation' and 'parties' (and optionally "
+                f"'retired'), got {got}"
+            )
         if not isinstance(d["parties"], Mapping):
             raise KeysError("'parties' must map party names to their public keys")
         parties = {name: PartyKeys.from_dict(keys) for name, keys in d["parties"].items()}
-        return cls(d["federation"], parties)
+        retired_in = d.get("retired", {})
+        if not isinstance(retired_in, Mapping) or not all(
+            isinstance(v, list) for v in retired_in.values()
+        ):
+            raise KeysError("'retired' must map party names to lists of retired keys")
+        retired: dict[str, tuple[RetiredKey, ...]] = {}
+        for name, entries in retired_in.items():
+            try:
+                retired[name] = tuple(RetiredKey.from_dict(e) for e in entries)
+            except KeysError as exc:
+                raise KeysError(f"party {name!r}: {exc}") from None
+        return cls(d["federation"], parties, retired)
 
     def save(self, path: Path) -> None:
         """Write atomically (0644: public keys only)."""

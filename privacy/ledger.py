@@ -6,6 +6,15 @@ noise multiplier, sample rate and number of compositions; epsilon is always reco
 whole list, so embedding releases and DP-SGD compose correctly, and a restarted agent that
 reloads the file keeps what it already spent. The file is written atomically and owner-only.
 
+Why it cannot be bypassed: the ledger has one writer, the process holding the state folder's
+lock (see :mod:`fedsilo.privacy.silo`); the agent's checkpoint remembers the ledger it was
+written with (:class:`LedgerRecord`: release count, digest, epsilon), and a ledger that is
+missing, shorter or different from that record is refused at load instead of restarting
+the spend; and a writer refuses to save over a file that changed on disk since it loaded
+it (another process wrote or replaced it). A ledger *longer* than the record, beginning
+with the recorded releases, is kept: that is spend charged before a release whose
+checkpoint a crash prevented, and spend recorded before release stays.
+
 Accounting is a pure function of the list (:func:`compose_epsilon`), so a ledger written
 under one delta or accountant can be re-read under another.
 """
@@ -13,6 +22,7 @@ under one delta or accountant can be re-read under another.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import math
 import time
@@ -35,6 +45,7 @@ __all__ = [
     "FORMAT_VERSION",
     "BudgetExceeded",
     "LedgerError",
+    "LedgerRecord",
     "PrivacyLedger",
     "Release",
     "compose_epsilon",
@@ -121,6 +132,57 @@ def compose_epsilon(
     return max(eps, 0.0)
 
 
+@dataclass(frozen=True)
+class LedgerRecord:
+    """What a checkpoint remembers of the ledger it was written with: the number of releases,
+    the SHA-256 of those releases (:meth:`PrivacyLedger.digest`), the epsilon they spent and
+    the checkpoint's round. `source` (not stored) names the checkpoint, for messages."""
+
+    releases: int
+    sha256: str
+    epsilon_spent: float
+    round: int | None = None
+    source: str = "the checkpoint"
+
+    def to_json(self) -> dict[str, Any]:
+        """Plain JSON (no NaN/inf: epsilon inf is the string "inf")."""
+        spent = self.epsilon_spent if math.isfinite(self.epsilon_spent) else "inf"
+        return {"releases": self.releases, "sha256": self.sha256, "epsilon_spent": spent,
+                "round": self.round}
+
+    @classmethod
+    def from_json(cls, data: object, source: str = "the checkpoint") -> LedgerRecord:
+        try:
+            if not isinstance(data, Mapping):
+                raise TypeError("not a JSON object")
+            record = cls(releases=data["releases"], sha256=data["sha256"],
+                         epsilon_spent=float(data["epsilon_spent"]), round=data["round"],
+                         source=source)
+            if not _is_int(record.releases) or record.releases < 0:
+                raise ValueError(f"releases {record.releases!r}")
+            if not isinstance(record.sha256, str) or len(record.sha256) != 64:
+                raise ValueError(f"sha256 {record.sha256!r}")
+            if record.round is not None and not _is_int(record.round):
+                raise ValueError(f"round {record.round!r}")
+        except (KeyError, TypeError, ValueError) as exc:
+            raise LedgerError(
+                f"{source} records its privacy ledger in a form this fedsilo cannot read "
+                f"({exc}); resume with the fedsilo version that wrote it"
+            ) from None
+        return record
+
+    @classmethod
+    def from_meta(cls, meta: Mapping[str, Any], source: str) -> LedgerRecord | None:
+        """The record in a checkpoint's metadata (key "privacy"); None if it has none."""
+        data = meta.get("privacy")
+        return None if data is None else cls.from_json(data, source)
+
+    def describe(self) -> str:
+        at = "" if self.round is None else f" at round {self.round}"
+        return (f"{self.source} recorded {self.releases} release(s){at}, epsilon "
+                f"{self.epsilon_spent:.4g} spent")
+
+
 class PrivacyLedger:
     """Everything this silo has released under DP, persisted with its state; composes all
     releases in one opacus accountant. A restart reloads it, so the budget never resets."""
@@ -147,6 +209,9 @@ class PrivacyLedger:
         self.accountant = accountant
         self.releases: list[Release] = list(releases)
         self._cache: tuple[tuple[Release, ...], float] | None = None
+        # (path, bytes) this object last loaded or saved there (None bytes: no file):
+        # `save` refuses to write over a file someone else changed since.
+        self._disk: tuple[Path, bytes | None] | None = None
 
     def __repr__(self) -> str:
         return (
@@ -184,6 +249,44 @@ class PrivacyLedger:
                 "noise multiplier, or stop releasing: the spent budget never resets"
             )
         self.releases.extend(new)
+
+    def digest(self, count: int | None = None) -> str:
+        """SHA-256 of the first `count` releases (all by default), every field included; the
+        same after a save and load (the fields are normalised, floats kept exactly)."""
+        h = hashlib.sha256(b"fedsilo-privacy-ledger-releases/1\n")
+        for r in self.releases[:count]:
+            fields = [r.kind, r.round, float(r.noise_multiplier), float(r.sample_rate),
+                      r.steps, float(r.clip), float(r.time)]
+            h.update(json.dumps(fields, allow_nan=False).encode() + b"\n")
+        return h.hexdigest()
+
+    def record(self, round: int | None = None) -> LedgerRecord:
+        """What a checkpoint written now (at `round`) should remember of this ledger."""
+        return LedgerRecord(len(self.releases), self.digest(), self.spent(), round)
+
+    def check(self, recorded: LedgerRecord, path: Path | None = None) -> int:
+        """Refuse (LedgerError) a ledger that does not begin with the `recorded` releases;
+        return how many it holds beyond them (spend recorded before a release whose
+        checkpoint was never written: legitimate, kept)."""
+        held, want = len(self.releases), recorded.releases
+        where = "the ledger" if path is None else _where(Path(path))
+        if held < want:
+            raise LedgerError(
+                f"{where} holds {held} release(s) (epsilon {self.spent():.4g} spent) but "
+                f"{recorded.describe()}: the ledger was replaced by an older or foreign copy, "
+                "or cut short. Restore the ledger from backup (the copy holding at least "
+                f"{want} releases); fedsilo refuses to continue with less spend than it "
+                "recorded"
+            )
+        if self.digest(want) != recorded.sha256:
+            raise LedgerError(
+                f"{where} does not begin with the releases {recorded.source} recorded: its "
+                f"first {want} release(s) differ (they hash to {self.digest(want)[:12]}..., "
+                f"the checkpoint has {recorded.sha256[:12]}...; {recorded.describe()}). The "
+                "ledger was replaced or edited. Restore the ledger from backup; fedsilo "
+                "refuses to continue from a ledger it did not write"
+            )
+        return held - want
 
     def summary(self) -> dict[str, Any]:
         """Plain data for `fedsilo agent privacy`."""
@@ -245,39 +348,75 @@ class PrivacyLedger:
             raise LedgerError(f"privacy ledger entries are malformed ({exc})") from None
 
     def save(self, path: Path) -> None:
-        """Atomically replace `path` (temp file, fsync, rename, folder fsync); mode 0600."""
+        """Atomically replace `path` (temp file, fsync, rename, folder fsync); mode 0600.
+
+        A ledger that was loaded from (or saved to) `path` refuses, with LedgerError, to
+        overwrite a file that changed there since: another process wrote, replaced or
+        deleted it, and writing our own copy over it would lose that spend."""
         path = Path(path)
-        text = json.dumps(self.to_dict(), indent=1, allow_nan=False)
+        if self._disk is not None and self._disk[0] == path:
+            now = _read_or_none(path)
+            if now != self._disk[1]:
+                what = "was deleted" if now is None else "was written or replaced"
+                raise LedgerError(
+                    f"{path} {what} by someone else since this process last read or wrote "
+                    "it: another process is writing the ledger, or it was swapped. Nothing "
+                    "more was recorded or released. Stop every agent on this state_dir, "
+                    "restore the ledger from backup if it is gone, and start one agent"
+                )
+        data = json.dumps(self.to_dict(), indent=1, allow_nan=False).encode("utf-8")
         path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-        write_atomic(path, text.encode("utf-8"), 0o600)
+        write_atomic(path, data, 0o600)
+        self._disk = (path, data)
 
     @classmethod
     def load(
-        cls, path: Path, *, epsilon: float, delta: float, accountant: str = "rdp"
+        cls,
+        path: Path,
+        *,
+        epsilon: float,
+        delta: float,
+        accountant: str = "rdp",
+        recorded: LedgerRecord | None = None,
     ) -> PrivacyLedger:
         """The ledger at `path` under the given settings; a fresh one if there is no file.
 
         A file written with another delta or accountant is recomputed with these. An
         unreadable file raises LedgerError rather than starting afresh, which would reset the
-        budget.
+        budget. `recorded` is what the checkpoint beside it remembers: a missing file where
+        it shows releases, or a file that does not begin with them (:meth:`check`), raises
+        LedgerError too.
         """
         path = Path(path)
         if not path.exists():
-            return cls(epsilon, delta, accountant)
+            if recorded is not None and recorded.releases > 0:
+                raise LedgerError(
+                    f"{path.name} is missing from {path.parent} but {recorded.describe()}: "
+                    "restore the ledger from backup; fedsilo refuses to restart the spend at "
+                    "zero"
+                )
+            fresh = cls(epsilon, delta, accountant)
+            fresh._disk = (path, None)
+            return fresh
         try:
-            data = json.loads(path.read_text(encoding="utf-8"))
+            raw = path.read_bytes()
+            data = json.loads(raw.decode("utf-8"))
         except (OSError, UnicodeDecodeError, ValueError) as exc:
             raise LedgerError(
                 f"privacy ledger {path} is unreadable ({exc}); restore it from a backup. "
                 "Deleting it would reset the silo's spent privacy budget"
             ) from None
         try:
-            return cls.from_dict(data, epsilon=epsilon, delta=delta, accountant=accountant)
+            ledger = cls.from_dict(data, epsilon=epsilon, delta=delta, accountant=accountant)
         except LedgerError as exc:
             raise LedgerError(
                 f"privacy ledger {path}: {exc}. Restore it from a backup; deleting it would "
                 "reset the silo's spent privacy budget"
             ) from None
+        if recorded is not None:
+            ledger.check(recorded, path)
+        ledger._disk = (path, raw)
+        return ledger
 
     def _epsilon_of(self, releases: Sequence[Release]) -> float:
         history = [(r.noise_multiplier, r.sample_rate, r.steps) for r in releases]
@@ -290,6 +429,18 @@ def _accountant_class(name: str) -> type[RDPAccountant] | type[PRVAccountant]:
     if name == "prv":
         return PRVAccountant
     raise LedgerError(f"unknown accountant {name!r}; use one of {', '.join(ACCOUNTANTS)}")
+
+
+def _where(path: Path) -> str:
+    """`name in folder`: the file's name stays one word however a terminal wraps the line."""
+    return f"{path.name} in {path.parent}"
+
+
+def _read_or_none(path: Path) -> bytes | None:
+    try:
+        return path.read_bytes()
+    except FileNotFoundError:
+        return None
 
 
 def _check_release(release: object) -> None:

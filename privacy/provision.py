@@ -723,12 +723,14 @@ def _readme(result: ProvisionResult, tls_hosts: Sequence[str]) -> str:
         "",
         "## 3. Key rotation",
         "",
-        "A party runs `fedsilo keys rotate --dir keys` and sends its new `keys/public.json`; "
-        "peers pin it with `fedsilo trust add trust.json public.json` (no restart needed), or "
-        "the coordinator re-runs `fedsilo provision ... --public-keys DIR --force` (the CA, "
-        "keys and broker passwords in this folder are kept). Once every peer has the new "
-        "key, the party runs `fedsilo keys retire --dir keys OLD_KEY_ID` and peers run "
-        "`fedsilo trust remove trust.json PARTY OLD_KEY_ID`.",
+        "A party runs `fedsilo keys rotate --dir keys` (a pending key: it decrypts but does "
+        "not sign yet) and sends its new `keys/public.json`; peers pin it with `fedsilo trust "
+        "add trust.json public.json` (no restart needed), or the coordinator re-runs `fedsilo "
+        "provision ... --public-keys DIR --force` (the CA, keys and broker passwords in this "
+        "folder are kept). Once every peer has the new key, the party runs `fedsilo keys "
+        "activate --dir keys` (it signs from then on), then `fedsilo keys retire --dir keys "
+        "OLD_KEY_ID`, and peers run `fedsilo trust retire trust.json PARTY OLD_KEY_ID` so "
+        "the old key is refused everywhere.",
         "",
     ]
     return "\n".join(lines)

@@ -4,12 +4,20 @@ at once (a crash after a release must not forget it).
 
 The trainer asks this object; strategies and loops never see DP. A round that is re-run
 after a crash releases fresh noise and is charged again: it is a new release.
+
+One writer per ledger: only the process holding the state folder's lock (`.lock`,
+:class:`~fedsilo.sdk.files.FolderLock`, the agent's) may charge it, and every charge checks
+that it still holds it; `read_only` opens (`fedsilo agent privacy`) take no lock, so they
+never block the agent, and cannot charge.
 """
 
 from __future__ import annotations
 
+import fcntl
 import logging
 import math
+import os
+import weakref
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,7 +33,8 @@ from fedsilo.privacy.dp import (
     private_mean,
 )
 from fedsilo.privacy.dpsgd import dpsgd_release
-from fedsilo.privacy.ledger import PrivacyLedger, Release
+from fedsilo.privacy.ledger import LedgerError, LedgerRecord, PrivacyLedger, Release
+from fedsilo.sdk.files import FolderLock
 from fedsilo.sdk.logs import log_event
 
 log = logging.getLogger(__name__)
@@ -46,18 +55,64 @@ class SiloPrivacy:
     noise_multiplier: float | None = None  # embeddings; calibrated at the first round
     round: int = 0
     _announced: bool = field(default=False, repr=False)
+    read_only: bool = False  # opened to look (no lock taken): charging is refused
+    _own_lock: FolderLock | None = field(default=None, repr=False)
 
     @classmethod
     def open(cls, config: DPConfig, state_dir: Path | None, silo_id: str,
-             generator: torch.Generator | None = None) -> SiloPrivacy:
-        """The silo's ledger from `state_dir` (a fresh one if none): budgets never reset."""
-        path = None if state_dir is None else Path(state_dir) / LEDGER_FILE
-        if path is not None:
+             generator: torch.Generator | None = None, *, lock: FolderLock | None = None,
+             read_only: bool = False, recorded: LedgerRecord | None = None) -> SiloPrivacy:
+        """The silo's ledger from `state_dir` (a fresh one if none): budgets never reset.
+
+        Writers hold `state_dir`'s lock: `lock` is the one the caller holds (the agent's);
+        without it this object takes the lock itself and holds it until :meth:`close`
+        (FolderInUse if another process holds it). `read_only` takes none and cannot charge.
+        `recorded` is what the checkpoint remembers of the ledger: a ledger missing, shorter
+        than it or different from it is refused (LedgerError); one with more releases is
+        kept (spend charged before a crash prevented the checkpoint) and logged.
+        """
+        if state_dir is None:
+            return cls(config, PrivacyLedger(config.epsilon, config.delta, config.accountant),
+                       None, generator, silo_id)
+        folder = Path(state_dir)
+        path = folder / LEDGER_FILE
+        own: FolderLock | None = None
+        if not read_only and lock is None:
+            folder.mkdir(mode=0o700, parents=True, exist_ok=True)
+            own = FolderLock(folder, f"privacy-ledger writer of {silo_id}")
+            own.acquire()
+        elif not read_only:
+            assert lock is not None
+            if not _same_folder(lock.path.parent, folder) or not holds_folder_lock(folder):
+                raise LedgerError(
+                    f"cannot open {path} for writing: this process does not hold the lock of "
+                    f"{folder} ({FolderLock.NAME}); only the process holding it may charge "
+                    "the ledger"
+                )
+        try:
             ledger = PrivacyLedger.load(path, epsilon=config.epsilon, delta=config.delta,
-                                        accountant=config.accountant)
-        else:
-            ledger = PrivacyLedger(config.epsilon, config.delta, config.accountant)
-        return cls(config, ledger, path, generator, silo_id)
+                                        accountant=config.accountant, recorded=recorded)
+        except BaseException:
+            if own is not None:
+                own.release()
+            raise
+        privacy = cls(config, ledger, path, generator, silo_id, read_only=read_only,
+                      _own_lock=own)
+        if own is not None:
+            weakref.finalize(privacy, own.release)  # dropped without close(): still released
+        if recorded is not None and len(ledger.releases) > recorded.releases:
+            log_event(log, "privacy_ledger_ahead", logging.WARNING, silo=silo_id,
+                      path=str(path), releases=len(ledger.releases),
+                      recorded=recorded.releases, checkpoint=recorded.source,
+                      effect="spend charged before a release whose checkpoint was not "
+                      "written (a crash): kept")
+        return privacy
+
+    def close(self) -> None:
+        """Release the state folder's lock if this object took it (not the caller's)."""
+        if self._own_lock is not None:
+            self._own_lock.release()
+            self._own_lock = None
 
     @property
     def protects_embeddings(self) -> bool:
@@ -79,6 +134,11 @@ class SiloPrivacy:
                           reason="dp.enabled = false" if not self.config.enabled
                           else "dp.epsilon = inf",
                           effect="embeddings and adapter updates leave WITHOUT noise")
+            elif not self.protects_training:
+                log_event(log, "dp_sgd_off", logging.WARNING, silo=self.silo_id,
+                          effect="the embeddings are DP; the LoRA updates leave WITHOUT DP "
+                          "(the aggregator, and silos that train the same experts, see "
+                          "them); set [dp.sgd] enabled = true to protect them")
         if not self.protects_embeddings or self.noise_multiplier is not None:
             return
         remaining = max(1, total_rounds - round)
@@ -117,6 +177,7 @@ class SiloPrivacy:
                             noise_multiplier=self.noise_multiplier, generator=self.generator)
 
     def _charge(self, release: Release) -> None:
+        self._check_writer()
         self.ledger.charge([release])  # BudgetExceeded: nothing recorded, nothing released
         if self.path is not None:
             self.ledger.save(self.path)
@@ -124,5 +185,49 @@ class SiloPrivacy:
                   noise_multiplier=release.noise_multiplier, epsilon_spent=self.ledger.spent(),
                   epsilon_budget=self.config.epsilon)
 
+    def _check_writer(self) -> None:
+        """Refuse to charge unless this process holds the state folder's lock now."""
+        if self.path is None:
+            return
+        if self.read_only:
+            raise LedgerError(
+                f"{self.path} was opened read-only: only the agent holding "
+                f"{self.path.parent / FolderLock.NAME} may charge it"
+            )
+        if not holds_folder_lock(self.path.parent):
+            raise LedgerError(
+                f"refusing to charge {self.path}: this process (pid {os.getpid()}) no longer "
+                f"holds the lock of {self.path.parent} ({FolderLock.NAME} was released, "
+                "deleted or taken by another process), so another process may be writing "
+                "the ledger. Nothing was recorded or released. Stop every agent on this "
+                "state_dir and start one"
+            )
 
-__all__ = ["LEDGER_FILE", "SiloPrivacy"]
+
+def holds_folder_lock(folder: Path) -> bool:
+    """Whether this process holds `folder`'s FolderLock now, asked of the kernel: the lock
+    file at that path is exclusively locked and names this pid (the holder writes its pid
+    after taking the lock). A lock file deleted, or replaced and taken by another, is no."""
+    try:
+        fd = os.open(Path(folder) / FolderLock.NAME, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0))
+    except OSError:
+        return False
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except BlockingIOError:  # someone holds it exclusively: us?
+            return os.pread(fd, 64, 0).decode(errors="replace").strip() == str(os.getpid())
+        fcntl.flock(fd, fcntl.LOCK_UN)  # nobody holds it
+        return False
+    finally:
+        os.close(fd)
+
+
+def _same_folder(a: Path, b: Path) -> bool:
+    try:
+        return os.path.samefile(a, b)
+    except OSError:
+        return False
+
+
+__all__ = ["LEDGER_FILE", "SiloPrivacy", "holds_folder_lock"]

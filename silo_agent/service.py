@@ -22,7 +22,7 @@ from typing import Any, Protocol
 import torch
 
 from fedsilo.privacy.dp import DPError, NonFiniteValues
-from fedsilo.privacy.ledger import BudgetExceeded
+from fedsilo.privacy.ledger import BudgetExceeded, LedgerError, LedgerRecord
 from fedsilo.privacy.silo import SiloPrivacy
 from fedsilo.privacy.validation import InvalidTensors, check_tensors
 from fedsilo.sdk.amole.model import linear_shapes, load_trainable, set_assignment
@@ -49,6 +49,16 @@ log = logging.getLogger(__name__)
 CHECKPOINT = "agent.ckpt"
 STATE_VERSION = 1
 CLIENT_STATE = "client"  # checkpoint namespace of ClientStrategy.state_dict()
+
+
+def recorded_ledger(state_dir: Path) -> LedgerRecord | None:
+    """What the agent's checkpoint in `state_dir` remembers of its privacy ledger (None: no
+    checkpoint, or one from before checkpoints recorded it). Read it before the ledger: the
+    ledger only grows after the checkpoint, so a running agent never makes them disagree."""
+    path = Path(state_dir) / CHECKPOINT
+    if not path.exists():
+        return None
+    return LedgerRecord.from_meta(load_checkpoint(path)[1], source=path.name)
 
 
 class PrivacyBudgetExhausted(RuntimeError):
@@ -100,6 +110,8 @@ class AgentService:
         self.keep_alive_s = keep_alive_s
         self.state = AgentState()
         self.privacy: SiloPrivacy | None = None
+        self._lock: FolderLock | None = None  # the state folder's, held while running
+        self._ledger_record: LedgerRecord | None = None  # the checkpoint's, checked at start
         self._codec_state: dict[str, Any] = {}
         self.transport: Transport | None = None
         self.trainer: LocalTrainer | None = None
@@ -123,14 +135,22 @@ class AgentService:
     def run(self) -> AgentState:
         owner_only(self.state_dir)
         # One live agent per state folder: a second would train and checkpoint over it.
-        with FolderLock(self.state_dir, f"agent of {self.silo_id}"):
+        # It also makes this process the privacy ledger's only writer (SiloPrivacy checks).
+        with FolderLock(self.state_dir, f"agent of {self.silo_id}") as lock:
+            self._lock = lock
             return self._run()
 
     def _run(self) -> AgentState:
         if self.config.threads:
             torch.set_num_threads(self.config.threads)
         saved = self._load()
-        self.privacy = SiloPrivacy.open(self.config.dp, self.state_dir, self.silo_id)
+        try:  # a ledger missing, shorter or other than the checkpoint recorded is refused
+            self.privacy = SiloPrivacy.open(self.config.dp, self.state_dir, self.silo_id,
+                                            lock=self._lock, recorded=self._ledger_record)
+        except LedgerError as exc:
+            log_event(log, "privacy_ledger_refused", logging.ERROR, silo=self.silo_id,
+                      detail=str(exc))
+            raise
         data = self._data()
         loaded = load_model(self.config.model, dtype=self.config.dtype, seed=self.config.seed,
                             device=self.config.device)
@@ -304,6 +324,9 @@ class AgentService:
             "assignment": self.state.assignment,
             "skipped": self.state.skipped,
             "codec": self._codec().state_dict(),
+            # what the ledger held when this was written: start-up compares them
+            "privacy": None if self.privacy is None
+            else self.privacy.ledger.record(self.state.last_round).to_json(),
         }
         save_checkpoint(self.state_dir / CHECKPOINT, tensors, meta)
 
@@ -322,6 +345,11 @@ class AgentService:
             last_round=meta["last_round"], finished=meta["finished"], setup=meta["setup"],
             assignment=meta["assignment"], skipped=meta.get("skipped", 0),
         )
+        self._ledger_record = LedgerRecord.from_meta(meta, source=path.name)
+        if self._ledger_record is None:
+            log_event(log, "privacy_ledger_unverified", logging.WARNING, silo=self.silo_id,
+                      path=str(path), reason="checkpoint written before checkpoints recorded "
+                      "the privacy ledger; the next one will")
         log_event(log, "state_loaded", silo=self.silo_id, path=str(path),
                   last_round=self.state.last_round)
         return tensors

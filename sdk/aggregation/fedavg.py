@@ -24,7 +24,15 @@ __all__ = ["RunningMean", "TensorMean", "fedavg", "parse_dtype"]
 
 class TensorMean(ABC):
     """What a strategy folds a round's tensors into: a mean per key over the contributions
-    that carried the key (`RunningMean`, or a robust rule of `aggregation.robust`)."""
+    that carried the key (`RunningMean`, or a robust rule of `aggregation.robust`).
+
+    `min_contributors`: a key fewer contributions carried keeps its previous value, so no
+    silo's update is published verbatim (one contributor) by the average."""
+
+    def __init__(self, min_contributors: int = 1) -> None:
+        if not isinstance(min_contributors, int) or min_contributors < 1:
+            raise ValueError(f"min_contributors = {min_contributors!r}: use an integer >= 1")
+        self.min_contributors = min_contributors
 
     def add(self, tensors: Mapping[str, Tensor], weight: float = 1.0) -> None:
         """Fold one contribution (e.g. one silo's upload).
@@ -68,13 +76,14 @@ class TensorMean(ABC):
         """The aggregate of each key over the contributions that had it (eq. 22: expert j
         over the silos that trained it; shared/W_t over all).
 
-        Keys in `previous` that nobody sent keep their previous value (the same tensor, not a
-        copy: experts nobody trained keep their values). Output dtype = dtype of the first
+        Keys in `previous` that nobody sent, or fewer than `min_contributors` did, keep their
+        previous value (the same tensor, not a copy: experts nobody trained keep their
+        values); a new key below the minimum is left out. Output dtype = dtype of the first
         contribution for that key (or of `previous` for untouched keys). Key order: that of
         `previous`, then new keys sorted, so it does not depend on arrival order either.
         """
         out: TensorDict = {}
-        seen = self.keys()
+        seen = {key for key in self.keys() if self.contributors(key) >= self.min_contributors}
         if previous is not None:
             for key, value in previous.items():
                 out[key] = self.combined(key) if key in seen else value
@@ -111,7 +120,8 @@ class RunningMean(TensorMean):
     bf16 uploads from losing precision, at twice float32's accumulator memory.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, min_contributors: int = 1) -> None:
+        super().__init__(min_contributors)
         self._sums: dict[str, Tensor] = {}
         self._weights: dict[str, float] = {}
         self._counts: dict[str, int] = {}

@@ -28,17 +28,19 @@ RULES: tuple[str, ...] = ("mean", "median", "trimmed_mean")
 __all__ = ["RULES", "RobustMean", "Rule", "new_mean"]
 
 
-def new_mean(rule: Rule = "mean", trim: float = 0.1) -> TensorMean:
+def new_mean(rule: Rule = "mean", trim: float = 0.1, min_contributors: int = 1) -> TensorMean:
     """The accumulator for `rule`: the streaming mean, or a robust rule over held values."""
     if rule == "mean":
-        return RunningMean()
+        return RunningMean(min_contributors)
     if rule in ("median", "trimmed_mean"):
-        return RobustMean(rule, trim)
+        return RobustMean(rule, trim, min_contributors)
     raise ValueError(f"aggregation {rule!r} is not known; use one of {', '.join(RULES)}")
 
 
 class RobustMean(TensorMean):
-    def __init__(self, rule: Rule = "median", trim: float = 0.1) -> None:
+    def __init__(self, rule: Rule = "median", trim: float = 0.1, min_contributors: int = 1
+                 ) -> None:
+        super().__init__(min_contributors)
         if rule not in ("median", "trimmed_mean"):
             raise ValueError(f"RobustMean rule must be 'median' or 'trimmed_mean', got {rule!r}")
         if not (isinstance(trim, (int, float)) and 0 <= trim < 0.5):

@@ -6,10 +6,21 @@ Why disjoint: the embeddings a silo releases then summarise records that the rel
 updates never trained on, so the two releases touch disjoint records (DP parallel
 composition in the privacy ledger), and the embeddings describe how the silo's data looks to
 the model rather than what it memorised.
+
+Why each record's split is decided by a keyed hash of the record itself: differential
+privacy is about adding or removing one record. A shuffled cut (a permutation of the whole
+set) moves many records between splits when one is added; a per-record position u in
+[0, 1) moves none, so one added or removed record changes the training set by at most one
+record and D_emb by at most one in and one out (a floor or cap that binds passes one record
+on). `privacy.dp.EMBEDDING_SET_CHANGE` is that bound, and `tests/sdk/data/test_data_splits.py`
+checks it.
 """
 
 from __future__ import annotations
 
+import hashlib
+import hmac
+import json
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -82,38 +93,73 @@ def split_silo(
     rng: np.random.Generator,
     cfg: SplitConfig = SplitConfig(),
 ) -> SiloData:
-    """Shuffle, split train/val/test by ratio (at least the floors), cap val/test, carve D_emb
-    from train.
+    """Split by each record's keyed-hash position u (key drawn from `rng`): u below
+    ``test`` -> test, then ``val`` -> validation, then a ``train x emb_fraction`` band ->
+    D_emb, the rest -> train. So the shares hold in expectation, not exactly.
 
-    D_emb holds ``emb_fraction`` of train, at least ``emb_min`` and at most ``emb_cap``, and
-    at least one training example always remains.
+    Floors (``test_min``, ``val_min``, ``emb_min``) take the training records of smallest
+    u; caps keep the records of smallest u (val/test: the rest is dropped; D_emb: the rest
+    trains). At least one training record always remains.
     """
-    n = len(examples)
-    n_test = max(cfg.test_min, round(n * cfg.test))
-    n_val = max(cfg.val_min, round(n * cfg.val))
-    n_train = n - n_test - n_val
-    n_emb = min(cfg.emb_cap, max(cfg.emb_min, round(cfg.emb_fraction * n_train)))
-    if n_train - n_emb < 1:
-        raise DataError(
-            f"a silo with {n} examples is too small: after {n_test} test and {n_val} "
-            f"validation examples, {n_train} remain for training, and the embedding set needs "
-            f"{n_emb} of them plus at least 1 to train on; give each silo more data (e.g. a "
-            "larger partition min_size) or lower emb_min"
-        )
-    order = rng.permutation(n)
-    shuffled = [examples[i] for i in order]
-    train = shuffled[:n_train]
-    val = shuffled[n_train : n_train + n_val]
-    test = shuffled[n_train + n_val :]
+    key = rng.bytes(32)
+    copies: dict[Example, int] = {}
+    placed = []
+    for example in examples:  # the k-th copy of a repeated record has its own place
+        k = copies[example] = copies.get(example, -1) + 1
+        placed.append((_position(key, example, k), example))
+    placed.sort(key=lambda item: item[0])
+    positions = [where[0] for where, _ in placed]
+    ranked = [example for _, example in placed]
+    rank = {id(example): i for i, (_, example) in enumerate(placed)}
+    test_end = cfg.test
+    val_end = test_end + cfg.val
+    emb_end = val_end + cfg.train * cfg.emb_fraction
+    bands: dict[str, list[Example]] = {"test": [], "val": [], "emb": [], "train": []}
+    for u, example in zip(positions, ranked, strict=True):
+        band = ("test" if u < test_end else "val" if u < val_end
+                else "emb" if u < emb_end else "train")
+        bands[band].append(example)
     test_cap = (max(DEFAULT_TEST_CAP[task.kind], cfg.test_min) if cfg.test_cap is None
                 else cfg.test_cap)
-    return SiloData(
-        train=train[n_emb:],
-        emb=train[:n_emb],
-        val=val[: cfg.val_cap],
-        test=test[:test_cap],
-        task=task,
-    )
+    train = bands["train"]
+    test, train = _floor(bands["test"], train, cfg.test_min)
+    val, train = _floor(bands["val"], train, cfg.val_min)
+    emb, train = _floor(bands["emb"], train, cfg.emb_min)
+    train = sorted([*train, *emb[cfg.emb_cap:]], key=lambda e: rank[id(e)])
+    emb = emb[: cfg.emb_cap]
+    if not train:
+        raise DataError(
+            f"a silo with {len(examples)} examples is too small: after {len(test)} test, "
+            f"{len(val)} validation and {len(emb)} embedding examples none remains to train "
+            "on; give each silo more data (e.g. a larger partition min_size) or lower the "
+            "floors (test_min, val_min, emb_min)"
+        )
+    return SiloData(train=train, emb=emb, val=val[: cfg.val_cap], test=test[:test_cap],
+                    task=task)
+
+
+def _position(key: bytes, example: Example, copy: int = 0) -> tuple[float, bytes]:
+    """The place in [0, 1) of the `copy`-th copy of a record, from its content alone (and
+    the bytes, for ties). Copies are indistinguishable, so adding or removing one copy
+    adds or removes one place: the others keep theirs."""
+    content = json.dumps([example.prompt, example.response, example.group, copy]
+                         ).encode("utf-8")
+    digest = hmac.new(key, content, hashlib.sha256).digest()
+    return int.from_bytes(digest[:8], "big") / 2.0**64, digest
+
+
+def _floor(band: list[Example], train: list[Example], floor: int
+           ) -> tuple[list[Example], list[Example]]:
+    """`band` raised to `floor` records with the training records of smallest u."""
+    short = max(0, floor - len(band))
+    if short >= len(train):
+        raise DataError(
+            f"a silo is too small: a split needs {short} more examples for its floor of "
+            f"{floor} but only {len(train)} remain for training; give each silo more data "
+            "(e.g. a larger partition min_size) or lower the floors (test_min, val_min, "
+            "emb_min)"
+        )
+    return band + train[:short], train[short:]
 
 
 def build_silos(

@@ -68,6 +68,8 @@ class StrategyConfig:
     weighting: Literal["uniform", "samples"] = "uniform"
     aggregation: Rule = "mean"
     trim: float = 0.1
+    # A tensor fewer silos trained in a round keeps its value (nobody's update verbatim).
+    min_contributors: int = 2
     warmup_rounds: int = 2
     max_clusters: int = 8
     expert_init: Literal["own", "mean"] = "own"
@@ -93,7 +95,7 @@ class StrategyConfig:
                     f"strategy.{key} = {getattr(self, key)!r} is not allowed; use one of "
                     + ", ".join(repr(v) for v in values)
                 )
-        at_least = {"warmup_rounds": 1, "max_clusters": 2, "sync_every": 1,
+        at_least = {"warmup_rounds": 1, "max_clusters": 2, "sync_every": 1, "min_contributors": 1,
                     "fusion_budget": 1, "fusion_batches": 1}
         for key, low in at_least.items():
             value = getattr(self, key)
@@ -116,7 +118,17 @@ class StrategyConfig:
 
     def parameter_mean(self) -> TensorMean:
         """A fresh accumulator for a round's parameters under `aggregation`."""
-        return new_mean(self.aggregation, self.trim)
+        return new_mean(self.aggregation, self.trim, self.min_contributors)
+
+    def check_contributors(self, num_silos: int) -> None:
+        """A federation too small for `min_contributors` would never update anything."""
+        if num_silos < self.min_contributors:
+            raise ValueError(
+                f"strategy.min_contributors = {self.min_contributors} but the federation has "
+                f"{num_silos} silo(s): no tensor could ever be updated; add silos or set "
+                "min_contributors = 1 (then a tensor one silo trained is published as it "
+                "trained it)"
+            )
 
     def relevance_options(self) -> RelevanceOptions:
         return RelevanceOptions(self.relevance, self.temperature, self.stickiness)

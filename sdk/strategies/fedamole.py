@@ -84,6 +84,14 @@ class FedAMoLEServer(ServerStrategy):
 
     def validate(self, num_silos: int) -> None:
         self.constraints.check(num_silos)
+        self.config.check_contributors(num_silos)
+        if self.config.k_c < self.config.min_contributors:
+            raise ValueError(
+                f"strategy.k_c = {self.config.k_c} < min_contributors = "
+                f"{self.config.min_contributors}: each domain expert is trained by k_c silos, "
+                "so none would ever be updated; raise k_c or lower min_contributors (1: an "
+                "expert one silo trained goes to its next holders as that silo trained it)"
+            )
 
     def initialize(self, shapes: Mapping[str, ModuleShape], silo_ids: Sequence[str]) -> None:
         self.validate(len(silo_ids))
@@ -121,7 +129,7 @@ class FedAMoLEServer(ServerStrategy):
         random feasible assignment when nothing was aggregated yet or RSEA is off. Raises
         (state unchanged) if the constraints cannot hold for that many silos."""
         members = list(silo_ids)
-        self.validate(len(members))
+        self.constraints.check(len(members))
         if self.config.assignment == "rsea" and self._aggregated > 0:
             self.assignment = {m: self._rsea(m, members)[0] for m in self.shapes}
         else:

@@ -49,6 +49,9 @@ class FedITServer(ServerStrategy):
     def global_params(self) -> TensorDict:
         return self._params
 
+    def validate(self, num_silos: int) -> None:
+        self.config.check_contributors(num_silos)
+
     def initialize(self, shapes: Mapping[str, ModuleShape], silo_ids: Sequence[str]) -> None:
         generator = torch.Generator().manual_seed(self.seed)
         self._params = initial_params(shapes, self.adapter.r, 0, False, generator)

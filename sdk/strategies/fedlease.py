@@ -92,6 +92,7 @@ class FedLEASEServer(ServerStrategy):
     # -- set-up --------------------------------------------------------------------------
 
     def validate(self, num_silos: int) -> None:
+        self.config.check_contributors(num_silos)
         if self.config.warmup_rounds < 1:
             raise ValueError(
                 f"strategy.warmup_rounds = {self.config.warmup_rounds}: FedLEASE clusters the "
@@ -246,7 +247,9 @@ class FedLEASEServer(ServerStrategy):
         generator = torch.Generator().manual_seed(stable_seed(self.seed, "fedlease-router"))
         params: TensorDict = {}
         for c in range(self.num_clusters):
-            group = [self._warm[s] for s in members if self.labels[s] == c] or [self._init]
+            group = [self._warm[s] for s in members if self.labels[s] == c]
+            if len(group) < self.config.min_contributors:  # not one silo's LoRA verbatim
+                group = [self._init]
             mean = RunningMean()
             for warm in group:
                 mean.add(warm)

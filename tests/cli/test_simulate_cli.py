@@ -130,7 +130,7 @@ def test_generation_task_is_scored_with_rouge_l(tmp_path: Path) -> None:
 
     spec = _own_data(tmp_path, response_column="a")
     config = SimulationConfig(
-        silos=2, rounds=1, local_steps=2, num_experts=2, k_c=1, b=2, top_k=1,
+        silos=2, rounds=1, local_steps=2, num_experts=2, k_c=1, b=2, top_k=1, min_contributors=1,
         data=str(spec), partition="iid", examples_per_silo=30, max_new_tokens=8,
         out_dir=str(tmp_path / "runs"),
     )

@@ -14,7 +14,7 @@ def test_fedamole_on_smollm2_and_agnews(tmp_path: Path) -> None:
     config = SimulationConfig(
         silos=2, rounds=2, local_steps=2, batch_size=2, max_length=96, lr=5e-4,
         model="smollm2", data="agnews", examples_per_silo=80, eval_limit=6,
-        num_experts=4, k_c=1, b=3, out_dir=str(tmp_path),
+        num_experts=4, k_c=1, b=3, min_contributors=1, out_dir=str(tmp_path),
     )
     result = run_simulation(config)
     scored = [r for r in result.rounds if r.mta is not None]

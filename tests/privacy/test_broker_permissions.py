@@ -192,6 +192,23 @@ def test_silo_cannot_do_anything_else(fed: Federation) -> None:
         pika.BlockingConnection(pika.URLParameters(other))
 
 
+def test_a_silo_can_only_count_what_lies_in_other_queues(fed: Federation) -> None:
+    """RabbitMQ checks no permission on a passive queue.declare (it creates nothing), so a
+    silo's user learns another queue's message and consumer counts (whether silo-b is
+    connected, how many plans wait for it) but never a message: SECURITY.md, Not protected.
+    If a broker release closes this, this test fails and the sentence must change."""
+    with _admin(fed.admin_url) as admin, fed.connect("silo-a") as silo:
+        admin.channel().basic_publish(PLANS_EXCHANGE, "silo-b", b"plan for b", mandatory=True)
+        deadline = time.monotonic() + 30
+        counts = (0, 0)
+        while time.monotonic() < deadline and counts[0] < 1:
+            ok = silo.channel().queue_declare(plans_queue("silo-b"), passive=True)
+            counts = (ok.method.message_count, ok.method.consumer_count)
+            time.sleep(0.05)
+        assert counts == (1, 0)
+        _refused(lambda ch: ch.basic_get(plans_queue("silo-b")), silo)  # but not the content
+
+
 def test_wrong_password_is_refused_at_login(fed: Federation) -> None:
     url = urlsplit(fed.url("silo-a"))
     wrong = urlunsplit(url._replace(netloc=f"{url.username}:not-the-password@{url.hostname}:"

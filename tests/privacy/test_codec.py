@@ -1,16 +1,19 @@
 """The secure codec between transports and the wire format: each party opens only what a
 pinned peer signed for it, a silo speaks only for itself, replays are refused, and keys
-rotate without a restart."""
+rotate without a restart and without a message refused."""
 
 from __future__ import annotations
 
+import logging
+import shutil
 from pathlib import Path
 
 import pytest
 import torch
 
 from fedsilo.privacy.codec import EnvelopeCodec
-from fedsilo.privacy.keys import Keyring, TrustStore
+from fedsilo.privacy.envelope import peek_header
+from fedsilo.privacy.keys import PUBLIC_FILE, Keyring, PartyKeys, TrustStore
 from fedsilo.privacy.settings import SecuritySettings
 from fedsilo.sdk.messages import Announce, RoundPlan, Upload
 from fedsilo.sdk.params import ModuleShape
@@ -110,23 +113,164 @@ def test_plaintext_is_refused_by_a_secure_party(parties) -> None:
     assert info.value.reason in ("header", "size")
 
 
-def test_keys_rotate_without_a_restart(parties, tmp_path: Path) -> None:
+def _pin(tmp_path: Path, peer: str, party: str) -> None:
+    """What `fedsilo trust add <peer>.json <party>/public.json` does at `peer`."""
+    path = tmp_path / f"{peer}.json"
+    store = TrustStore.load(path)
+    store.add(PartyKeys.load(tmp_path / party / PUBLIC_FILE))
+    store.save(path)
+
+
+def _unpin_retired(tmp_path: Path, peer: str, party: str, key_id: str) -> None:
+    """What `fedsilo trust retire <peer>.json <party> <key_id>` does at `peer`."""
+    path = tmp_path / f"{peer}.json"
+    store = TrustStore.load(path)
+    store.retire(party, key_id)
+    store.save(path)
+
+
+class _Traffic:
+    """Plans to every silo and uploads from every silo, sealed as a batch and opened later
+    (so every batch is in flight across the next rotation step); each must open."""
+
+    def __init__(self, parties: dict[str, EnvelopeCodec]) -> None:
+        self.parties = parties
+        self.round = 0
+
+    def seal(self) -> list[tuple[str, bytes]]:
+        self.round += 1
+        batch = []
+        for silo in SILOS:
+            batch.append((silo, self.parties["aggregator"].seal(_plan(silo, self.round))))
+            batch.append(("aggregator", self.parties[silo].seal(_upload(silo, self.round))))
+        return batch
+
+    def deliver(self, batch: list[tuple[str, bytes]]) -> None:
+        for recipient, data in batch:
+            header = peek_header(data)
+            try:
+                message = self.parties[recipient].open(data)
+            except Rejected as exc:
+                pytest.fail(f"{recipient} refused a message from {header.sender}: {exc}")
+            assert message.round == header.round
+
+    def exchange(self) -> list[tuple[str, bytes]]:
+        """A batch sealed and opened now; returned for inspection."""
+        batch = self.seal()
+        self.deliver(batch)
+        return batch
+
+
+def _keys_used(batch: list[tuple[str, bytes]], party: str) -> tuple[set[str], set[str]]:
+    """(keys `party` signed with, keys its peers sealed to it) in `batch`."""
+    headers = [peek_header(data) for _, data in batch]
+    return ({h.sender_key for h in headers if h.sender == party},
+            {h.recipient_key for h in headers if h.recipient == party})
+
+
+@pytest.mark.parametrize("rotating", ["aggregator", "silo-0"])
+def test_a_rotation_refuses_no_message_at_any_step(
+    parties, tmp_path: Path, rotating: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The documented rotation, messages flowing both ways at every step and across each
+    step (sealed before it, opened after it): nothing is refused. The running codecs see
+    every change through their keyring folder and trust file, without a restart."""
+    caplog.set_level(logging.INFO, logger="fedsilo.privacy.codec")
+    traffic = _Traffic(parties)
+    peers = SILOS if rotating == "aggregator" else ("aggregator",)
+    cli = Keyring.load(tmp_path / rotating)  # `fedsilo keys ...`: another process
+    old = cli.active
+    shutil.copytree(tmp_path / rotating, tmp_path / "stolen")  # the old key, leaked
+    in_flight = traffic.seal()
+
+    # 1. `fedsilo keys rotate`: a pending key; the party still signs with the old one.
+    new = cli.rotate()
+    traffic.deliver(in_flight)
+    assert _keys_used(traffic.exchange(), rotating) == ({old.key_id}, {old.key_id})
+    in_flight = traffic.seal()
+
+    # 2. Each peer pins the new public.json (`fedsilo trust add`), one after the other: it
+    # seals to the new key at once, and still verifies the old key's signatures.
+    for i, peer in enumerate(peers):
+        _pin(tmp_path, peer, rotating)
+        traffic.deliver(in_flight)
+        batch = traffic.exchange()
+        signed, sealed_to = _keys_used(batch, rotating)
+        assert signed == {old.key_id}
+        assert sealed_to == ({new.key_id} if i == len(peers) - 1 else {old.key_id, new.key_id})
+        assert parties[rotating].peers_on_pending() == set(peers[: i + 1])
+        assert f"{peer} sealed a message to {rotating}'s pending key {new.key_id}" in caplog.text
+        in_flight = traffic.seal()
+
+    # 3. `fedsilo keys activate`: the party signs with the new key, which every peer pinned.
+    cli.activate()
+    traffic.deliver(in_flight)  # signed by the old key, opened after the activation
+    assert _keys_used(traffic.exchange(), rotating) == ({new.key_id}, {new.key_id})
+    in_flight = traffic.seal()
+
+    # 4. `fedsilo keys retire OLD`, then every peer `fedsilo trust retire ... OLD`.
+    cli.retire(old.key_id)
+    traffic.deliver(in_flight)
+    for peer in peers:
+        _unpin_retired(tmp_path, peer, rotating, old.key_id)
+        traffic.deliver(traffic.seal())
+    assert _keys_used(traffic.exchange(), rotating) == ({new.key_id}, {new.key_id})
+
+    # Retired means refused by the peers, naming the key: what the leaked old key signs...
+    thief = EnvelopeCodec("fed", Keyring.load(tmp_path / "stolen"),
+                          TrustStore.load(tmp_path / f"{rotating}.json"))
+    for peer in peers:
+        forged = _plan(peer, 99) if rotating == "aggregator" else _upload(rotating, 99)
+        with pytest.raises(Rejected) as info:
+            parties[peer].open(thief.seal(forged))
+        assert info.value.reason == "unknown sender"
+        assert f"key {old.key_id!r} of {rotating!r} was retired on" in info.value.detail
+        assert "fedsilo keys activate" in info.value.detail
+        # ...and nothing is sealed to it any more (it is not pinned).
+        assert old not in parties[peer].trust.party(rotating).keys
+    # A peer that missed the rotation (pins only the old key) is told what to do.
+    stale_peer = peers[0]
+    stale = EnvelopeCodec("fed", Keyring.load(tmp_path / stale_peer),
+                          TrustStore("fed", {rotating: PartyKeys(rotating, (old,))}))
+    late = _plan(rotating, 99) if stale_peer == "aggregator" else _upload(stale_peer, 99)
+    with pytest.raises(Rejected) as info:
+        parties[rotating].open(stale.seal(late))
+    assert info.value.reason == "recipient"
+    assert f"{old.key_id!r}, which {rotating!r} retired on" in info.value.detail
+    assert "fedsilo trust add" in info.value.detail
+
+
+def test_rotation_steps_out_of_order_are_refused_saying_what_to_do(
+    parties, tmp_path: Path
+) -> None:
     silo, aggregator = parties["silo-0"], parties["aggregator"]
-    silo.keyring.rotate()
-    with pytest.raises(Rejected) as info:  # the aggregator does not know the new key yet
+    cli = Keyring.load(tmp_path / "silo-0")
+    old = cli.active
+    new = cli.rotate()
+    # Activated before the aggregator pinned the new key: refused, naming the way out.
+    cli.activate()
+    with pytest.raises(Rejected) as info:
         aggregator.open(silo.seal(_upload(round=1)))
     assert info.value.reason == "unknown sender"
-    trust = TrustStore.load(tmp_path / "aggregator.json")
-    trust.add(silo.keyring.public())  # `fedsilo trust add`: the running codec re-reads it
-    trust.save(tmp_path / "aggregator.json")
+    assert f"key {new.key_id!r} is not pinned for party 'silo-0'" in info.value.detail
+    assert "add its new public keys to the trust file" in info.value.detail
+    _pin(tmp_path, "aggregator", "silo-0")
     assert aggregator.open(silo.seal(_upload(round=2))).round == 2
 
-    # The aggregator rotates too: a plan sealed to the silo's old key still opens there.
-    in_flight = aggregator.seal(_plan("silo-0", round=3))
-    old = silo.keyring.public().keys[-1].key_id
-    assert silo.open(in_flight).round == 3
-    silo.keyring.retire(old)
-    assert all(k.key_id != old for k in silo.keyring.public().keys)
+    # The aggregator retires the key the silo signs with: refused, saying so.
+    cli = Keyring.load(tmp_path / "aggregator")
+    agg_old = cli.active
+    cli.rotate()
+    _pin(tmp_path, "silo-0", "aggregator")
+    _unpin_retired(tmp_path, "silo-0", "aggregator", agg_old.key_id)  # too early
+    with pytest.raises(Rejected) as info:
+        silo.open(aggregator.seal(_plan(round=3)))
+    assert info.value.reason == "unknown sender"
+    assert f"key {agg_old.key_id!r} of 'aggregator' was retired on" in info.value.detail
+    assert "must activate the new key (`fedsilo keys activate`)" in info.value.detail
+    cli.activate()
+    assert silo.open(aggregator.seal(_plan(round=4))).round == 4
+    assert old.key_id in [k.key_id for k in Keyring.load(tmp_path / "silo-0").public().keys]
 
 
 def test_a_wrong_trust_file_or_keys_are_clear_errors(parties, tmp_path: Path) -> None:

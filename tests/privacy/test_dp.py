@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import pytest
 import torch
 from opacus.accountants import PRVAccountant, RDPAccountant
@@ -16,6 +17,8 @@ from opacus.accountants.utils import get_noise_multiplier
 from scipy import stats
 
 from fedsilo.privacy.dp import (
+    COUNT_WEIGHT,
+    EMBEDDING_SET_CHANGE,
     DPConfig,
     DPError,
     DPSGDConfig,
@@ -23,6 +26,8 @@ from fedsilo.privacy.dp import (
     embeddings_release,
     noise_multiplier_for,
     private_mean,
+    private_sum,
+    sensitivity,
 )
 from fedsilo.privacy.ledger import Release
 
@@ -99,14 +104,13 @@ def _clipped_mean_by_hand(values: dict[str, torch.Tensor], clip: float, count: i
     return {key: value / count for key, value in out.items()}
 
 
-@pytest.mark.parametrize("count", [None, 10])
-def test_private_mean_without_noise_is_the_clipped_mean(count: int | None) -> None:
+def test_private_mean_without_noise_is_the_clipped_mean() -> None:
     values = _examples()
     clip = 4.5  # some examples are above it, some below
     norms = torch.cat([v.flatten(1) for _, v in sorted(values.items())], dim=1).norm(dim=1)
     assert (norms > clip).any() and (norms < clip).any()
-    out = private_mean(values, clip=clip, noise_multiplier=0.0, count=count)
-    expected = _clipped_mean_by_hand(values, clip, count or 6)
+    out = private_mean(values, clip=clip, noise_multiplier=0.0)
+    expected = _clipped_mean_by_hand(values, clip, 6)
     assert list(out) == sorted(values)
     for key in values:
         assert out[key].dtype == torch.float32
@@ -123,29 +127,67 @@ def test_private_mean_clips_the_concatenation_not_each_key() -> None:
     torch.testing.assert_close(out["b"], torch.tensor([0.0, s]))
 
 
-def test_private_mean_noise_has_std_sigma_clip_and_zero_mean() -> None:
-    n, clip, sigma, count = 5, 0.5, 1.7, 5
+def test_the_release_noise_has_std_sigma_times_the_sensitivity_and_zero_mean() -> None:
+    n, clip, sigma = 5, 0.5, 1.7
     g = torch.Generator().manual_seed(1)
     values = {
         "big": torch.randn(n, 100, 60, generator=g),
         "small": torch.randn(n, 1500, generator=g),
     }
-    exact = private_mean(values, clip=clip, noise_multiplier=0.0)
-    noisy = private_mean(
-        values, clip=clip, noise_multiplier=sigma, generator=torch.Generator().manual_seed(2)
-    )
-    for key in values:  # each key gets its own noise of the full scale
-        assert_gaussian((noisy[key].double() - exact[key].double()) * count, sigma * clip)
+    exact, exact_count = private_sum(values, clip=clip, noise_multiplier=0.0)
+    assert exact_count == n
+    std = sigma * sensitivity(clip, EMBEDDING_SET_CHANGE)
+    assert std == pytest.approx(sigma * 2 * clip * math.sqrt(1 + COUNT_WEIGHT**2))
+    counts = []
+    for seed in range(400):
+        noisy, count = private_sum(values, clip=clip, noise_multiplier=sigma,
+                                   generator=torch.Generator().manual_seed(seed))
+        counts.append(count)
+        if seed == 0:
+            for key in values:  # each key gets its own noise of the full scale
+                assert_gaussian(noisy[key] - exact[key], std)
+    # the count coordinate is noised at the same scale, in units of clip * COUNT_WEIGHT
+    assert_gaussian((torch.tensor(counts, dtype=torch.float64) - n) * clip * COUNT_WEIGHT, std)
 
 
 def test_private_mean_noise_scale_is_checked_against_a_wrong_one() -> None:
-    # The statistical check above must be able to fail: sigma alone (forgetting clip) does.
+    # The statistical check above must be able to fail: sigma * clip alone (forgetting
+    # the two records one change can move, and the count coordinate) does.
     values = {"v": torch.zeros(3, 4000)}
-    noisy = private_mean(
+    noisy, _ = private_sum(
         values, clip=0.5, noise_multiplier=1.0, generator=torch.Generator().manual_seed(3)
     )
     with pytest.raises(AssertionError, match="variance ratio"):
-        assert_gaussian(noisy["v"] * 3, 1.0)
+        assert_gaussian(noisy["v"], 0.5)
+
+
+def test_one_record_added_or_removed_moves_the_release_within_its_sensitivity() -> None:
+    """The accounting's assumption, end to end: split a silo, release its embedding set's
+    clipped sum and count (no noise), then add or remove single records: the release moves
+    by at most `sensitivity(clip)` (two examples of D_emb: one in, one out)."""
+    from fedsilo.sdk.data import Example, SplitConfig, TaskInfo, split_silo
+
+    task = TaskInfo("classification", ("a", "b"), "t")
+    clip = 1.0
+
+    def vector(example: Example) -> torch.Tensor:  # what the model would embed it as
+        seed = int.from_bytes(example.prompt.encode()[-4:].rjust(4, b"\0"), "big")
+        return torch.randn(8, generator=torch.Generator().manual_seed(seed)) * 2.0
+
+    def release(examples: list[Example]) -> torch.Tensor:
+        emb = split_silo(examples, task, np.random.default_rng(5), SplitConfig(emb_cap=6)).emb
+        sums, count = private_sum({"v": torch.stack([vector(e) for e in emb])}, clip=clip,
+                                  noise_multiplier=0.0)
+        return torch.cat([sums["v"], torch.tensor([count * clip * COUNT_WEIGHT])])
+
+    base = [Example(f"p{i}\n", "a" if i % 2 else "b", "a") for i in range(400)]
+    before = release(base)
+    moved = []
+    for i in range(400):
+        for neighbour in (base[:i] + base[i + 1:], [*base, Example(f"q{i}\n", "a", "a")]):
+            moved.append(float((release(neighbour) - before).norm()))
+    assert max(moved) <= sensitivity(clip, EMBEDDING_SET_CHANGE) + 1e-9
+    assert max(moved) > sensitivity(clip, 1)  # the cap binds: one in, one out happens
 
 
 def test_private_mean_seeded_generator_repeats_and_default_ignores_global_seed() -> None:
@@ -173,8 +215,8 @@ def test_private_mean_errors() -> None:
         private_mean({"a": torch.ones(3, 2), "b": torch.ones(4, 2)}, clip=1.0, noise_multiplier=1)
     with pytest.raises(DPError, match="0 examples"):
         private_mean({"a": torch.ones(0, 2)}, clip=1.0, noise_multiplier=1.0)
-    with pytest.raises(DPError, match="count"):
-        private_mean({"a": torch.ones(2, 2)}, clip=1.0, noise_multiplier=1.0, count=0)
+    with pytest.raises(DPError, match="records_changed"):
+        private_mean({"a": torch.ones(2, 2)}, clip=1.0, noise_multiplier=1.0, records_changed=0)
     with pytest.raises(DPError, match="noise_multiplier"):
         private_mean({"a": torch.ones(2, 2)}, clip=1.0, noise_multiplier=-1.0)
 

@@ -22,6 +22,7 @@ from fedsilo.privacy.keys import (
     KeysError,
     PartyKeys,
     PublicKey,
+    RetiredKeyError,
     TrustFile,
     TrustStore,
 )
@@ -172,7 +173,7 @@ def _parties(tmp_path: Path) -> tuple[Keyring, Keyring, TrustStore]:
     return aggregator, silo, TrustStore(FEDERATION, {"silo-1": silo.public()})
 
 
-def test_rotate_makes_a_new_active_key_and_the_old_one_still_decrypts(tmp_path: Path) -> None:
+def test_rotate_makes_a_pending_key_that_decrypts_but_does_not_sign(tmp_path: Path) -> None:
     aggregator, silo, trust = _parties(tmp_path)
     old = aggregator.active
     in_flight = seal(
@@ -182,24 +183,53 @@ def test_rotate_makes_a_new_active_key_and_the_old_one_still_decrypts(tmp_path: 
 
     new = aggregator.rotate()
 
-    assert new != old and aggregator.active == new
+    # Pending: published first (peers that pin it seal to it), but the old key still signs.
+    assert new != old and aggregator.pending == new and aggregator.active == old
+    assert aggregator.sign(b"x")[0] == old.key_id
     assert [k.key_id for k in aggregator.public().keys] == [new.key_id, old.key_id]
-    assert aggregator.sign(b"x")[0] == new.key_id
     assert PartyKeys.load(tmp_path / "agg" / PUBLIC_FILE) == aggregator.public()
     reloaded = Keyring.load(tmp_path / "agg")
-    assert reloaded.active == new and reloaded.public() == aggregator.public()
+    assert (reloaded.active, reloaded.pending) == (old, new)
+    assert json.loads((tmp_path / "agg" / KEYRING_FILE).read_text())["pending"] == new.key_id
     for me in (aggregator, reloaded):
         header, payload = open_sealed(in_flight, federation=FEDERATION, me=me, trust=trust)
         assert payload == b"sealed before the rotation" and header.recipient_key == old.key_id
     after = seal(
-        b"sealed after", federation=FEDERATION, type="upload", round=2, sender=silo,
-        recipient=reloaded.public(),
+        b"sealed to the pending key", federation=FEDERATION, type="upload", round=2,
+        sender=silo, recipient=reloaded.public(),
     )
     header, payload = open_sealed(after, federation=FEDERATION, me=aggregator, trust=trust)
-    assert header.recipient_key == new.key_id and payload == b"sealed after"
+    assert header.recipient_key == new.key_id and payload == b"sealed to the pending key"
+
+    assert aggregator.activate(new.key_id) == new
+    assert aggregator.active == new and aggregator.pending is None
+    assert aggregator.sign(b"x")[0] == new.key_id
+    assert [k.key_id for k in aggregator.public().keys] == [new.key_id, old.key_id]  # unchanged
+    reloaded = Keyring.load(tmp_path / "agg")
+    assert (reloaded.active, reloaded.pending) == (new, None)
+    assert "pending" not in json.loads((tmp_path / "agg" / KEYRING_FILE).read_text())
+    header, _ = open_sealed(in_flight, federation=FEDERATION, me=reloaded, trust=trust)
+    assert header.recipient_key == old.key_id  # the old key still decrypts
 
 
-def test_retire_removes_the_old_key_and_refuses_the_active_one(tmp_path: Path) -> None:
+def test_one_rotation_at_a_time_and_activate_checks_what_it_activates(tmp_path: Path) -> None:
+    keyring = Keyring.create(tmp_path / "keys", "silo-1")
+    old = keyring.active
+    with pytest.raises(KeysError, match=r"no pending key to activate.*fedsilo keys rotate"):
+        keyring.activate()
+    new = keyring.rotate()
+    with pytest.raises(KeysError, match=f"already has a pending key '{new.key_id}'.*activate"):
+        keyring.rotate()
+    with pytest.raises(KeysError, match=f"'{old.key_id}' is not the pending key"):
+        keyring.activate(old.key_id)
+    assert keyring.active == old
+    assert keyring.activate(new.fingerprint) == new  # by id or by fingerprint
+    assert keyring.rotate() not in (old, new)  # the next rotation may start
+
+
+def test_retire_records_the_old_key_deletes_it_and_refuses_the_active_one(
+    tmp_path: Path,
+) -> None:
     aggregator, silo, trust = _parties(tmp_path)
     old = aggregator.active
     to_old = seal(
@@ -207,22 +237,44 @@ def test_retire_removes_the_old_key_and_refuses_the_active_one(tmp_path: Path) -
         recipient=aggregator.public(),
     )
     new = aggregator.rotate()
+    with pytest.raises(KeysError, match=r"active key.*activate the pending key"):
+        aggregator.retire(old.key_id)  # it still signs: activate the new one first
+    aggregator.activate()
 
-    with pytest.raises(KeysError, match="active key"):
+    with pytest.raises(KeysError, match=r"active key.*rotate first"):
         aggregator.retire(new.key_id)
     with pytest.raises(KeysError, match="has no key"):
         aggregator.retire("0123456789abcdef")
-    aggregator.retire(old.key_id)
+    record = aggregator.retire(old.key_id)
+    assert (record.key_id, record.fingerprint) == (old.key_id, old.fingerprint)
+    with pytest.raises(KeysError, match="already retired on"):
+        aggregator.retire(old.key_id)
 
     folder = tmp_path / "agg"
     assert not list(folder.glob(f"{old.key_id}.*"))
     assert [p.name.split(".")[0] for p in _private_files(folder)] == [new.key_id] * 2
     assert aggregator.public().keys == (new,)
     assert Keyring.load(folder).public().keys == (new,)
+    assert Keyring.load(folder).retired == (record,)
     assert PartyKeys.load(folder / PUBLIC_FILE).keys == (new,)
     with pytest.raises(EnvelopeError) as caught:
         open_sealed(to_old, federation=FEDERATION, me=aggregator, trust=trust)
     assert caught.value.reason == "recipient"
+    detail = caught.value.detail  # says which key, since when, and what the sender must do
+    assert f"{old.key_id!r}, which 'aggregator' retired on {record.retired}" in detail
+    assert "fedsilo trust add" in detail
+    assert f"fedsilo trust retire trust.json aggregator {old.key_id}" in detail
+
+
+def test_retiring_the_pending_key_gives_up_the_rotation(tmp_path: Path) -> None:
+    keyring = Keyring.create(tmp_path / "keys", "silo-1")
+    old = keyring.active
+    abandoned = keyring.rotate()
+    keyring.retire(abandoned.key_id)
+    assert keyring.pending is None and keyring.active == old
+    assert keyring.public().keys == (old,)
+    assert [r.key_id for r in Keyring.load(tmp_path / "keys").retired] == [abandoned.key_id]
+    assert keyring.rotate() != abandoned
 
 
 def test_refresh_adopts_a_rotation_made_by_another_process(tmp_path: Path) -> None:
@@ -234,14 +286,18 @@ def test_refresh_adopts_a_rotation_made_by_another_process(tmp_path: Path) -> No
     service.refresh()  # unchanged: nothing to do
     assert service.active == before
     new = cli.rotate()
-    assert service.active == before
+    assert service.pending is None
     service.refresh()
-    assert service.active == new
-    assert service.sign(b"x")[0] == new.key_id
+    assert service.pending == new and service.active == before
+    assert service.sign(b"x")[0] == before.key_id  # pending: does not sign yet
+    cli.activate()
+    service.refresh()
+    assert service.active == new and service.sign(b"x")[0] == new.key_id
 
     cli.retire(before.key_id)
     service.refresh()
     assert service.public().keys == (new,)
+    assert [r.key_id for r in service.retired] == [before.key_id]
 
 
 def test_refresh_keeps_the_working_keys_when_the_new_keyring_is_broken(tmp_path: Path) -> None:
@@ -323,7 +379,7 @@ def test_party_keys_save_and_load(tmp_path: Path) -> None:
     public.save(tmp_path / "silo-1.json")
     assert _mode(tmp_path / "silo-1.json") == 0o644
     loaded = PartyKeys.load(tmp_path / "silo-1.json")
-    assert loaded == public and loaded.active == keyring.active
+    assert loaded == public and loaded.active == keyring.pending  # what peers seal to
     assert loaded.get(public.keys[1].key_id) == public.keys[1]
     assert loaded.get("0123456789abcdef") is None
     with pytest.raises(KeysError, match=re.escape(str(tmp_path / "missing.json"))):
@@ -392,3 +448,101 @@ def test_trust_file_picks_up_a_changed_file(tmp_path: Path) -> None:
 def test_trust_file_must_exist_at_startup(tmp_path: Path) -> None:
     with pytest.raises(KeysError, match=re.escape("missing.json")):
         TrustFile(tmp_path / "missing.json")
+
+
+# -- retired keys at the peers ---------------------------------------------------------
+
+
+def _rotated_silo(tmp_path: Path) -> tuple[Keyring, PublicKey, PublicKey, TrustStore]:
+    """A silo that rotated and activated, and a peer's store pinning both its keys."""
+    silo = Keyring.create(tmp_path / "silo", "silo-1")
+    old = silo.active
+    new = silo.rotate()
+    silo.activate()
+    return silo, old, new, TrustStore(FEDERATION, {"silo-1": silo.public()})
+
+
+def test_a_retired_key_is_refused_by_name_and_never_pinned_again(tmp_path: Path) -> None:
+    silo, old, new, store = _rotated_silo(tmp_path)
+    stale = silo.public()  # the public.json from before the silo retired its old key
+
+    record = store.retire("silo-1", old.key_id, when="2025-03-01T12:00:00+00:00")
+    assert (record.key_id, record.fingerprint) == (old.key_id, old.fingerprint)
+    assert store.party("silo-1").keys == (new,)  # unpinned: nothing is sealed to it
+    with pytest.raises(RetiredKeyError) as caught:
+        store.key("silo-1", old.key_id)
+    message = str(caught.value)
+    assert f"key {old.key_id!r} of 'silo-1' was retired on 2025-03-01T12:00:00+00:00" in message
+    assert "fedsilo keys activate" in message and "fedsilo trust add" in message
+    assert store.key("silo-1", new.key_id) == new
+
+    assert store.add(stale) == (record,)  # a stale public.json cannot bring it back
+    assert store.party("silo-1").keys == (new,)
+    with pytest.raises(RetiredKeyError, match=r"stale public\.json"):
+        store.add(PartyKeys("silo-1", (old,)))
+    assert store.retire("silo-1", old.fingerprint) == record  # again: unchanged
+    with pytest.raises(KeysError, match=r"only key pinned.*fedsilo trust add"):
+        store.retire("silo-1", new.key_id)
+    with pytest.raises(KeysError, match="unknown party"):
+        store.retire("silo-9", new.key_id)
+    with pytest.raises(KeysError, match="neither a key id"):
+        store.retire("silo-1", "not-a-key")
+
+    path = tmp_path / "trust.json"
+    store.save(path)
+    loaded = TrustStore.load(path)
+    assert loaded == store and loaded.retired == {"silo-1": (record,)}
+    with pytest.raises(RetiredKeyError):
+        loaded.key("silo-1", old.key_id)
+
+
+def test_a_key_no_longer_pinned_can_still_be_retired(tmp_path: Path) -> None:
+    _, old, new, store = _rotated_silo(tmp_path)
+    store.add(PartyKeys("silo-1", (new,)))  # pinned the silo's public.json after its retire
+    with pytest.raises(KeysError, match="not pinned") as caught:
+        store.key("silo-1", old.key_id)
+    assert not isinstance(caught.value, RetiredKeyError)  # unknown, not known-retired
+    by_id = store.retire("silo-1", old.key_id)
+    assert by_id.fingerprint is None
+    with pytest.raises(RetiredKeyError, match="was retired on"):
+        store.key("silo-1", old.key_id)
+    other = TrustStore(FEDERATION, {"silo-1": PartyKeys("silo-1", (new,))})
+    assert other.retire("silo-1", old.fingerprint).fingerprint == old.fingerprint
+
+
+def test_a_trust_file_that_pins_a_retired_key_or_alters_a_record_is_refused(
+    tmp_path: Path,
+) -> None:
+    _, old, _, store = _rotated_silo(tmp_path)
+    store.retire("silo-1", old.key_id)
+    path = tmp_path / "trust.json"
+    store.save(path)
+    document = json.loads(path.read_text())
+    edited = json.loads(json.dumps(document))
+    edited["parties"]["silo-1"]["keys"].append(old.to_dict())  # pinned again by hand
+    path.write_text(json.dumps(edited))
+    with pytest.raises(KeysError, match="both pinned and retired"):
+        TrustStore.load(path)
+    edited = json.loads(json.dumps(document))
+    edited["retired"]["silo-1"][0]["fingerprint"] = _flip_hex(old.fingerprint, 10)  # other id
+    path.write_text(json.dumps(edited))
+    with pytest.raises(KeysError, match="altered"):
+        TrustStore.load(path)
+    edited = json.loads(json.dumps(document))
+    del edited["retired"]
+    path.write_text(json.dumps(edited))  # a trust file from before retirement existed
+    assert TrustStore.load(path).retired == {}
+
+
+def test_a_running_trust_file_picks_up_a_retirement(tmp_path: Path) -> None:
+    _, old, new, store = _rotated_silo(tmp_path)
+    path = tmp_path / "trust.json"
+    store.save(path)
+    trust = TrustFile(path)
+    assert trust.current().key("silo-1", old.key_id) == old
+    edited = TrustStore.load(path)  # `fedsilo trust retire`, another process
+    edited.retire("silo-1", old.key_id)
+    edited.save(path)
+    with pytest.raises(RetiredKeyError, match="was retired on"):
+        trust.current().key("silo-1", old.key_id)
+    assert trust.current().key("silo-1", new.key_id) == new

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import stat
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -13,6 +14,7 @@ from opacus.accountants import PRVAccountant, RDPAccountant
 from fedsilo.privacy.ledger import (
     BudgetExceeded,
     LedgerError,
+    LedgerRecord,
     PrivacyLedger,
     Release,
     compose_epsilon,
@@ -181,3 +183,140 @@ def test_invalid_settings_and_releases() -> None:
         Release("embeddings", 0, noise_multiplier=-1.0, sample_rate=1.0, steps=1, clip=1.0)
     with pytest.raises(ValueError, match="sample_rate"):
         Release("dp-sgd", 0, noise_multiplier=1.0, sample_rate=0.0, steps=1, clip=1.0)
+
+
+# -- the ledger against what the checkpoint recorded (issue 14) -------------------------------
+
+
+def _saved(tmp_path: Path, releases: list[Release]) -> tuple[Path, PrivacyLedger]:
+    path = tmp_path / "privacy-ledger.json"
+    ledger = PrivacyLedger(epsilon=30.0, delta=1e-5)
+    ledger.charge(releases)
+    ledger.save(path)
+    return path, ledger
+
+
+def _load(path: Path, recorded: LedgerRecord | None) -> PrivacyLedger:
+    return PrivacyLedger.load(path, epsilon=30.0, delta=1e-5, recorded=recorded)
+
+
+def test_the_record_survives_save_load_and_json(tmp_path: Path) -> None:
+    path, ledger = _saved(tmp_path, [sgd(0), emb(0, sigma=2.0), emb(1, sigma=2.0)])
+    record = ledger.record(1)
+    assert (record.releases, record.round) == (3, 1)
+    assert record.epsilon_spent == ledger.spent() and len(record.sha256) == 64
+    stored = json.loads(json.dumps(record.to_json(), allow_nan=False))  # as in a checkpoint
+    again = LedgerRecord.from_json(stored, source="agent.ckpt")
+    assert again == replace(record, source="agent.ckpt")
+    assert _load(path, again).check(again) == 0  # the reloaded file hashes the same
+    assert ledger.digest(2) != ledger.digest() != PrivacyLedger(30.0, 1e-5).digest()
+    # epsilon inf (no budget, unprotected releases) is stored as plain JSON as well
+    unprotected = PrivacyLedger(math.inf, 1e-5, releases=[emb(0, sigma=0.0)]).record(0)
+    assert LedgerRecord.from_json(json.loads(json.dumps(unprotected.to_json(), allow_nan=False)))\
+        .epsilon_spent == math.inf
+    assert LedgerRecord.from_meta({"last_round": 3}, "agent.ckpt") is None  # an older checkpoint
+
+
+def test_a_malformed_record_is_an_error() -> None:
+    for bad in ({"releases": -1, "sha256": "0" * 64, "epsilon_spent": 1.0, "round": 0},
+                {"releases": 2, "sha256": "short", "epsilon_spent": 1.0, "round": 0},
+                {"releases": 2, "sha256": "0" * 64, "round": 0}, ["not", "a", "dict"]):
+        with pytest.raises(LedgerError, match=r"agent\.ckpt records its privacy ledger"):
+            LedgerRecord.from_json(bad, source="agent.ckpt")
+
+
+def test_a_missing_ledger_beside_a_checkpoint_with_releases_is_refused(tmp_path: Path) -> None:
+    path, ledger = _saved(tmp_path, [emb(0, sigma=2.0), emb(1, sigma=2.0), emb(2, sigma=2.0)])
+    record = replace(ledger.record(3), source="state/agent.ckpt")
+    path.unlink()
+    with pytest.raises(LedgerError) as info:
+        _load(path, record)
+    message = str(info.value)
+    assert (f"{path.name} is missing from {path.parent} but state/agent.ckpt recorded 3 "
+            "release(s) at round 3") in message
+    assert f"epsilon {ledger.spent():.4g} spent" in message
+    assert "restore the ledger from backup" in message
+    assert "refuses to restart the spend at zero" in message
+    assert _load(path, None).releases == []  # without a checkpoint: a fresh silo
+
+
+def test_a_missing_ledger_is_fresh_when_the_checkpoint_recorded_no_release(
+    tmp_path: Path,
+) -> None:
+    record = PrivacyLedger(30.0, 1e-5).record(2)  # e.g. DP was off for those rounds
+    fresh = _load(tmp_path / "privacy-ledger.json", record)
+    assert fresh.releases == [] and fresh.spent() == 0.0
+
+
+def test_a_ledger_with_fewer_releases_than_recorded_is_refused(tmp_path: Path) -> None:
+    path, ledger = _saved(tmp_path, [emb(0, sigma=2.0)])
+    older = path.read_bytes()  # a backup taken after round 0
+    ledger.charge([emb(1, sigma=2.0), emb(2, sigma=2.0)])
+    ledger.save(path)
+    record = replace(ledger.record(2), source="agent.ckpt")
+    path.write_bytes(older)  # "restored" from the stale backup
+    with pytest.raises(LedgerError) as info:
+        _load(path, record)
+    message = str(info.value)
+    assert f"{path.name} in {path.parent} holds 1 release(s)" in message
+    assert "agent.ckpt recorded 3 release(s)" in message
+    assert "replaced by an older or foreign copy" in message
+    assert "at least 3 releases" in message and "refuses to continue with less spend" in message
+
+
+def test_a_replaced_ledger_with_as_many_releases_is_refused(tmp_path: Path) -> None:
+    path, ledger = _saved(tmp_path, [emb(0, sigma=2.0), emb(1, sigma=2.0)])
+    record = ledger.record(1)
+    data = json.loads(path.read_text())
+    data["releases"][1]["noise_multiplier"] = 40.0  # edited to look cheaper
+    path.write_text(json.dumps(data))
+    with pytest.raises(LedgerError, match=r"does not begin with the releases .* first 2 release"
+                       r"\(s\) differ.*replaced or edited.*did not write"):
+        _load(path, record)
+    # Another silo's ledger (same count, other releases) is refused the same way.
+    _, other = _saved(tmp_path / "other", [emb(0, sigma=3.0), emb(1, sigma=3.0)])
+    path.write_text(json.dumps(other.to_dict()))
+    with pytest.raises(LedgerError, match="replaced or edited"):
+        _load(path, record)
+
+
+def test_a_ledger_ahead_of_the_checkpoint_is_kept(tmp_path: Path) -> None:
+    """Spend recorded before release stays: releases charged after the last checkpoint
+    (the agent was killed before writing the next one) are legitimate."""
+    path, ledger = _saved(tmp_path, [sgd(0), emb(0, sigma=2.0)])
+    record = ledger.record(0)  # the checkpoint after round 0
+    ledger.charge([sgd(1), emb(1, sigma=2.0)])  # round 1 charged, then the crash
+    ledger.save(path)
+    again = _load(path, record)
+    assert again.releases == ledger.releases and again.spent() == ledger.spent()
+    assert again.check(record) == 2
+    # ... but only if it begins with the recorded releases.
+    rewritten = PrivacyLedger(30.0, 1e-5, releases=[emb(5), emb(6), emb(7)])
+    path.write_text(json.dumps(rewritten.to_dict()))
+    with pytest.raises(LedgerError, match="replaced or edited"):
+        _load(path, record)
+
+
+def test_save_refuses_to_overwrite_a_ledger_changed_on_disk(tmp_path: Path) -> None:
+    """Two writers each spending from their own copy: the second save notices."""
+    path, _ = _saved(tmp_path, [emb(0, sigma=2.0)])
+    mine = _load(path, None)
+    theirs = _load(path, None)
+    theirs.charge([emb(1, sigma=2.0)])
+    theirs.save(path)
+    mine.charge([emb(2, sigma=2.0)])
+    with pytest.raises(LedgerError, match=r"was written or replaced by someone else.*Nothing "
+                       r"more was recorded or released"):
+        mine.save(path)
+    assert len(_load(path, None).releases) == 2  # theirs kept, not overwritten
+    theirs.charge([emb(3, sigma=2.0)])
+    theirs.save(path)  # its own last write is what is there: fine
+    path.unlink()
+    with pytest.raises(LedgerError, match="was deleted by someone else"):
+        theirs.save(path)
+    assert not path.exists()
+    fresh = _load(path, None)  # found none; then another process creates one
+    PrivacyLedger(30.0, 1e-5, releases=[emb(0)]).save(path)
+    fresh.charge([emb(0)])
+    with pytest.raises(LedgerError, match="written or replaced by someone else"):
+        fresh.save(path)

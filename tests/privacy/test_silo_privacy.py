@@ -46,6 +46,7 @@ def test_a_restart_keeps_what_was_spent(tmp_path: Path) -> None:
     first.begin_round(0, total_rounds=4, local_steps=0, batch_size=1, num_train=10)
     first.release_embeddings(_per_example())
     assert (tmp_path / LEDGER_FILE).stat().st_mode & 0o777 == 0o600
+    first.close()  # the process ends: its lock on the folder goes with it
     second = SiloPrivacy.open(config, tmp_path, "s")
     assert math.isclose(second.ledger.spent(), first.ledger.spent())
     # Recalibrated for the 3 rounds left on top of what was spent: still within budget.
@@ -74,6 +75,18 @@ def test_no_noise_when_dp_is_off(tmp_path: Path, caplog) -> None:
     privacy.begin_round(0, total_rounds=2, local_steps=1, batch_size=1, num_train=5)
     assert not privacy.protects_embeddings
     assert "dp_off" in caplog.text
+
+
+def test_the_agent_says_when_only_the_embeddings_are_private(tmp_path: Path, caplog) -> None:
+    privacy = SiloPrivacy.open(DPConfig(epsilon=8.0), tmp_path, "s")  # DP-SGD off
+    privacy.begin_round(0, total_rounds=2, local_steps=1, batch_size=1, num_train=5)
+    assert privacy.protects_embeddings and not privacy.protects_training
+    assert "dp_sgd_off" in caplog.text and "LoRA updates leave WITHOUT DP" in caplog.text
+    caplog.clear()
+    sgd = SiloPrivacy.open(DPConfig(epsilon=8.0, sgd=DPSGDConfig(enabled=True)),
+                           tmp_path / "sgd", "s")
+    sgd.begin_round(0, total_rounds=2, local_steps=1, batch_size=1, num_train=5)
+    assert "dp_sgd_off" not in caplog.text
 
 
 def test_simulate_with_dp_runs_rsea_and_records_noise(tmp_path: Path) -> None:

@@ -189,3 +189,26 @@ def test_state_dict_is_a_snapshot_and_bad_state_is_refused() -> None:
         RunningMean().load_state_dict({}, meta)
     with pytest.raises(ValueError, match="unknown torch dtype"):
         RunningMean().load_state_dict(state, {**meta, "dtypes": {SH: "Tensor"}})
+
+
+@pytest.mark.parametrize("rule", ["mean", "median", "trimmed_mean"])
+def test_a_key_fewer_than_min_contributors_sent_keeps_its_value(rule: str) -> None:
+    """With min_contributors = 2 no single silo's tensor is published as it sent it: a
+    key one contribution carried keeps its previous value (a new one is left out)."""
+    from fedsilo.sdk.aggregation.robust import new_mean
+
+    previous = {"both": torch.zeros(3), "one": torch.full((3,), 7.0)}
+    mean = new_mean(rule, 0.0, min_contributors=2)  # type: ignore[arg-type]
+    mean.add({"both": torch.ones(3), "one": torch.full((3,), 5.0), "new": torch.ones(3)})
+    mean.add({"both": torch.full((3,), 3.0)})
+    out = mean.result(previous)
+    assert torch.equal(out["both"], torch.full((3,), 2.0))
+    assert out["one"] is previous["one"]  # the lone update is not published
+    assert "new" not in out
+    assert RunningMean(1).result(None) == {}
+
+
+@pytest.mark.parametrize("bad", [0, -1, 1.5])
+def test_min_contributors_must_be_a_positive_integer(bad: object) -> None:
+    with pytest.raises(ValueError, match="min_contributors"):
+        RunningMean(bad)  # type: ignore[arg-type]

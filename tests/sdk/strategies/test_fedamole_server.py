@@ -18,7 +18,9 @@ SILOS = ["a", "b", "c"]
 
 
 def _server(top_k: int = 1, **kw: object) -> FedAMoLEServer:
-    config = StrategyConfig(**{"num_experts": 3, "k_c": 1, "b": 1, **kw})  # type: ignore[arg-type]
+    # k_c = 1: each expert one silo's (min_contributors 1 lets its update through)
+    config = StrategyConfig(**{"num_experts": 3, "k_c": 1, "b": 1,  # type: ignore[arg-type]
+                               "min_contributors": 1, **kw})
     server = FedAMoLEServer(AMoLEConfig(r=2, alpha=4, top_k=top_k), config, seed=0)
     server.initialize(SHAPES, SILOS)
     return server
@@ -218,3 +220,46 @@ def test_embeddings_that_overflow_rsea_leave_a_feasible_architecture() -> None:
     report = server.end_round(0)
     _check_feasible(server)
     assert "rsea_spread" not in report.details  # no probabilities to describe
+
+
+def test_an_expert_one_silo_trained_is_not_published_as_it_trained_it() -> None:
+    """k_c = 2, the default min_contributors = 2: silo c does not answer, so the experts it
+    shared with a or b were trained by one silo only; they keep their previous value (the
+    plan would otherwise hand that silo's exact update to the expert's next holders)."""
+    config = StrategyConfig(num_experts=3, k_c=2, b=2)
+    server = FedAMoLEServer(AMoLEConfig(r=2, alpha=4, top_k=1), config, seed=0)
+    server.initialize(SHAPES, SILOS)
+    before = {k: v.clone() for k, v in server.global_params.items()}
+    plans = server.configure_round(0, SILOS)
+    server.begin_round(0)
+    for i, silo in enumerate(["a", "b"]):
+        params = {k: torch.full_like(v, float(i + 1)) for k, v in plans[silo].params.items()}
+        server.accumulate(Upload(0, silo, params, {}, n_samples=10))
+    server.end_round(0)
+    after = server.global_params
+    lone = 0
+    for module in SHAPES:
+        assert torch.allclose(after[shared_key(module, "A")], torch.full((2, 6), 1.5))
+        trainers: dict[int, int] = {}
+        for silo in ["a", "b"]:
+            for j in plans[silo].assignment[module]:
+                trainers[j] = trainers.get(j, 0) + 1
+        for j, n in trainers.items():
+            key = expert_key(module, j, "A")
+            if n == 1:
+                assert torch.equal(after[key], before[key]), (module, j)
+                lone += 1
+            else:
+                assert torch.allclose(after[key], torch.full_like(after[key], 1.5))
+    assert lone > 0  # the case under test occurred
+
+
+def test_settings_that_could_never_update_an_expert_are_refused() -> None:
+    config = StrategyConfig(num_experts=3, k_c=1, b=1)  # min_contributors 2 > k_c
+    with pytest.raises(ValueError, match="k_c = 1 < min_contributors = 2"):
+        FedAMoLEServer(AMoLEConfig(r=2, top_k=1), config, seed=0).validate(3)
+    lone = StrategyConfig(name="fedit")
+    with pytest.raises(ValueError, match="federation has 1 silo"):
+        get_strategy("fedit").server(AMoLEConfig(r=2), lone, 0).validate(1)
+    with pytest.raises(ValueError, match="min_contributors"):
+        StrategyConfig(min_contributors=0)

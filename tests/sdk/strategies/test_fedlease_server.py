@@ -27,7 +27,10 @@ def make_server(**kw: object) -> FedLEASEServer:
     spec = get_strategy("fedlease")
     adapter = spec.adapter(AMoLEConfig(r=R, alpha=4))
     assert adapter.layer == "lease"
-    settings = {"name": "fedlease", "warmup_rounds": 2, "max_clusters": 5, **kw}
+    # min_contributors 1 unless a test says otherwise: singleton clusters are computed by
+    # hand here (min_contributors is tested on its own below)
+    settings = {"name": "fedlease", "warmup_rounds": 2, "max_clusters": 5,
+                "min_contributors": 1, **kw}
     config = StrategyConfig(**settings)  # type: ignore[arg-type]
     server = spec.server(adapter, config, 0)
     assert isinstance(server, FedLEASEServer)
@@ -203,8 +206,8 @@ def test_clustering_finds_the_planted_groups(groups: list[int]) -> None:
 
 
 def _clustered(expert_init: str = "own", groups: Sequence[int] = (0, 0, 1, 1, 2, 2),
-               ) -> tuple[FedLEASEServer, dict[str, Upload]]:
-    server = make_server(expert_init=expert_init)
+               min_contributors: int = 1) -> tuple[FedLEASEServer, dict[str, Upload]]:
+    server = make_server(expert_init=expert_init, min_contributors=min_contributors)
     server.initialize(SHAPES, SILOS)
     last = warm_up(server, groups)
     assert server.num_clusters == len(set(groups))
@@ -274,10 +277,12 @@ def test_upload_schema_after_clustering_is_own_expert_and_gate() -> None:
         assert final.params == {} and final.embeddings == {}
 
 
-def test_per_cluster_aggregation_matches_hand_computation() -> None:
-    server, _ = _clustered()
+@pytest.mark.parametrize("min_contributors", [1, 2])
+def test_per_cluster_aggregation_matches_hand_computation(min_contributors: int) -> None:
+    server, _ = _clustered(min_contributors=min_contributors)
     members = {c: [s for s in SILOS if server.labels[s] == c] for c in range(3)}
-    # cluster 0: both members answer; cluster 1: one of two; cluster 2: nobody
+    # cluster 0: both members answer; cluster 1: one of two (below min_contributors = 2,
+    # so not published as that silo trained it); cluster 2: nobody
     answering = members[0] + members[1][:1]
     before = {k: v.clone() for k, v in server.global_params.items()}
     plans = server.configure_round(2, SILOS)
@@ -294,7 +299,7 @@ def test_per_cluster_aggregation_matches_hand_computation() -> None:
             senders = [s for s in answering if server.labels[s] == c]
             keys = [expert_key(module, c, "A"), expert_key(module, c, "B")]
             router = cluster_router_key(c, module)
-            if not senders:  # no upload: expert and router keep their values
+            if len(senders) < server.config.min_contributors:  # expert, router kept
                 for key in [*keys, router]:
                     assert torch.equal(after[key], before[key]), key
                 continue
@@ -304,10 +309,11 @@ def test_per_cluster_aggregation_matches_hand_computation() -> None:
             expected = mean([uploads[s].params[gate_key(module)] for s in senders])
             assert torch.allclose(after[router], expected, rtol=0, atol=1e-6)
             assert not torch.equal(after[router], before[router])
-    # cluster 1's expert is exactly its only sender's upload, not mixed with cluster 0
+    # cluster 1's expert is exactly its only sender's upload, not mixed with cluster 0, or,
+    # with min_contributors 2, not that upload at all
     only = members[1][0]
     key = expert_key(MODULES[0], 1, "B")
-    assert torch.equal(after[key], uploads[only].params[key])
+    assert torch.equal(after[key], uploads[only].params[key]) == (min_contributors == 1)
     # the next plans carry the aggregate (no more own warm-up start)
     nxt = server.configure_round(3, SILOS)
     for silo in SILOS:
