@@ -63,7 +63,8 @@ def simulate(
         help="A tensor fewer silos trained in a round keeps its value (1: publish even one "
         "silo's update as it trained it).")] = _D.min_contributors,
     assignment: Annotated[str, typer.Option(help="rsea | random | static.")] = _D.assignment,
-    solver: Annotated[str, typer.Option(help="scip | flow | lp (exact fast paths).")] = (
+    solver: Annotated[str, typer.Option(help="flow (exact min-cost flow, OR-Tools) | scip "
+                                        "(the paper's MILP) | lp (HiGHS).")] = (
         _D.solver
     ),
     relevance: Annotated[

@@ -65,7 +65,7 @@ class SimulationConfig:
     k_c: int = 2
     b: int = 6
     assignment: str = "rsea"
-    solver: str = "scip"
+    solver: str = StrategyConfig.solver
     relevance: str = StrategyConfig.relevance
     temperature: float = StrategyConfig.temperature
     stickiness: float = StrategyConfig.stickiness

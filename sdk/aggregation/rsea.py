@@ -15,7 +15,6 @@ for large ones (1000 silos x 256 experts: seconds, where flow takes minutes).
 
 from __future__ import annotations
 
-import heapq
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -42,6 +41,7 @@ __all__ = [
     "selection_diagnostics",
     "selection_probs",
     "solve_assignment",
+    "solver_version",
     "standardise",
     "trainer_profiles",
 ]
@@ -245,12 +245,13 @@ def assignment_objective(probs: Tensor | np.ndarray, assignment: np.ndarray) -> 
 
 
 def solve_assignment(
-    probs: Tensor | np.ndarray, c: AssignmentConstraints, solver: Solver = "scip"
+    probs: Tensor | np.ndarray, c: AssignmentConstraints, solver: Solver = "flow"
 ) -> np.ndarray:
     """max <P,D> s.t. k_e <= row sums <= b, column sums == k_c, D binary; bool array (C, E).
 
-    'scip' is the reference MILP (silent); 'flow' is an exact min-cost flow with the same
-    optimal objective (ties may be broken differently). Checks feasibility first.
+    'flow' (the default) is an exact min-cost flow on OR-Tools, 'scip' the paper's MILP
+    (the reference), 'lp' the LP relaxation with HiGHS; all reach the same optimal
+    objective (ties may be broken differently). Checks feasibility first.
     """
     p = _as_numpy(probs)
     if p.ndim != 2:
@@ -276,7 +277,7 @@ def solve_assignment(
 
 
 def random_assignment(
-    num_silos: int, c: AssignmentConstraints, rng: np.random.Generator, solver: Solver = "scip"
+    num_silos: int, c: AssignmentConstraints, rng: np.random.Generator, solver: Solver = "flow"
 ) -> np.ndarray:
     """A random feasible assignment: uniform random scores through the same program (round 0
     and the random-assignment ablation). Same rng state -> same assignment."""
@@ -289,7 +290,7 @@ def assign_module(
     expert_emb: Tensor,
     c: AssignmentConstraints,
     scale: float,
-    solver: Solver = "scip",
+    solver: Solver = "flow",
     options: RelevanceOptions | None = None,
     trained: np.ndarray | None = None,
 ) -> tuple[np.ndarray, Tensor]:
@@ -413,7 +414,8 @@ def _solve_scip(p: np.ndarray, c: AssignmentConstraints) -> np.ndarray:
 
 def _solve_lp(p: np.ndarray, c: AssignmentConstraints) -> np.ndarray:
     """The LP relaxation (0 <= D <= 1) by HiGHS's dual simplex: a vertex of a totally
-    unimodular polytope, hence 0/1 up to rounding, which `_verify` then checks."""
+    unimodular polytope, hence 0/1 up to rounding, which `_verify` then checks. On the
+    centred scores, so HiGHS's tolerance (~1e-7) does not swallow near-uniform ones."""
     from scipy.optimize import linprog
     from scipy.sparse import csr_matrix, vstack
 
@@ -424,7 +426,7 @@ def _solve_lp(p: np.ndarray, c: AssignmentConstraints) -> np.ndarray:
     experts = csr_matrix((np.ones(n), (cols % num_experts, cols)), shape=(num_experts, n))
     bounds_ub = np.concatenate([np.full(num_silos, float(c.b)), np.full(num_silos, -c.k_e)])
     result = linprog(
-        -p.reshape(-1), A_ub=vstack([rows, -rows]).tocsr(), b_ub=bounds_ub,
+        -_centred(p).reshape(-1), A_ub=vstack([rows, -rows]).tocsr(), b_ub=bounds_ub,
         A_eq=experts, b_eq=np.full(num_experts, float(c.k_c)), bounds=(0.0, 1.0),
         method="highs-ds",
     )
@@ -438,87 +440,62 @@ def _solve_lp(p: np.ndarray, c: AssignmentConstraints) -> np.ndarray:
     return x > 0.5
 
 
+def _centred(p: np.ndarray) -> np.ndarray:
+    """p with each expert's column shifted to start at 0, then scaled to max 1. Every
+    feasible D holds exactly k_c silos per column, so a per-column shift moves every
+    objective by the same constant and one common scale multiplies them all: the optimum
+    is unchanged, while near-uniform scores (differences of 1e-7) now span [0, 1], above
+    the solvers' tolerances. (A per-column *scale* would change the optimum.)"""
+    shifted = p - p.min(axis=0, keepdims=True)
+    top = float(shifted.max())
+    return shifted / top if top > 0 else shifted
+
+
+#: Integer costs for the min-cost flow: the centred scores times this (OR-Tools refuses
+#: cost ranges near 2^48; 2^40 keeps a resolution of 1e-12 of the largest difference).
+FLOW_COST_SCALE = 2.0**40
+
+
 def _solve_flow(p: np.ndarray, c: AssignmentConstraints) -> np.ndarray:
-    """Min-cost flow: source -> expert j (cap k_c) -> silo i (cap 1) -> sink.
+    """Exact min-cost flow (OR-Tools' SimpleMinCostFlow): each expert supplies k_c units,
+    each silo demands k_e and passes up to b - k_e more to a sink that absorbs the rest;
+    an expert -> silo arc (capacity 1) costs the negated centred score in integers. A
+    degree-constrained bipartite subgraph is a flow problem, so integral flows are
+    optimal: D_ij = flow on arc (j, i)."""
+    from ortools.graph.python import min_cost_flow
 
-    Costs are made non-negative so Dijkstra with potentials applies: an edge expert j -> silo i
-    costs max(P) - P_ij (every unit crosses exactly one such edge, so the shift is a constant).
-    Silo lower bounds: each silo has a sink edge of capacity k_e at cost 0 and one of capacity
-    b - k_e at cost M > any total of edge costs; since the flow value is fixed at E*k_c and a
-    solution meeting every lower bound exists (`check`), the min-cost flow meets them all.
-    Successive shortest paths (Dijkstra with potentials) in plain Python: scipy is not a
-    dependency, and E*k_c augmentations on a (C+E+2)-node graph take milliseconds.
-    """
     num_silos, num_experts = p.shape
-    total = num_experts * c.k_c
-    src, sink = 0, 1 + num_experts + num_silos
-    silo_node = 1 + num_experts
-    # Edges as parallel lists; edge e and e ^ 1 are a pair (forward, residual).
-    head: list[list[int]] = [[] for _ in range(sink + 1)]
-    to: list[int] = []
-    cap: list[int] = []
-    cost: list[float] = []
-
-    def add_edge(u: int, v: int, capacity: int, w: float) -> int:
-        forward = len(to)
-        head[u].append(forward)
-        head[v].append(forward + 1)
-        to.extend((v, u))
-        cap.extend((capacity, 0))
-        cost.extend((w, -w))
-        return forward
-
-    top = float(p.max())
-    big = total * (top - float(p.min())) + 1.0
-    for j in range(num_experts):
-        add_edge(src, 1 + j, c.k_c, 0.0)
-    middle = np.empty((num_silos, num_experts), dtype=np.int64)
-    for j in range(num_experts):
-        for i in range(num_silos):
-            middle[i, j] = add_edge(1 + j, silo_node + i, 1, top - float(p[i, j]))
+    cost = np.rint((1.0 - _centred(p)) * FLOW_COST_SCALE).astype(np.int64)  # >= 0
+    sink = num_experts + num_silos
+    experts = np.repeat(np.arange(num_experts), num_silos)  # arc (j, i), j-major
+    silos = num_experts + np.tile(np.arange(num_silos), num_experts)
     cap_b = min(c.b, num_experts)
-    for i in range(num_silos):
-        add_edge(silo_node + i, sink, c.k_e, 0.0)
-        if cap_b > c.k_e:
-            add_edge(silo_node + i, sink, cap_b - c.k_e, big)
+    flow = min_cost_flow.SimpleMinCostFlow()
+    middle = flow.add_arcs_with_capacity_and_unit_cost(
+        experts, silos, np.ones(experts.size, dtype=np.int64), cost.T.reshape(-1))
+    flow.add_arcs_with_capacity_and_unit_cost(
+        num_experts + np.arange(num_silos), np.full(num_silos, sink),
+        np.full(num_silos, cap_b - c.k_e, dtype=np.int64), np.zeros(num_silos, dtype=np.int64))
+    supplies = np.concatenate([np.full(num_experts, c.k_c), np.full(num_silos, -c.k_e),
+                               [-(num_experts * c.k_c - num_silos * c.k_e)]])
+    flow.set_nodes_supplies(np.arange(sink + 1), supplies.astype(np.int64))
+    status = flow.solve()
+    if status == flow.INFEASIBLE:
+        raise InfeasibleAssignmentError("OR-Tools reports the assignment program infeasible")
+    if status != flow.OPTIMAL:
+        raise RuntimeError(f"OR-Tools min-cost flow stopped with status {status}")
+    return flow.flows(middle).reshape(num_experts, num_silos).T > 0
 
-    potential = [0.0] * (sink + 1)
-    flow = 0
-    while flow < total:
-        dist = [math.inf] * (sink + 1)
-        prev_edge = [-1] * (sink + 1)
-        dist[src] = 0.0
-        heap = [(0.0, src)]
-        while heap:
-            du, u = heapq.heappop(heap)
-            if du > dist[u]:
-                continue
-            for e in head[u]:
-                if cap[e] <= 0:
-                    continue
-                v = to[e]
-                # Reduced costs are >= 0 up to rounding; clamp so Dijkstra stays valid.
-                nd = du + max(0.0, cost[e] + potential[u] - potential[v])
-                if nd < dist[v] - 1e-15:
-                    dist[v] = nd
-                    prev_edge[v] = e
-                    heapq.heappush(heap, (nd, v))
-        if math.isinf(dist[sink]):
-            raise InfeasibleAssignmentError("no feasible assignment (flow saturates early)")
-        for v in range(sink + 1):
-            if not math.isinf(dist[v]):
-                potential[v] += dist[v]
-        push, v = total - flow, sink
-        while v != src:
-            e = prev_edge[v]
-            push = min(push, cap[e])
-            v = to[e ^ 1]
-        v = sink
-        while v != src:
-            e = prev_edge[v]
-            cap[e] -= push
-            cap[e ^ 1] += push
-            v = to[e ^ 1]
-        flow += push
-    residual = np.array(cap, dtype=np.int64)[middle]
-    return residual == 0
+
+def solver_version(solver: Solver) -> str:
+    """The solver and its library version: a resumed aggregator must solve with the same
+    one, or tied assignments may come out otherwise (`FedAMoLEServer` checkpoints this)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    package = {"scip": "pyscipopt", "flow": "ortools", "lp": "scipy"}[solver]
+    try:
+        return f"{solver} ({package} {version(package)})"
+    except PackageNotFoundError:
+        return f"{solver} ({package} unknown)"
+
+

@@ -21,6 +21,7 @@ from fedsilo.sdk.aggregation.rsea import (
     kept_share,
     random_assignment,
     selection_diagnostics,
+    solver_version,
 )
 from fedsilo.sdk.amole.config import AMoLEConfig
 from fedsilo.sdk.checkpoint import (
@@ -276,6 +277,8 @@ class FedAMoLEServer(ServerStrategy):
             "seed": self.seed,
             "config": asdict(self.config),
             "adapter": asdict(self.adapter),
+            # a resume solves with the same library version, so ties break the same way
+            "solver": solver_version(self.config.solver),
         }
 
     def state_dict(self) -> tuple[TensorDict, dict[str, Any]]:

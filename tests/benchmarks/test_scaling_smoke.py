@@ -40,7 +40,7 @@ def test_scaling_benchmark_smoke(
     params = report["parameters"]
     assert params["parts"] == ["rsea", "aggregation", "layer"]
     assert params["flow_budget_s"] == params["lp_budget_s"] == params["scip_budget_s"] == 10.0
-    assert params["agg_solver"] == "lp" and params["agg_compare_silos"] == [3]
+    assert params["agg_solver"] == "flow" and params["agg_compare_silos"] == [3]
 
     (rsea,) = report["rsea"]
     assert (rsea["silos"], rsea["experts"], rsea["modules"]) == (10, 30, 4)
@@ -64,7 +64,7 @@ def test_scaling_benchmark_smoke(
     assert rsea["objective_max_rel_diff"] == pytest.approx(0.0, abs=1e-6)
 
     runs = {(r["silos"], r["solver"]): r for r in report["aggregation"]}
-    assert set(runs) == {(3, "lp"), (6, "lp"), (3, "flow"), (3, "scip")}
+    assert set(runs) == {(3, "flow"), (6, "flow"), (3, "lp"), (3, "scip")}
     for (silos, _), run in runs.items():
         assert run["num_uploads"] == silos
         for key in ("accumulate_s", "fedavg_s", "assignment_s", "end_round_s", "total_s",
@@ -78,9 +78,9 @@ def test_scaling_benchmark_smoke(
         assert run["rss_after_fold_MB"][-1][0] == silos
     # Every expert of every module was trained by some silo: the accumulators cover the
     # whole global adapter, whatever the number of silos.
-    assert runs[(3, "lp")]["accumulator_MB"] == pytest.approx(runs[(6, "lp")]["accumulator_MB"])
-    assert runs[(3, "lp")]["accumulator_MB"] == pytest.approx(
-        2 * runs[(3, "lp")]["global_params_MB"]  # float64 sums of float32 params
+    assert runs[(3, "flow")]["accumulator_MB"] == pytest.approx(runs[(6, "flow")]["accumulator_MB"])
+    assert runs[(3, "flow")]["accumulator_MB"] == pytest.approx(
+        2 * runs[(3, "flow")]["global_params_MB"]  # float64 sums of float32 params
     )
     # Same uploads whatever the solver: the solver changes end_round's RSEA only.
     for solver in ("flow", "scip"):
@@ -111,7 +111,7 @@ def test_scaling_benchmark_smoke(
         assert f"| 10 | 30 | 4 | 2 | 8 | {solver} |" in md, solver
     for pair in ("flow-lp", "flow-scip", "lp-scip"):
         assert f"| 10 | 30 | 4 | {pair} | 4 |" in md, pair
-    assert "| 6 | lp |" in md and "| 3 | lp |" in md
+    assert "| 6 | flow |" in md and "| 3 | flow |" in md
     assert "| 3 | flow |" in md and "| 3 | scip |" in md
     assert "| PEFT LoRA |" in md and "| AMoLE, 12 experts |" in md
     png = (tmp_path / "scaling.png").read_bytes()
@@ -188,9 +188,9 @@ def test_verdicts_read_the_targets(bench: ModuleType) -> None:
            "peak_above_baseline_MB": 300.0}
     flow = {**agg, "solver": "flow", "end_round_s": 0.3, "total_s": 0.45}
     scip = {**agg, "solver": "scip", "end_round_s": 1.2, "total_s": 1.6}
-    big = {**agg, "silos": 1000, "total_s": 9.0, "peak_above_baseline_MB": 330.0}
-    # Memory is read on the lp rows only: a flow row at 1000 silos must not count.
-    big_flow = {**big, "solver": "flow", "peak_above_baseline_MB": 3000.0}
+    big = {**flow, "silos": 1000, "total_s": 9.0, "peak_above_baseline_MB": 330.0}
+    # Memory is read on the default solver's (flow) rows only: an lp row must not count.
+    big_lp = {**big, "solver": "lp", "peak_above_baseline_MB": 3000.0}
     layer = {"variants": [
         {"variant": "peft_lora", "label": "PEFT LoRA", "step_s_median": 1.0,
          "step_ratio_to_peft": 1.0},
@@ -200,7 +200,7 @@ def test_verdicts_read_the_targets(bench: ModuleType) -> None:
          "step_ratio_to_peft": 1.6},
     ]}
     verdicts = bench.verdicts(
-        {"aggregation": [scip, agg, big, big_flow, flow], "layer": layer}
+        {"aggregation": [scip, agg, big, big_lp, flow], "layer": layer}
     )
     aggregation = [(v["target"], v["value_s"], v["met"]) for v in verdicts
                    if v["target"].startswith("aggregation incl. RSEA")]
@@ -217,4 +217,4 @@ def test_verdicts_read_the_targets(bench: ModuleType) -> None:
     assert others == {"aggregator memory flat in the number of silos": True,
                       "AMoLE, 6 experts": True, "AMoLE, 12 experts": False}
     (memory,) = [v for v in verdicts if v["target"].startswith("aggregator memory")]
-    assert "lp rows" in memory["target"] and memory["value_ratio"] == pytest.approx(1.1)
+    assert "flow rows" in memory["target"] and memory["value_ratio"] == pytest.approx(1.1)

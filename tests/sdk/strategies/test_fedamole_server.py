@@ -263,3 +263,20 @@ def test_settings_that_could_never_update_an_expert_are_refused() -> None:
         get_strategy("fedit").server(AMoLEConfig(r=2), lone, 0).validate(1)
     with pytest.raises(ValueError, match="min_contributors"):
         StrategyConfig(min_contributors=0)
+
+
+def test_a_resume_under_another_solver_version_is_refused() -> None:
+    """Ties (silos without embeddings have identical rows) may break otherwise under
+    another solver or version: the checkpoint names it and a resume must match it."""
+    from fedsilo.sdk.checkpoint import CheckpointError
+
+    import json
+
+    server = _server()
+    tensors, meta = server.state_dict()
+    meta = json.loads(json.dumps(meta))  # as a checkpoint stores it
+    assert meta["settings"]["solver"].startswith("flow (ortools ")
+    _server().load_state_dict(tensors, meta)  # the same: fine
+    older = {**meta, "settings": {**meta["settings"], "solver": "flow (ortools 9.0)"}}
+    with pytest.raises(CheckpointError, match=r"solver: 'flow \(ortools 9.0\)' -> 'flow"):
+        _server().load_state_dict(tensors, older)
