@@ -57,14 +57,11 @@ twice per solver: (a) end_round alone (FedAvg finalisation + RSEA: what is left 
 upload arrives, since uploads are folded in as they stream in) and (b) the 10 accumulates +
 end_round. Memory flatness in the number of silos is read on the "flow" rows.
 
-Duration of the quick profile on a 2-core CPU: roughly 15 minutes (estimated from per-module
-timings, not from a timed run). About half is RSEA at (1000, 256, 32): one flow module takes
-about 3 minutes and cannot be cut short (pure-Python successive shortest paths), SCIP about
-50 s per module (3 modules pass its 120 s budget), lp about 2.5 s per module (all 32 fit its
-budget: about 80 s). The aggregation round at C = 1000 runs lp, so RSEA adds seconds there
-(flow took about 8 minutes); generating and folding its 1000 uploads, the (100, 120, 32)
-size and the layer part make up most of the rest. `--rsea-sizes 10x30x32,100x120x32` leaves
-the slowest size out.
+Duration of the quick profile on a 2-core CPU: about 12 minutes (2026-12-01). Most of it is
+the solvers that are not the default at the two largest sizes: SCIP's one module at
+(1000, 256) (about 130 s; its 120 s budget then stops it) and lp's at (1000, 256) (about
+70 s for all 32) and (10000, 256) (one module, about 140 s); flow needs 2 s and 45 s there.
+`--rsea-sizes 10x30x32,100x120x32` leaves the slow sizes out.
 
 Writes `scaling.json` (everything), `scaling.md` (tables and the verdict against the
 targets) and `scaling.png` to benchmarks/results/, or to `--out` (required by the smoke
@@ -920,10 +917,11 @@ def plot(report: dict[str, Any], path: Path) -> None:
     if report.get("rsea"):
         colors = {"flow": "tab:blue", "lp": "tab:green", "scip": "tab:orange"}
         for solver, color in colors.items():
-            xs = [r["silos"] for r in report["rsea"]]
-            ys = [r["solvers"][solver]["round_s"] for r in report["rsea"]]
+            rows = [r for r in report["rsea"] if solver in r["solvers"]]  # scip: not at all
+            xs = [r["silos"] for r in rows]
+            ys = [r["solvers"][solver]["round_s"] for r in rows]
             ax.plot(xs, ys, "-", color=color, label=solver)
-            for r, x, y in zip(report["rsea"], xs, ys, strict=True):
+            for r, x, y in zip(rows, xs, ys, strict=True):
                 hollow = r["solvers"][solver]["extrapolated"]
                 ax.plot([x], [y], "o", color=color, mfc="white" if hollow else color)
         ax.axhline(TARGET_AGGREGATION_S, color="grey", ls=":",
