@@ -268,9 +268,9 @@ def test_settings_that_could_never_update_an_expert_are_refused() -> None:
 def test_a_resume_under_another_solver_version_is_refused() -> None:
     """Ties (silos without embeddings have identical rows) may break otherwise under
     another solver or version: the checkpoint names it and a resume must match it."""
-    from fedsilo.sdk.checkpoint import CheckpointError
-
     import json
+
+    from fedsilo.sdk.checkpoint import CheckpointError
 
     server = _server()
     tensors, meta = server.state_dict()
