@@ -20,14 +20,15 @@ Reported per budget: MTAL (mean over silos of the final metric, here accuracy) a
 sample std over seeds, the paired difference to the noiseless run of the same seed, the noise
 multiplier the silos used (read from the run: each silo's `dp_calibrated` log event, checked
 against `noise_multiplier_for(epsilon, delta, releases=rounds)`), the expected norm of the
-noise relative to the clip bound of the released mean (sigma * sqrt(d) / n: d the released
-vector's length, n the silo's embedding-set size), and how often the assignments of rounds
-1.. differ from the noiseless run's, with their Jaccard distance (from the run folder's
-`assignments/round_XXX.json`; the final round's plans carry no assignment), next to what two
-independent random feasible assignments give (the level of "nothing kept"). Round 1's
-assignment is the one DP alone changes: round 0 (random assignment, training) is
-identical with and without DP, so any difference there comes from clipping and noise; later
-rounds also differ because the trained experts differ.
+noise relative to the clip bound of the released mean (sigma * S * sqrt(d) / (clip * n):
+S = `privacy.dp.sensitivity(clip)`, the release's L2 sensitivity, 2 x clip x sqrt(1.25); d
+the released vector's length, n the silo's embedding-set size), and how often the
+assignments of rounds 1.. differ from the noiseless run's, with their Jaccard distance
+(from the run folder's `assignments/round_XXX.json`; the final round's plans carry no
+assignment), next to what two independent random feasible assignments give (the level of
+"nothing kept"). Round 1's assignment is the one DP alone changes: round 0 (random
+assignment, training) is identical with and without DP, so any difference there comes from
+clipping and noise; later rounds also differ because the trained experts differ.
 """
 
 from __future__ import annotations
@@ -51,7 +52,7 @@ import numpy as np
 import torch
 
 from fedsilo.cli.simulation import SimulationConfig, build_silo_data, run_simulation
-from fedsilo.privacy.dp import noise_multiplier_for
+from fedsilo.privacy.dp import noise_multiplier_for, sensitivity
 from fedsilo.sdk.aggregation.rsea import AssignmentConstraints, random_assignment
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -165,8 +166,9 @@ def unrelated_baseline(config: SimulationConfig, draws: int = 500) -> dict[str, 
 def noise_to_signal(
     config: SimulationConfig, sigma: float, round0: dict[str, dict[str, list[int]]]
 ) -> float:
-    """Mean over silos of sigma * sqrt(d) / n: the expected L2 norm of the noise in the
-    released mean relative to `clip`, the largest norm the clipped mean itself can have.
+    """Mean over silos of sigma * S * sqrt(d) / (clip * n), S the release's sensitivity:
+    the expected L2 norm of the noise in the released mean relative to `clip`, the largest
+    norm the clipped mean itself can have.
     d = r * (1 + experts held) summed over modules (round 0's assignment), n = the silo's
     embedding-set size."""
     data = build_silo_data(config)
@@ -175,7 +177,8 @@ def noise_to_signal(
                                strict=True):
         d = sum(config.r * (1 + len(experts)) for experts in round0[silo].values())
         n = len(silo_data.emb or silo_data.train)
-        ratios.append(sigma * math.sqrt(d) / n)
+        ratios.append(sigma * sensitivity(config.dp_clip) * math.sqrt(d)
+                      / (config.dp_clip * n))
     return statistics.fmean(ratios)
 
 
@@ -315,7 +318,8 @@ def to_markdown(report: dict[str, Any]) -> str:
         "at the same seed. noise multiplier: sigma, read from each silo's `dp_calibrated` "
         "event (`noise_multiplier_source` in the JSON), which `noise_multiplier_for(eps, "
         "delta, releases=rounds)` matches (`noise_multiplier_expected`). noise norm / clip: "
-        "sigma * sqrt(d) / n averaged over silos, the expected norm of the noise in the "
+        "sigma * S * sqrt(d) / (clip * n) averaged over silos (S: the release's L2 "
+        "sensitivity, 2 x clip x sqrt(1.25)), the expected norm of the noise in the "
         "released mean embedding relative to `clip`, the most the clipped mean can have "
         "(d: the released vector's length, n: the silo's embedding set). assignments vs "
         "off: share of the (silo, module) expert sets computed by RSEA that differ from the "
