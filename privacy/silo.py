@@ -13,7 +13,6 @@ never block the agent, and cannot charge.
 
 from __future__ import annotations
 
-import fcntl
 import logging
 import math
 import os
@@ -34,7 +33,7 @@ from fedsilo.privacy.dp import (
 )
 from fedsilo.privacy.dpsgd import dpsgd_release
 from fedsilo.privacy.ledger import LedgerError, LedgerRecord, PrivacyLedger, Release
-from fedsilo.sdk.files import FolderLock
+from fedsilo.sdk.files import FolderLock, holds_folder_lock
 from fedsilo.sdk.logs import log_event
 
 log = logging.getLogger(__name__)
@@ -204,25 +203,6 @@ class SiloPrivacy:
             )
 
 
-def holds_folder_lock(folder: Path) -> bool:
-    """Whether this process holds `folder`'s FolderLock now, asked of the kernel: the lock
-    file at that path is exclusively locked and names this pid (the holder writes its pid
-    after taking the lock). A lock file deleted, or replaced and taken by another, is no."""
-    try:
-        fd = os.open(Path(folder) / FolderLock.NAME, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0))
-    except OSError:
-        return False
-    try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
-        except BlockingIOError:  # someone holds it exclusively: us?
-            return os.pread(fd, 64, 0).decode(errors="replace").strip() == str(os.getpid())
-        fcntl.flock(fd, fcntl.LOCK_UN)  # nobody holds it
-        return False
-    finally:
-        os.close(fd)
-
-
 def _same_folder(a: Path, b: Path) -> bool:
     try:
         return os.path.samefile(a, b)
@@ -230,4 +210,4 @@ def _same_folder(a: Path, b: Path) -> bool:
         return False
 
 
-__all__ = ["LEDGER_FILE", "SiloPrivacy", "holds_folder_lock"]
+__all__ = ["LEDGER_FILE", "SiloPrivacy"]

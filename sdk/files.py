@@ -17,7 +17,7 @@ import os
 import secrets
 from pathlib import Path
 
-__all__ = ["FolderInUse", "FolderLock", "fsync_dir", "write_atomic"]
+__all__ = ["FolderInUse", "FolderLock", "fsync_dir", "holds_folder_lock", "write_atomic"]
 
 
 def write_atomic(path: Path, data: bytes, mode: int = 0o600) -> None:
@@ -109,3 +109,22 @@ class FolderLock:
 
     def __exit__(self, *exc: object) -> None:
         self.release()
+
+
+def holds_folder_lock(folder: Path) -> bool:
+    """Whether this process holds `folder`'s FolderLock now, asked of the kernel: the lock
+    file at that path is exclusively locked and names this pid (the holder writes its pid
+    after taking the lock). A lock file deleted, or replaced and taken by another, is no."""
+    try:
+        fd = os.open(Path(folder) / FolderLock.NAME, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0))
+    except OSError:
+        return False
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except BlockingIOError:  # someone holds it exclusively: us?
+            return os.pread(fd, 64, 0).decode(errors="replace").strip() == str(os.getpid())
+        fcntl.flock(fd, fcntl.LOCK_UN)  # nobody holds it
+        return False
+    finally:
+        os.close(fd)

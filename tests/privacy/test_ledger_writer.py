@@ -18,9 +18,9 @@ from typer.testing import CliRunner
 from fedsilo.cli.main import app
 from fedsilo.privacy.dp import DPConfig
 from fedsilo.privacy.ledger import LedgerError, PrivacyLedger
-from fedsilo.privacy.silo import LEDGER_FILE, SiloPrivacy, holds_folder_lock
+from fedsilo.privacy.silo import LEDGER_FILE, SiloPrivacy
 from fedsilo.sdk.checkpoint import save_checkpoint
-from fedsilo.sdk.files import FolderInUse, FolderLock
+from fedsilo.sdk.files import FolderInUse, FolderLock, holds_folder_lock
 from fedsilo.silo_agent.service import CHECKPOINT, recorded_ledger
 
 CONFIG = DPConfig(epsilon=8.0, delta=1e-5)
