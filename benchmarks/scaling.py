@@ -23,7 +23,10 @@ Three parts (`--parts rsea,aggregation,layer`, all by default):
    modules one after the other until its time for that size passes its budget
    (`--flow-budget-s`, `--lp-budget-s`, `--scip-budget-s`; at least one module); a round's
    time is then the per-module mean x modules, marked as extrapolated. Speed-ups are SCIP's
-   per-module mean over the solver's.
+   per-module mean over the solver's. The targets are read against the default solver as
+   the server runs a round: all modules' programs through one `SolverPool` (worker
+   processes when the programs are large: OR-Tools holds the GIL, so threads would not
+   help), the median over timed rounds after one that starts the workers.
 2. **Aggregation** (`aggregation`): one round of the real `FedAMoLEServer` for C = 10, 100,
    1000 silos on LLaMA-3.2-1B shapes (q_proj 2048 -> 2048, v_proj 2048 -> 512, 16 layers,
    r = 8, E = 30 experts per module): `initialize`, `configure_round` (round 0's random
@@ -86,14 +89,18 @@ from typing import Any
 import numpy as np
 import torch
 
-from fedsilo.sdk.aggregation.rsea import (
+from fedsilo.sdk.aggregation.assignment import (
     AssignmentConstraints,
-    assign_module,
     assignment_objective,
-    relevance,
-    selection_probs,
     solve_assignment,
 )
+from fedsilo.sdk.aggregation.rsea import (
+    assign_module,
+    relevance,
+    selection_objective,
+    selection_probs,
+)
+from fedsilo.sdk.aggregation.solver_pool import SolverPool
 from fedsilo.sdk.amole import (
     AMoLEConfig,
     adapter_layers,
@@ -327,6 +334,38 @@ def warm_up_solvers(solvers: Sequence[str] = SOLVERS) -> None:
         solve_assignment(rng.random((3, 6)), constraints, solver)  # type: ignore[arg-type]
 
 
+def time_server_rounds(
+    inputs: Sequence[tuple[torch.Tensor, torch.Tensor]],
+    constraints: AssignmentConstraints,
+    scale: float,
+    budget_s: float,
+    rounds: int = 5,
+) -> dict[str, Any]:
+    """A round as FedAMoLEServer computes it: every module's `selection_objective` here,
+    then all programs through one `SolverPool` (the default `solver_processes`: worker
+    processes when the programs are large). One untimed round first starts the workers
+    (once per aggregator); then up to `rounds` rounds, stopping once `budget_s` is spent."""
+    pool = SolverPool()
+
+    def one_round(_: int) -> dict[str, np.ndarray]:
+        programs = {str(m): selection_objective(h_t, h_e, scale)[0]
+                    for m, (h_t, h_e) in enumerate(inputs)}
+        return pool.solve(programs, constraints, DEFAULT_SOLVER)  # type: ignore[arg-type]
+
+    try:
+        start = time.perf_counter()
+        one_round(-1)
+        startup_s = time.perf_counter() - start
+        workers = pool.workers_for({str(m): np.empty((h_t.shape[0], h_e.shape[0]))
+                                    for m, (h_t, h_e) in enumerate(inputs)})
+        seconds, _ = run_until_budget(rounds, budget_s, one_round)
+    finally:
+        pool.close()
+    return {"round_s": statistics.median(seconds), "round_s_all": seconds,
+            "rounds_timed": len(seconds), "workers": workers,
+            "first_round_s": startup_s}
+
+
 def compare_objectives(solvers: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
     """Every pair of solvers ("flow-lp", ...): their objectives' largest relative difference
     over the modules both timed, and whether it is within TOLERANCE."""
@@ -387,6 +426,11 @@ def bench_rsea(
             print(f"[rsea]   {solver}: {round_s:.3f} s per round"
                   + (f" (extrapolated from {len(seconds)}/{modules} modules)"
                      if extrapolated else f" ({modules} modules)"), flush=True)
+        server = time_server_rounds(inputs, constraints, scale, budgets[DEFAULT_SOLVER])
+        print(f"[rsea]   {DEFAULT_SOLVER} as the server runs it ({server['workers']} "
+              f"process(es)): {server['round_s']:.3f} s per round (median of "
+              f"{server['rounds_timed']}; first round {server['first_round_s']:.2f} s)",
+              flush=True)
         scip_mean = solvers["scip"]["module_s_mean"] if "scip" in solvers else None
         for res in solvers.values():
             res["speedup_vs_scip"] = (None if scip_mean is None
@@ -397,6 +441,7 @@ def bench_rsea(
             "silos": silos, "experts": experts, "modules": modules,
             "k_e": K_E, "k_c": k_c, "b": b, "r": RANK,
             "solvers": solvers,
+            "server_round": server,
             "objective_pairs": pairs,
             "objective_max_rel_diff": worst,
             "objectives_equal": all(p["equal"] for p in pairs.values()),
@@ -726,13 +771,16 @@ def verdicts(report: dict[str, Any]) -> list[dict[str, Any]]:
     for row in report.get("rsea", []):
         key = (row["silos"], row["experts"], row["modules"])
         default = row["solvers"].get(DEFAULT_SOLVER)
-        if key in TARGET_RSEA_S and default is not None:
+        server = row.get("server_round")
+        if key in TARGET_RSEA_S and default is not None and server is not None:
             out.append({
-                "target": f"RSEA per round, default solver ({DEFAULT_SOLVER}), "
-                          f"{key[0]} x {key[1]} x {key[2]}, < {TARGET_RSEA_S[key]} s",
-                "value_s": default["round_s"],
-                "met": default["round_s"] < TARGET_RSEA_S[key],
-                "detail": f"{default['module_s_mean'] * 1e3:.1f} ms per module"
+                "target": f"RSEA per round, default solver ({DEFAULT_SOLVER}) as the server "
+                          f"runs it, {key[0]} x {key[1]} x {key[2]}, < {TARGET_RSEA_S[key]} s",
+                "value_s": server["round_s"],
+                "met": server["round_s"] < TARGET_RSEA_S[key],
+                "detail": f"{server['workers']} process(es), median of "
+                          f"{server['rounds_timed']} rounds; one process: "
+                          f"{default['round_s']:.3f} s"
                           + (" (extrapolated)" if default["extrapolated"] else ""),
             })
         pair = row["objective_pairs"].get(f"{DEFAULT_SOLVER}-scip")
@@ -795,11 +843,15 @@ def to_markdown(report: dict[str, Any]) -> str:
         lines += [
             "", "## RSEA: one round's assignment (all modules)", "",
             f"Random relevance scores (seeded), k_e = {K_E}, r = {RANK}; k_c = the smallest "
-            f"value >= {DEFAULT_K_C} with C*k_e <= E*k_c. Solvers: flow (pure-Python min-cost "
-            "flow), lp (LP relaxation, HiGHS via scipy), scip (MILP, the reference); one "
-            f"untimed tiny solve each first (imports). Budgets per size: {budgets}; * = "
-            "extrapolated from the modules timed (per-module mean x modules). Speed-up = "
-            "scip's per-module mean / the solver's.",
+            f"value >= {DEFAULT_K_C} with C*k_e <= E*k_c. Solvers in one process, module after "
+            "module: flow (min-cost flow, OR-Tools), lp (LP relaxation, HiGHS via scipy), "
+            "scip (MILP, the reference); one untimed tiny solve each first (imports). "
+            f"Budgets per size: {budgets}; * = extrapolated from the modules timed "
+            "(per-module mean x modules). Speed-up = scip's per-module mean / the solver's. "
+            f"'{DEFAULT_SOLVER}, server' is a round as FedAMoLEServer runs it: the programs "
+            "solved together, in worker processes when large (`aggregation.solver_pool`, "
+            "default `solver_processes` = one per CPU); the median of its timed rounds after "
+            "one untimed round that starts the workers (first round: its time).",
             "",
             "| silos | experts | modules | k_c | b | solver | s/round | ms/module | modules "
             "timed | speed-up vs scip |",
@@ -814,6 +866,14 @@ def to_markdown(report: dict[str, Any]) -> str:
                     f"{res['modules_timed']} | "
                     + ("-" if res["speedup_vs_scip"] is None
                        else f"{res['speedup_vs_scip']:.1f}x") + " |"
+                )
+            server = r.get("server_round")
+            if server is not None:
+                lines.append(
+                    f"| {r['silos']} | {r['experts']} | {r['modules']} | {r['k_c']} | "
+                    f"{r['b']} | {DEFAULT_SOLVER}, server ({server['workers']} process(es); "
+                    f"first round {server['first_round_s']:.2f} s) | {server['round_s']:.3f} | "
+                    f"- | {r['modules']} x {server['rounds_timed']} rounds | - |"
                 )
         lines += [
             "", f"Objectives <P, D>, pairwise over the modules both solvers timed (equal: "
@@ -920,10 +980,13 @@ def plot(report: dict[str, Any], path: Path) -> None:
             rows = [r for r in report["rsea"] if solver in r["solvers"]]  # scip: not at all
             xs = [r["silos"] for r in rows]
             ys = [r["solvers"][solver]["round_s"] for r in rows]
-            ax.plot(xs, ys, "-", color=color, label=solver)
+            ax.plot(xs, ys, "-", color=color, label=f"{solver}, one process")
             for r, x, y in zip(rows, xs, ys, strict=True):
                 hollow = r["solvers"][solver]["extrapolated"]
                 ax.plot([x], [y], "o", color=color, mfc="white" if hollow else color)
+        served = [r for r in report["rsea"] if "server_round" in r]
+        ax.plot([r["silos"] for r in served], [r["server_round"]["round_s"] for r in served],
+                "s--", color="tab:purple", label=f"{DEFAULT_SOLVER}, as the server runs it")
         ax.axhline(TARGET_AGGREGATION_S, color="grey", ls=":",
                    label=f"{TARGET_AGGREGATION_S} s target (10 x 30 x 32)")
         ax.set_xscale("log")
@@ -994,7 +1057,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--rsea-sizes", type=parse_sizes, default=None,
                         help="RSEA sizes SILOSxEXPERTSxMODULES,... (default: the profile's)")
     parser.add_argument("--flow-budget-s", type=float, default=None,
-                        help="seconds of flow (pure-Python min-cost flow) per RSEA size "
+                        help="seconds of flow (min-cost flow, OR-Tools) per RSEA size "
                              "before extrapolating (quick: 120)")
     parser.add_argument("--lp-budget-s", type=float, default=None,
                         help="seconds of lp (HiGHS LP relaxation) per RSEA size before "

@@ -1,28 +1,6 @@
-"""Aggregator-side math: streaming FedAvg over named tensors and RSEA expert assignment."""
+"""Aggregator-side math: streaming FedAvg over named tensors (`fedavg`, `robust`), RSEA's
+relevance (`rsea`) and its exact assignment program (`assignment`, torch-free, solved in
+worker processes by `solver_pool`), FedLEASE's clustering, FDLoRA's outer optimizer.
 
-from .fedavg import RunningMean, fedavg
-from .rsea import (
-    AssignmentConstraints,
-    InfeasibleAssignmentError,
-    assign_module,
-    assignment_lists,
-    assignment_objective,
-    random_assignment,
-    relevance,
-    selection_probs,
-    solve_assignment,
-)
-
-__all__ = [
-    "AssignmentConstraints",
-    "InfeasibleAssignmentError",
-    "RunningMean",
-    "assign_module",
-    "assignment_lists",
-    "assignment_objective",
-    "fedavg",
-    "random_assignment",
-    "relevance",
-    "selection_probs",
-    "solve_assignment",
-]
+Import from the modules; this package imports nothing, so a solver worker loads no torch.
+"""

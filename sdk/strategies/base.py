@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Any, Literal
 
 from torch import Tensor
@@ -26,6 +26,10 @@ if TYPE_CHECKING:
     from fedsilo.sdk.training import LocalTrainer
 
 
+#: StrategyConfig fields that do not change results (a resume may use other values).
+SPEED_ONLY = frozenset({"solver_processes"})
+
+
 @dataclass(frozen=True)
 class StrategyConfig:
     """Knobs of every strategy; each reads the ones it understands.
@@ -33,7 +37,9 @@ class StrategyConfig:
     FedAMoLE: `num_experts` per module (E), `k_c` silos per expert, `b` max experts per
     silo (k_e is the adapter's routing top-k), `assignment` ("rsea"; "random" re-draws
     every round and "static" keeps round 0's: the paper's ablations), `solver` ("scip",
-    the reference; "flow" or "lp", exact fast paths: see `aggregation.rsea`), how experts
+    the reference; "flow" or "lp", exact fast paths: see `aggregation.assignment`), in how
+    many `solver_processes` (0: one per CPU, for programs large enough to gain; 1: in the
+    aggregator's process: `aggregation.solver_pool`), how experts
     score silos (`relevance` "paper" | "standardised" | "trainers" | "anchor", the softmax
     `temperature`, and `stickiness` towards the silos that trained an expert: see
     `aggregation.rsea.RelevanceOptions`), and which pass a silo's client embedding comes from
@@ -60,6 +66,8 @@ class StrategyConfig:
     assignment: Literal["rsea", "random", "static"] = "rsea"
     # exact min-cost flow (OR-Tools); "scip" is the paper's MILP, the reference
     solver: Literal["scip", "flow", "lp"] = "flow"
+    # worker processes for large programs: 0 one per CPU, 1 none (aggregation.solver_pool)
+    solver_processes: int = 0
     # The decisive benchmark's validation choice (benchmarks/README.md, Accuracy); the
     # paper's eq. 26 is relevance = "paper", temperature = 1.0.
     relevance: Relevance = "anchor"
@@ -97,7 +105,7 @@ class StrategyConfig:
                     + ", ".join(repr(v) for v in values)
                 )
         at_least = {"warmup_rounds": 1, "max_clusters": 2, "sync_every": 1, "min_contributors": 1,
-                    "fusion_budget": 1, "fusion_batches": 1}
+                    "fusion_budget": 1, "fusion_batches": 1, "solver_processes": 0}
         for key, low in at_least.items():
             value = getattr(self, key)
             if not isinstance(value, int) or value < low:
@@ -116,6 +124,11 @@ class StrategyConfig:
             raise ValueError(f"strategy.fusion_l1 = {self.fusion_l1!r}: use a number >= 0")
         if not (isinstance(self.trim, (int, float)) and 0 <= self.trim < 0.5):
             raise ValueError(f"strategy.trim = {self.trim!r}: use a share in [0, 0.5)")
+
+    def settings(self) -> dict[str, Any]:
+        """What a checkpoint must match to be resumed: every knob but those that change
+        only how fast a round is computed, never its result."""
+        return {k: v for k, v in asdict(self).items() if k not in SPEED_ONLY}
 
     def parameter_mean(self) -> TensorMean:
         """A fresh accumulator for a round's parameters under `aggregation`."""

@@ -13,16 +13,19 @@ import numpy as np
 import torch
 
 from fedsilo.privacy.validation import TensorSpec
-from fedsilo.sdk.aggregation.fedavg import RunningMean
-from fedsilo.sdk.aggregation.rsea import (
+from fedsilo.sdk.aggregation.assignment import (
     AssignmentConstraints,
-    NonFiniteRelevance,
-    assign_module,
-    kept_share,
-    random_assignment,
-    selection_diagnostics,
+    random_scores,
     solver_version,
 )
+from fedsilo.sdk.aggregation.fedavg import RunningMean
+from fedsilo.sdk.aggregation.rsea import (
+    NonFiniteRelevance,
+    kept_share,
+    selection_diagnostics,
+    selection_objective,
+)
+from fedsilo.sdk.aggregation.solver_pool import SolverPool
 from fedsilo.sdk.amole.config import AMoLEConfig
 from fedsilo.sdk.checkpoint import (
     check_settings,
@@ -65,6 +68,7 @@ class FedAMoLEServer(ServerStrategy):
             num_experts=config.num_experts, k_e=adapter.top_k, k_c=config.k_c, b=config.b
         )
         self.relevance = config.relevance_options()
+        self._solvers = SolverPool(config.solver_processes)
         # The only randomness after initialize; checkpointed, so a resume draws the same.
         self._rng = np.random.default_rng(seed)
         self._params: TensorDict = {}
@@ -103,13 +107,19 @@ class FedAMoLEServer(ServerStrategy):
             self.shapes, self.adapter.r, self.config.num_experts, True, generator
         )
         # Round 0: random scores through the same program = a random feasible assignment.
-        self.assignment = {m: self._random(len(self.silo_ids)) for m in self.shapes}
+        self.assignment = self._random(len(self.silo_ids))
 
-    def _random(self, num_silos: int) -> np.ndarray:
-        return random_assignment(num_silos, self.constraints, self._rng, solver=self.config.solver)
+    def _random(self, num_silos: int) -> dict[str, np.ndarray]:
+        return self._solve({m: random_scores(num_silos, self.constraints, self._rng)
+                            for m in self.shapes})
+
+    def _solve(self, programs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        return self._solvers.solve(programs, self.constraints, self.config.solver)
 
     def silo_assignment(self, silo_id: str) -> dict[str, list[int]]:
-        row = self.silo_ids.index(silo_id)
+        return self._row_assignment(self.silo_ids.index(silo_id))
+
+    def _row_assignment(self, row: int) -> dict[str, list[int]]:
         return {m: np.flatnonzero(d[row]).tolist() for m, d in self.assignment.items()}
 
     def configure_round(self, round: int, silo_ids: Sequence[str]) -> dict[str, SiloPlan]:
@@ -119,9 +129,10 @@ class FedAMoLEServer(ServerStrategy):
             raise ValueError(f"silo ids must be unique: {list(silo_ids)}")
         if set(silo_ids) != set(self.silo_ids):
             self._change_members(silo_ids)
+        rows = {s: i for i, s in enumerate(self.silo_ids)}  # one lookup per silo, not a scan
         plans = {}
         for silo in silo_ids:
-            assignment = self.silo_assignment(silo)
+            assignment = self._row_assignment(rows[silo])
             plans[silo] = SiloPlan(assignment, select_for_assignment(self._params, assignment))
         return plans
 
@@ -132,9 +143,9 @@ class FedAMoLEServer(ServerStrategy):
         members = list(silo_ids)
         self.constraints.check(len(members))
         if self.config.assignment == "rsea" and self._aggregated > 0:
-            self.assignment = {m: self._rsea(m, members)[0] for m in self.shapes}
+            self.assignment = self._rsea(members)[0]
         else:
-            self.assignment = {m: self._random(len(members)) for m in self.shapes}
+            self.assignment = self._random(len(members))
         self.silo_ids = members
 
     def configure_final(self, silo_ids: Sequence[str]) -> dict[str, SiloPlan]:
@@ -205,17 +216,8 @@ class FedAMoLEServer(ServerStrategy):
         if self.config.assignment == "static":
             return self.assignment, {}
         if self.config.assignment == "random":
-            return {m: self._random(len(self.silo_ids)) for m in self.shapes}, {}
-        assignment, probs = {}, {}
-        for m in self.shapes:
-            try:
-                assignment[m], probs[m] = self._rsea(m, self.silo_ids)
-            except NonFiniteRelevance as exc:
-                # Validated embeddings cannot get here; if they still do, the round goes
-                # on with a feasible architecture rather than stopping the federation.
-                log_event(log, "rsea_fallback", logging.ERROR, module=m, reason=str(exc))
-                assignment[m] = self._random(len(self.silo_ids))
-        return assignment, probs
+            return self._random(len(self.silo_ids)), {}
+        return self._rsea(self.silo_ids)
 
     def _diagnostics(
         self, probs: Mapping[str, torch.Tensor], previous: Mapping[str, np.ndarray]
@@ -247,7 +249,24 @@ class FedAMoLEServer(ServerStrategy):
                 out[k] = current[rows[silo]]
         return out
 
-    def _rsea(self, module: str, silo_ids: Sequence[str]) -> tuple[np.ndarray, torch.Tensor]:
+    def _rsea(
+        self, silo_ids: Sequence[str]
+    ) -> tuple[dict[str, np.ndarray], dict[str, torch.Tensor]]:
+        """Every module's program from the embeddings at hand, solved together (in worker
+        processes when large). A module whose scores overflowed gets random scores."""
+        programs: dict[str, np.ndarray] = {}
+        probs: dict[str, torch.Tensor] = {}
+        for m in self.shapes:
+            try:
+                programs[m], probs[m] = self._selection(m, silo_ids)
+            except NonFiniteRelevance as exc:
+                # Validated embeddings cannot get here; if they still do, the round goes
+                # on with a feasible architecture rather than stopping the federation.
+                log_event(log, "rsea_fallback", logging.ERROR, module=m, reason=str(exc))
+                programs[m] = random_scores(len(silo_ids), self.constraints, self._rng)
+        return self._solve(programs), probs
+
+    def _selection(self, module: str, silo_ids: Sequence[str]) -> tuple[np.ndarray, torch.Tensor]:
         r = self.adapter.r
         dim = r if self.adapter.score_scale == "r" else self.shapes[module].in_features
         zeros = torch.zeros(r)
@@ -265,9 +284,8 @@ class FedAMoLEServer(ServerStrategy):
                 for j in range(self.constraints.num_experts)
             ]
         )
-        return assign_module(
-            client.float(), expert.float(), self.constraints, 1 / math.sqrt(dim),
-            solver=self.config.solver, options=self.relevance,
+        return selection_objective(
+            client.float(), expert.float(), 1 / math.sqrt(dim), self.relevance,
             trained=self._trained(module, silo_ids),
         )
 
@@ -275,7 +293,7 @@ class FedAMoLEServer(ServerStrategy):
         return {
             "strategy": "fedamole",
             "seed": self.seed,
-            "config": asdict(self.config),
+            "config": self.config.settings(),
             "adapter": asdict(self.adapter),
             # a resume solves with the same library version, so ties break the same way
             "solver": solver_version(self.config.solver),

@@ -88,7 +88,7 @@ class FedITServer(ServerStrategy):
         return {
             "strategy": "fedit-ft" if self.fine_tune_scored else "fedit",
             "seed": self.seed,
-            "config": asdict(self.config),
+            "config": self.config.settings(),
             "adapter": asdict(self.adapter),
         }
 

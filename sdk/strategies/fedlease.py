@@ -277,7 +277,7 @@ class FedLEASEServer(ServerStrategy):
         return {
             "strategy": "fedlease",
             "seed": self.seed,
-            "config": asdict(self.config),
+            "config": self.config.settings(),
             "adapter": asdict(self.adapter),
         }
 

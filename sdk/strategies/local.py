@@ -77,7 +77,7 @@ class LocalServer(ServerStrategy):
         return AggregationReport(round, len(self._uploaded), time.perf_counter() - start)
 
     def _settings(self) -> dict[str, Any]:
-        return {"strategy": "local", "seed": self.seed, "config": asdict(self.config),
+        return {"strategy": "local", "seed": self.seed, "config": self.config.settings(),
                 "adapter": asdict(self.adapter)}
 
     def state_dict(self) -> tuple[TensorDict, dict[str, Any]]:

@@ -10,7 +10,7 @@ import weakref
 import pytest
 import torch
 
-from fedsilo.sdk.aggregation import RunningMean, fedavg
+from fedsilo.sdk.aggregation.fedavg import RunningMean, fedavg
 
 SH = "layers.0.q_proj.shared.A"
 E0 = "layers.0.q_proj.expert.0.A"

@@ -1,3 +1,5 @@
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -268,8 +270,6 @@ def test_settings_that_could_never_update_an_expert_are_refused() -> None:
 def test_a_resume_under_another_solver_version_is_refused() -> None:
     """Ties (silos without embeddings have identical rows) may break otherwise under
     another solver or version: the checkpoint names it and a resume must match it."""
-    import json
-
     from fedsilo.sdk.checkpoint import CheckpointError
 
     server = _server()
@@ -280,3 +280,38 @@ def test_a_resume_under_another_solver_version_is_refused() -> None:
     older = {**meta, "settings": {**meta["settings"], "solver": "flow (ortools 9.0)"}}
     with pytest.raises(CheckpointError, match=r"solver: 'flow \(ortools 9.0\)' -> 'flow"):
         _server().load_state_dict(tensors, older)
+
+
+def test_worker_processes_give_the_architecture_of_one_process() -> None:
+    """500 silos x 100 experts: large enough that the server solves in worker processes
+    (aggregation.solver_pool); round 0 and RSEA must come out as in one process, and a
+    resume may use another number of processes (it changes only speed)."""
+    silos = [f"s{i}" for i in range(500)]
+    adapter = AMoLEConfig(r=2, alpha=4, top_k=1)
+
+    def run(processes: int) -> tuple[FedAMoLEServer, list[dict[str, np.ndarray]]]:
+        config = StrategyConfig(num_experts=100, k_c=5, b=2, min_contributors=1,
+                                solver_processes=processes)
+        server = FedAMoLEServer(adapter, config, seed=3)
+        server.initialize(SHAPES, silos)
+        seen = [dict(server.assignment)]
+        server.begin_round(0)
+        plans = server.configure_round(0, silos)
+        for i, silo in enumerate(silos[:40]):  # the rest have no embeddings yet (ties)
+            emb = {f"{m}.client": torch.tensor([float(i % 7), 1.0]) for m in SHAPES}
+            params = {k: torch.zeros_like(v) for k, v in plans[silo].params.items()}
+            server.accumulate(Upload(0, silo, params, emb, n_samples=10))
+        server.end_round(0)
+        seen.append(dict(server.assignment))
+        return server, seen
+
+    pooled, with_workers = run(2)
+    _, in_process = run(1)
+    assert pooled._solvers.running
+    for a, b in zip(with_workers, in_process, strict=True):
+        assert all(np.array_equal(a[m], b[m]) for m in SHAPES)
+    tensors, meta = pooled.state_dict()
+    meta = json.loads(json.dumps(meta))  # as a checkpoint stores it
+    config = StrategyConfig(num_experts=100, k_c=5, b=2, min_contributors=1, solver_processes=1)
+    FedAMoLEServer(adapter, config, seed=3).load_state_dict(tensors, meta)
+    pooled._solvers.close()
