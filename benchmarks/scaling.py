@@ -738,6 +738,21 @@ def bench_layer(
 # -- verdicts, markdown, figure ---------------------------------------------------------------
 
 
+def carry_over(report: dict[str, Any], previous: Path, parts: Sequence[str]) -> None:
+    """The parts not rerun keep the previous results file's figures, each with the stamp
+    of the run that measured it, so a partial rerun does not drop the rest."""
+    if not previous.is_file():
+        return
+    old = json.loads(previous.read_text())
+    for part in PARTS:
+        if part in parts or part not in old:
+            continue
+        report[part] = old[part]
+        report.setdefault("carried_over", {})[part] = old.get("carried_over", {}).get(
+            part, {"command": old["command"], "commit": old["git"]["commit"],
+                   "date": old["date"]})
+
+
 def _fmt(x: float | None, digits: int = 3) -> str:
     return "-" if x is None else f"{x:.{digits}f}"
 
@@ -838,6 +853,9 @@ def to_markdown(report: dict[str, Any]) -> str:
     if report["git"]["uncommitted_changes"]:
         lines.append("- uncommitted changes in the measured code: "
                      + ", ".join(report["git"]["uncommitted_changes"]))
+    for part, stamp in report.get("carried_over", {}).items():
+        lines.append(f"- part `{part}` carried over from an earlier run (not rerun): "
+                     f"`{stamp['command']}`, commit `{stamp['commit']}`, {stamp['date']}")
     if "rsea" in report:
         budgets = ", ".join(f"{solver} {p[f'{solver}_budget_s']:g} s" for solver in SOLVERS)
         lines += [
@@ -1147,8 +1165,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             params["model"], params["amole_experts"], args.batch_size, args.seq_len,
             params["repeats"], params["warmup"], args.seed,
         )
-    report["targets"] = verdicts(report)
     report["wall_s"] = time.perf_counter() - started
+    carry_over(report, out_dir / f"{NAME}.json", args.parts)
+    report["targets"] = verdicts(report)
 
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / f"{NAME}.json").write_text(json.dumps(report, indent=2) + "\n")

@@ -62,6 +62,9 @@ def test_scaling_benchmark_smoke(
         assert pair["max_rel_diff"] == pytest.approx(0.0, abs=1e-6)
     assert rsea["objectives_equal"]
     assert rsea["objective_max_rel_diff"] == pytest.approx(0.0, abs=1e-6)
+    server = rsea["server_round"]  # a round as FedAMoLEServer runs it: small, in-process
+    assert server["workers"] == 1 and server["rounds_timed"] >= 1
+    assert _positive(server["round_s"]) and _positive(server["first_round_s"])
 
     runs = {(r["silos"], r["solver"]): r for r in report["aggregation"]}
     assert set(runs) == {(3, "flow"), (6, "flow"), (3, "lp"), (3, "scip")}
@@ -109,6 +112,7 @@ def test_scaling_benchmark_smoke(
         assert heading in md, heading
     for solver in ("flow", "lp", "scip"):
         assert f"| 10 | 30 | 4 | 2 | 8 | {solver} |" in md, solver
+    assert "| 10 | 30 | 4 | 2 | 8 | flow, server (1 process(es)" in md
     for pair in ("flow-lp", "flow-scip", "lp-scip"):
         assert f"| 10 | 30 | 4 | {pair} | 4 |" in md, pair
     assert "| 6 | flow |" in md and "| 3 | flow |" in md
@@ -180,6 +184,23 @@ def test_compare_objectives_pairwise(bench: ModuleType) -> None:
     assert pairs["flow-lp"] == {"modules_compared": 2, "max_rel_diff": 0.0, "equal": True}
     assert pairs["flow-scip"]["max_rel_diff"] == pytest.approx(0.2)
     assert not pairs["flow-scip"]["equal"] and not pairs["lp-scip"]["equal"]
+
+
+def test_a_partial_rerun_carries_the_other_parts_over(bench: ModuleType, tmp_path: Path) -> None:
+    previous = tmp_path / "scaling.json"
+    previous.write_text(json.dumps({
+        "command": "python benchmarks/scaling.py", "git": {"commit": "abc1234"},
+        "date": "2026-11-30T00:00:00+00:00", "rsea": [{"old": True}], "layer": {"variants": []},
+    }))
+    report: dict[str, Any] = {"rsea": [{"new": True}]}
+    bench.carry_over(report, previous, ["rsea"])
+    assert report["rsea"] == [{"new": True}]  # rerun: the new figures
+    assert report["layer"] == {"variants": []}  # not rerun: kept, with who measured it
+    assert report["carried_over"] == {"layer": {
+        "command": "python benchmarks/scaling.py", "commit": "abc1234",
+        "date": "2026-11-30T00:00:00+00:00"}}
+    bench.carry_over(fresh := {}, tmp_path / "absent.json", ["rsea"])
+    assert fresh == {}
 
 
 def test_verdicts_read_the_targets(bench: ModuleType) -> None:
