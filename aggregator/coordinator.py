@@ -60,6 +60,9 @@ class RoundRecord:
     aggregation: AggregationReport | None = None
     ignored: dict[str, int] = field(default_factory=dict)
     clipped: dict[str, float] = field(default_factory=dict)  # silo -> scale of its update
+    # Unix times the plans went out and the round closed: its wall time, for reports.
+    opened_at: float | None = None
+    closed_at: float | None = None
 
     @property
     def expected(self) -> list[str]:
@@ -116,7 +119,7 @@ class Aggregator:
         if silo_ids is not None:
             self.silo_ids = _unique(silo_ids)
         final = round == self.schedule.rounds
-        record = RoundRecord(round=round, final=final)
+        record = RoundRecord(round=round, final=final, opened_at=time.time())
         parts = (
             self.strategy.configure_final(self.silo_ids) if final
             else self.strategy.configure_round(round, self.silo_ids)
@@ -195,6 +198,7 @@ class Aggregator:
         who = f"upload of {upload.silo_id} for round {upload.round}"
         try:
             self.limits.check_samples(upload.n_samples, who)
+            self.limits.check_report(upload.metrics, upload.timings, who)
             check_tensors(upload.params, schema.params, what=f"{who}: params",
                           max_norm=self.limits.max_param_norm)
             check_tensors(upload.embeddings, schema.embeddings, what=f"{who}: embeddings",
@@ -237,6 +241,7 @@ class Aggregator:
         """Clip each held update to the round's bound, fold them in silo order, aggregate
         (experts nobody trained keep their values)."""
         if record.final:
+            record.closed_at = time.time()
             return record
         if self.held and not self._sent:  # resumed: the plans were not (re)sent by us
             self._expect(record, self._parts(record))
@@ -261,6 +266,7 @@ class Aggregator:
             record.aggregation.details["update_norm_max_ratio"] = (
                 max(norms.values()) / median if median > 0 else 0.0)
             record.aggregation.details["clipped"] = float(len(record.clipped))
+        record.closed_at = time.time()
         return record
 
     def state_dict(self) -> tuple[TensorDict, dict[str, Any]]:

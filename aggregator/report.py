@@ -21,6 +21,7 @@ class SiloRow:
     train_s: float
     test_s: float
     val_metric: float | None = None  # with training.report_val, on the final score
+    test_n: int | None = None  # test examples the metric is over (None: not scored/said)
 
 
 @dataclass
@@ -33,14 +34,19 @@ class RoundSummary:
     metric_name: str = "metric"
     aggregation: dict[str, float] = field(default_factory=dict)
     """The strategy's report of its aggregation step (timings, assignment diagnostics)."""
+    round_s: float | None = None
+    """Wall time from the plans going out to the round's close (None: not recorded)."""
 
     def to_json(self) -> dict[str, Any]:
+        """One metrics.jsonl line: what `fedsilo simulate` and the aggregator both write,
+        and what `fedsilo report` and `fedsilo status` read back."""
         return {
             "round": self.round,
             "final": self.final,
             "metric": self.metric_name,
             "mta": self.mta,
             "aggregate_s": self.aggregate_s,
+            "round_s": self.round_s,
             "aggregation": dict(self.aggregation),
             "silos": {k: asdict(v) for k, v in self.silos.items()},
         }
@@ -62,6 +68,7 @@ def summarise(record: RoundRecord, metric: str) -> RoundSummary:
             train_s=timings.get("train_s", 0.0),
             test_s=timings.get("test_s", 0.0),
             val_metric=record.metrics.get(silo, {}).get("val_metric"),
+            test_n=_count(record.metrics.get(silo, {}).get("test_n")),
         )
     values = [row.metric for row in rows.values() if row.metric is not None]
     return RoundSummary(
@@ -72,7 +79,14 @@ def summarise(record: RoundRecord, metric: str) -> RoundSummary:
         mta=sum(values) / len(values) if values else None,
         metric_name=metric,
         aggregation=dict(record.aggregation.details) if record.aggregation else {},
+        round_s=None if record.opened_at is None or record.closed_at is None
+        else record.closed_at - record.opened_at,
     )
+
+
+def _count(value: float | None) -> int | None:
+    """An upload's example count (metrics travel as floats); None when it sent none."""
+    return None if value is None or value != value else int(value)
 
 
 def latest_metrics(rounds: Sequence[RoundSummary]) -> dict[str, float]:

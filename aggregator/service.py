@@ -29,10 +29,11 @@ from safetensors.torch import save as serialize
 
 from fedsilo.aggregator.config import FederationConfig
 from fedsilo.aggregator.coordinator import Aggregator, RoundRecord, Verdict
+from fedsilo.aggregator.history import ASSIGNMENTS, METRICS, RUN_FORMAT, fedsilo_version
 from fedsilo.aggregator.report import latest_metrics, summarise
 from fedsilo.sdk.amole.model import target_shapes
 from fedsilo.sdk.checkpoint import load_checkpoint, save_checkpoint
-from fedsilo.sdk.evaluation.metrics import mtal
+from fedsilo.sdk.evaluation.metrics import METRIC_NAMES, metrics_label, mtal
 from fedsilo.sdk.faults import FaultPlan
 from fedsilo.sdk.files import FolderLock, write_atomic
 from fedsilo.sdk.logs import log_event
@@ -61,6 +62,7 @@ class Member:
     n_samples: int
     incarnation: str
     joined_round: int
+    metric: str = ""  # what the silo's score is (its announcement); "" if it did not say
 
 
 @dataclass
@@ -259,6 +261,9 @@ class AggregatorService:
         elif member.incarnation != msg.incarnation:
             member.incarnation = msg.incarnation
             log_event(log, "silo_rejoined", silo=msg.silo_id, round=state.round)
+        # Only names we know reach the run's files (the text comes from a silo).
+        state.members[msg.silo_id].metric = msg.metric if msg.metric in METRIC_NAMES.values() \
+            else ""
         self._write_status()
 
     def _on_upload(self, delivery: Delivery[Upload]) -> bool:
@@ -318,6 +323,7 @@ class AggregatorService:
         # Uploads of the round before stay "late" (counted); older ones are replays.
         self._codec().advance(round - 1)
         record = self.engine.publish(round, self._participants())
+        self._write_assignment(record)
         self.faults.reach("published", round)
         self.state.phase = "collecting"
         self.state.deadline_at = self.clock() + self.config.rounds.deadline_s
@@ -374,7 +380,8 @@ class AggregatorService:
         self.engine.close(record)
         if record.clipped:
             self.state.count("clipped", len(record.clipped))
-        summary = summarise(record, "metric")
+        summary = summarise(record, self._metric_label())
+        self._write_rounds()
         log_event(
             log, "round_closed", round=record.round, final=record.final,
             uploads=len(record.bytes_up), missing=record.missing, mta=summary.mta,
@@ -461,15 +468,36 @@ class AggregatorService:
         assert self.engine is not None
         params = {k: v.contiguous() for k, v in self.engine.strategy.global_params.items()}
         write_atomic(self.state_dir / "global_params.safetensors", serialize(params))
-        rounds = [summarise(r, "metric") for r in self.engine.history]
+        label = self._metric_label()
+        rounds = [summarise(r, label) for r in self.engine.history]
         latest = latest_metrics(rounds)
         _write_json(self.state_dir / "summary.json", {
             "federation": self.config.name,
             "strategy": self.setup.strategy.name,
+            "metric": label,
             "mtal": mtal([latest]) if latest else None,
             "per_silo": latest,
             "rounds": [r.to_json() for r in rounds],
         })
+
+    def _metric_label(self) -> str:
+        """The score's name, from what the silos announced (as simulate names it)."""
+        return metrics_label([self.state.members[s].metric for s in self._participants()])
+
+    def _write_assignment(self, record: RoundRecord) -> None:
+        """assignments/round_NNN.json, as `fedsilo simulate` writes it (for reports)."""
+        folder = self.state_dir / ASSIGNMENTS
+        folder.mkdir(mode=0o700, exist_ok=True)
+        _write_json(folder / f"round_{record.round:03d}.json", record.assignment)
+
+    def _write_rounds(self) -> None:
+        """metrics.jsonl: one line per closed round, the lines `fedsilo simulate` writes.
+        Rewritten whole from the engine's history (atomic), so a round closed again after
+        a crash is never listed twice. Called at a close: every round in it is closed."""
+        assert self.engine is not None
+        label = self._metric_label()
+        lines = [json.dumps(summarise(r, label).to_json()) + "\n" for r in self.engine.history]
+        write_atomic(self.state_dir / METRICS, "".join(lines).encode("utf-8"), 0o644)
 
     def status(self) -> dict[str, Any]:
         state = self.state
@@ -477,6 +505,10 @@ class AggregatorService:
         now = self.clock()
         return {
             "federation": self.config.name,
+            "strategy": self.setup.strategy.name,
+            "metric": self._metric_label(),
+            "fedsilo_version": fedsilo_version(),
+            "run_format": RUN_FORMAT,
             "pid": os.getpid(),
             "updated_at": now,
             "phase": state.phase,

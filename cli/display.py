@@ -16,16 +16,21 @@ def _mb(n: int) -> str:
 def round_table(summary: RoundSummary, metric_name: str) -> Table:
     title = "final evaluation" if summary.final else f"round {summary.round}"
     mta = "-" if summary.mta is None else f"{summary.mta:.4f}"
+    # "test n": how many test examples each score is over, so a score on 8 examples is not
+    # read like one on 800. Short headers keep the table within 80 columns.
     table = Table(
-        title=f"{title}  ·  mean {metric_name} {mta}  ·  aggregate {summary.aggregate_s:.2f}s"
+        title=f"{title}  ·  mean {metric_name} {mta}  ·  aggregate {summary.aggregate_s:.2f}s",
+        caption="test n: test examples scored; experts: domain experts per module, "
+        "min/mean/max",
     )
-    for column in ("silo", metric_name, "experts min/mean/max", "up MB", "down MB",
+    for column in ("silo", metric_name, "test n", "experts", "up MB", "down MB",
                    "train s", "test s"):
         table.add_column(column, justify="left" if column == "silo" else "right")
     for silo, row in summary.silos.items():
         table.add_row(
             silo,
             "-" if row.metric is None else f"{row.metric:.4f}",
+            "-" if row.test_n is None or row.metric is None else str(row.test_n),
             f"{row.experts_min}/{row.experts_mean:.1f}/{row.experts_max}",
             _mb(row.bytes_up),
             _mb(row.bytes_down),
@@ -59,6 +64,16 @@ class RichObserver:
     def train_step(self, silo_id: str, step: int, total: int, loss: float) -> None:
         if self.progress is not None and self.task is not None:
             self.progress.update(self.task, completed=step, loss=f"loss {loss:.3f}")
+
+    def eval_step(self, silo_id: str, done: int, total: int) -> None:
+        """Scoring the test split: the silo's bar turns into a testing bar."""
+        if self.progress is not None and self.task is not None:
+            self.progress.update(self.task, description=f"{silo_id} testing", total=max(total, 1),
+                                 completed=done, loss="")
+
+    def stop(self) -> None:
+        if self.progress is not None:
+            self.progress.stop()
 
     def round_finished(self, summary: RoundSummary) -> None:
         if self.progress is not None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.metadata
 import logging
 import signal
 from dataclasses import replace
@@ -10,10 +11,13 @@ from typing import Annotated, Any
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 
 from fedsilo.cli.keys import keys_app, provision_command, trust_app
+from fedsilo.cli.output import PROGRESS_MODES, ServiceOutput
+from fedsilo.cli.personalised import evaluate_command, export_command, generate_command
+from fedsilo.cli.report import report_command
 from fedsilo.cli.simulation import SimulationConfig, run_simulation
-from fedsilo.sdk.logs import setup_logging
 
 app = typer.Typer(
     name="fedsilo",
@@ -26,14 +30,31 @@ app = typer.Typer(
 _D = SimulationConfig()
 
 
-def _fail(console: Console, message: str) -> typer.Exit:
-    console.print(f"[bold red]error:[/] {message}", highlight=False)
+def _fail(console: Console | ServiceOutput, message: str) -> typer.Exit:
+    """One error line, exit code 2. The message is shown as written (escaped: a `[strategy]`
+    in it is text, not console markup) and not wrapped, so it greps and pastes whole."""
+    if isinstance(console, ServiceOutput):
+        return console.fail(message)
+    console.print(f"[bold red]error:[/] {escape(message)}", highlight=False, soft_wrap=True)
     return typer.Exit(code=2)
+
+
+def _version(show: bool) -> None:
+    if show:
+        try:
+            version = importlib.metadata.version("fedsilo")
+        except importlib.metadata.PackageNotFoundError:
+            version = "unknown (not installed: run `pip install -e .`)"
+        typer.echo(f"fedsilo {version}")
+        raise typer.Exit(0)
 
 
 @app.callback()
 def main(
     verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Log debug details.")] = False,
+    version: Annotated[bool, typer.Option(
+        "--version", callback=_version, is_eager=True,
+        help="Print fedsilo's version and exit.")] = False,
 ) -> None:
     logging.basicConfig(
         level=logging.DEBUG if verbose else logging.WARNING,
@@ -43,6 +64,7 @@ def main(
 
 @app.command()
 def simulate(
+    ctx: typer.Context,
     silos: Annotated[int, typer.Option(help="Number of silos (C).")] = _D.silos,
     rounds: Annotated[int, typer.Option(help="Federated rounds.")] = _D.rounds,
     local_steps: Annotated[int, typer.Option(help="Local training steps per round.")] = (
@@ -92,9 +114,10 @@ def simulate(
     ] = _D.sync_every,
     data: Annotated[
         str | None,
-        typer.Option(help="Real data: agnews | sst2 | snli | dolly | a dataset .toml, or "
-                     "several separated by commas (silo i holds the (i mod n)-th); default: "
-                     "built-in synthetic multi-task set."),
+        typer.Option(help="Real data: agnews | sst2 | snli | dolly | a .toml dataset "
+                     "description of your own data file (path, kind, template, columns: see "
+                     "README), or several separated by commas (silo i holds the (i mod n)-th); "
+                     "default: built-in synthetic multi-task set."),
     ] = None,
     data_dir: Annotated[
         str | None,
@@ -125,6 +148,9 @@ def simulate(
         float, typer.Option(help="Per-example L2 bound of the embeddings under DP.")
     ] = _D.dp_clip,
     out: Annotated[Path, typer.Option(help="Folder for run folders.")] = Path(_D.out_dir),
+    resume: Annotated[Path | None, typer.Option(
+        help="Continue the interrupted run in this run folder from its last completed round, "
+        "with the settings it began with.")] = None,
 ) -> None:
     """Run a whole federation in one process (no broker, no downloads by default)."""
     console = Console()
@@ -142,13 +168,36 @@ def simulate(
         dp_epsilon=dp_epsilon, dp_clip=dp_clip, warmup_rounds=warmup_rounds,
         max_clusters=max_clusters, sync_every=sync_every,
     )
+    from fedsilo.cli.simulation_state import SimulationInterrupted, completed_round, resume_config
+
+    observer = RichObserver(console)
     try:
+        if resume is not None:  # the run's own settings; options given must agree with them
+            config = resume_config(resume, config, [
+                p for p in ctx.params
+                if getattr(ctx.get_parameter_source(p), "name", "") == "COMMANDLINE"])
+            done = completed_round(resume)
+            console.print(f"resuming {resume}: " + (
+                "no round was finished, starting at round 0" if done is None
+                else f"rounds up to {done} are done, continuing at round {done + 1}"),
+                markup=False, highlight=False, soft_wrap=True)
         config.strategy_config()
         console.print(
-            f"[bold]fedsilo simulate[/]: {silos} silos, {rounds} rounds x {local_steps} steps, "
-            f"strategy {strategy}, model {model}, data {data or 'synthetic'}"
+            f"[bold]fedsilo simulate[/]: {config.silos} silos, {config.rounds} rounds x "
+            f"{config.local_steps} steps, strategy {config.strategy}, model {config.model}, "
+            f"data {config.data or 'synthetic'}"
         )
-        result = run_simulation(config, RichObserver(console))
+        result = run_simulation(config, observer, run_dir=resume, resume=resume is not None)
+    except SimulationInterrupted as stop:  # Ctrl-C: say where the run is and how to go on
+        observer.stop()  # the live bar off the terminal before saying why
+        console.print(stop.advice(), style="bold yellow", markup=False, highlight=False,
+                      soft_wrap=True)  # the command stays one line, to copy
+        raise typer.Exit(code=130) from None
+    except KeyboardInterrupt:  # before the run folder held anything to continue
+        observer.stop()  # the live bar off the terminal before saying why
+        console.print("interrupted before the run folder was written: nothing to resume",
+                      style="bold yellow")
+        raise typer.Exit(code=130) from None
     except (ValueError, FileNotFoundError) as exc:
         raise _fail(console, str(exc)) from None
     console.print(f"[bold green]MTAL {result.mtal:.4f}[/]  run folder: {result.run_dir}")
@@ -162,6 +211,10 @@ app.add_typer(agent_app, name="agent")
 app.add_typer(keys_app, name="keys")
 app.add_typer(trust_app, name="trust")
 app.command("provision")(provision_command)
+app.command("report")(report_command)
+app.command("export")(export_command)
+app.command("generate")(generate_command)
+app.command("evaluate")(evaluate_command)
 
 ConfigOption = Annotated[Path, typer.Option("--config", "-c", help="The TOML config file.")]
 SetOption = Annotated[
@@ -175,6 +228,15 @@ LogJsonOption = Annotated[
 PrintOption = Annotated[
     bool, typer.Option("--print-config", help="Print the effective config (secrets masked).")
 ]
+LogFileOption = Annotated[
+    Path | None, typer.Option("--log-file", help="Append every output line to this file "
+                              "instead of stderr (errors are repeated on stderr).")
+]
+ProgressOption = Annotated[
+    str, typer.Option("--progress", help=f"Progress bars: {' | '.join(PROGRESS_MODES)}; auto "
+                      "draws them only when stderr is a terminal this process has to itself "
+                      "(not a background job `&`, a pipe or a file) and without --log-json.")
+]
 
 
 @aggregator_app.command("run")
@@ -184,23 +246,25 @@ def aggregator_run(
     log_json: LogJsonOption = False,
     print_config: PrintOption = False,
     verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
+    log_file: LogFileOption = None,
 ) -> None:
     """Coordinate a federation over RabbitMQ; resumes from its state_dir after a stop."""
     from fedsilo.aggregator.config import FederationConfig
     from fedsilo.aggregator.service import AggregatorService
 
-    console = Console(stderr=True)
-    cfg = _load(console, FederationConfig, config, set_, print_config)
-    setup_logging(logging.DEBUG if verbose else logging.INFO, json_lines=log_json)
+    out = ServiceOutput.open("aggregator", log_json, log_file, "off", verbose)
+    cfg = _load(out, FederationConfig, config, set_, print_config)
     service = AggregatorService(cfg)
-    _run_service(console, service, "aggregator")
+    _run_service(out, service, "aggregator")
     state = service.state
     if state.phase == "done":
-        console.print(f"[bold green]federation {cfg.name} finished[/]; results in "
-                      f"{cfg.state_dir}/summary.json")
+        out.say("aggregator_exit", f"federation {cfg.name} finished; results in "
+                f"{cfg.state_dir}/summary.json", "bold green", finished=True,
+                summary=str(cfg.state_dir / "summary.json"))
     else:
-        console.print(f"stopped in round {state.round} ({state.phase}); run the same "
-                      "command again to resume")
+        out.say("aggregator_exit", f"stopped in round {state.round} ({state.phase}); run the "
+                "same command again to resume", finished=False, round=state.round,
+                phase=state.phase)
 
 
 @agent_app.command("start")
@@ -210,23 +274,28 @@ def agent_start(
     log_json: LogJsonOption = False,
     print_config: PrintOption = False,
     verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
+    log_file: LogFileOption = None,
+    progress: ProgressOption = "auto",
 ) -> None:
     """Join a federation as one silo; resumes from its state_dir after a stop."""
     from fedsilo.cli.progress import TrainingProgress, TransferProgress
     from fedsilo.silo_agent.config import SiloConfig
     from fedsilo.silo_agent.service import AgentService
 
-    console = Console(stderr=True)
-    cfg = _load(console, SiloConfig, config, set_, print_config)
-    setup_logging(logging.DEBUG if verbose else logging.INFO, json_lines=log_json)
-    interactive = console.is_terminal and not log_json
-    observer = TrainingProgress(console, cfg.silo_id) if interactive else None
-    transfers = TransferProgress(console) if interactive else None
+    out = ServiceOutput.open("agent", log_json, log_file, progress, verbose)
+    cfg = _load(out, SiloConfig, config, set_, print_config)
+    out.name = f"agent {cfg.silo_id}"
+    observer = TrainingProgress(out.console, cfg.silo_id) if out.progress else None
+    transfers = TransferProgress(out.console) if out.progress else None
     service = AgentService(cfg, observer=observer, progress=transfers)
-    _run_service(console, service, f"agent {cfg.silo_id}")
+    _run_service(out, service, f"agent {cfg.silo_id}")
     if service.state.finished:
-        console.print(f"[bold green]{cfg.silo_id} finished[/]; personalised adapter in "
-                      f"{cfg.state_dir}/adapter.safetensors")
+        out.say("agent_exit", f"{cfg.silo_id} finished; personalised adapter in "
+                f"{cfg.state_dir}/adapter.safetensors", "bold green", silo=cfg.silo_id,
+                finished=True, adapter=str(cfg.state_dir / "adapter.safetensors"))
+    else:
+        out.say("agent_exit", f"{cfg.silo_id} stopped; run the same command again to resume",
+                silo=cfg.silo_id, finished=False)
 
 
 @agent_app.command("privacy")
@@ -298,7 +367,7 @@ def dead_letters(
         transport = cfg.broker.connect("aggregator", cfg.silos,
                                        codec=cfg.security.codec("aggregator", cfg.name))
     except BrokerUnavailable as exc:
-        console.print(f"[bold red]error:[/] {exc}", highlight=False)
+        console.print(f"[bold red]error:[/] {escape(str(exc))}", highlight=False, soft_wrap=True)
         raise typer.Exit(code=4) from None
     except ValueError as exc:
         raise _fail(console, str(exc)) from None
@@ -347,8 +416,8 @@ def status(
         render_status(console, data)
 
 
-def _load(console: Console, cls: type, path: Path, overrides: list[str] | None,
-          show: bool) -> Any:
+def _load(console: Console | ServiceOutput, cls: type, path: Path,
+          overrides: list[str] | None, show: bool) -> Any:
     from fedsilo.sdk.config import ConfigError, dump_toml, load_config
 
     try:
@@ -361,7 +430,7 @@ def _load(console: Console, cls: type, path: Path, overrides: list[str] | None,
     return cfg
 
 
-def _run_service(console: Console, service: Any, name: str) -> None:
+def _run_service(out: ServiceOutput, service: Any, name: str) -> None:
     """Run with SIGTERM/SIGINT turned into a graceful stop; errors become one clear line
     and an exit code: 2 bad input, 3 federation aborted, 4 broker unreachable."""
     from fedsilo.aggregator.service import FederationAborted
@@ -383,14 +452,12 @@ def _run_service(console: Console, service: Any, name: str) -> None:
     try:
         service.run()
     except BrokerUnavailable as exc:
-        console.print(f"[bold red]error:[/] {exc}", highlight=False)
-        raise typer.Exit(code=4) from None
+        raise out.fail(str(exc), code=4) from None
     except (FederationAborted, PrivacyBudgetExhausted) as exc:
-        console.print(f"[bold red]aborted:[/] {exc}", highlight=False)
-        raise typer.Exit(code=3) from None
+        raise out.fail(str(exc), code=3, label="aborted") from None
     except (ValueError, FileNotFoundError, DataError, ModelLoadError, CheckpointError,
             SiloAlreadyConnected) as exc:
-        raise _fail(console, f"{name}: {exc}") from None
+        raise out.fail(f"{name}: {exc}") from None
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)

@@ -1,7 +1,8 @@
 """Rich progress for the service commands: local training steps and chunked transfers.
 
-Shown only on an interactive terminal without `--log-json`; otherwise the structured log
-lines carry the same events and nothing redraws.
+Shown only when `--progress` allows it (by default: stderr is a terminal this process has
+to itself, without `--log-json`; see cli/output.py); otherwise the structured log lines
+carry the same events and nothing redraws.
 """
 
 from __future__ import annotations
@@ -29,23 +30,30 @@ class TrainingProgress:
             TimeElapsedColumn(), console=console, transient=True,
         )
         self.task: TaskID | None = None
+        self.label = silo_id
 
     def round_started(self, round: int, steps: int) -> None:
         self.progress.start()
-        self.task = self.progress.add_task(
-            f"{self.silo_id} round {round}", total=max(steps, 1), loss=""
-        )
+        self.label = f"{self.silo_id} round {round}"
+        self.task = self.progress.add_task(self.label, total=max(steps, 1), loss="")
 
     def train_step(self, step: int, total: int, loss: float) -> None:
         if self.task is not None:
             self.progress.update(self.task, completed=step, loss=f"loss {loss:.3f}")
+
+    def eval_step(self, done: int, total: int) -> None:
+        """Scoring the test split after training: the round's bar becomes a testing bar."""
+        if self.task is not None:
+            self.progress.update(self.task, description=f"{self.label} testing",
+                                 total=max(total, 1), completed=done, loss="")
 
     def round_finished(self, round: int, metrics: dict[str, float]) -> None:
         if self.task is not None:
             self.progress.remove_task(self.task)
             self.task = None
         self.progress.stop()
-        shown = "  ".join(f"{k} {v:.4f}" for k, v in metrics.items())
+        shown = "  ".join(f"{k} {v:.0f}" if k.endswith("_n") else f"{k} {v:.4f}"
+                          for k, v in metrics.items())
         self.console.print(f"{self.silo_id}: round {round} done  {shown}".rstrip(), highlight=False)
 
 

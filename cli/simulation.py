@@ -20,19 +20,32 @@ import torch
 from torch import nn
 
 from fedsilo.aggregator.coordinator import Aggregator
+from fedsilo.aggregator.history import run_header
 from fedsilo.aggregator.report import RoundSummary, latest_metrics, summarise
 from fedsilo.aggregator.schedule import Schedule
+from fedsilo.cli.simulation_state import (
+    CHECKPOINT,
+    SimulationInterrupted,
+    completed_round,
+    restore_state,
+    save_state,
+)
 from fedsilo.privacy.dp import DPConfig
 from fedsilo.privacy.ledger import PrivacyLedger
-from fedsilo.privacy.silo import SiloPrivacy
+from fedsilo.privacy.silo import LEDGER_FILE, SiloPrivacy
 from fedsilo.sdk.amole.config import AMoLEConfig
 from fedsilo.sdk.data.examples import SiloData, TaskInfo
+from fedsilo.sdk.data.recipe import SiloDataRecipe
 from fedsilo.sdk.data.silos import build_silo_data as build_federation_data
 from fedsilo.sdk.data.silos import silo_sources
 from fedsilo.sdk.data.splits import SplitConfig
-from fedsilo.sdk.evaluation.metrics import mtal
-from fedsilo.sdk.models.loading import load_model
-from fedsilo.sdk.strategies import StrategyConfig, get_strategy
+from fedsilo.sdk.evaluation.metrics import metric_for, mtal
+from fedsilo.sdk.faults import FaultPlan
+from fedsilo.sdk.models.digest import weights_digest
+from fedsilo.sdk.models.loading import LoadedModel, load_model
+from fedsilo.sdk.personalised.config import BaseModelRef
+from fedsilo.sdk.personalised.record import silo_provenance
+from fedsilo.sdk.strategies import ServerStrategy, StrategyConfig, get_strategy
 from fedsilo.sdk.training import LocalTrainer, TrainingConfig, stable_seed
 from fedsilo.sdk.transport.memory import MemoryTransport
 from fedsilo.silo_agent.agent import SiloAgent
@@ -149,6 +162,13 @@ class SimulationConfig:
                            val_min=self.val_min, val_cap=self.val_cap, emb_cap=self.emb_cap,
                            emb_min=min(SplitConfig.emb_min, self.emb_cap))
 
+    def data_recipe(self, index: int) -> SiloDataRecipe:
+        """How silo `index`'s data is cut (as `build_silo_data`), recorded with its adapter."""
+        return SiloDataRecipe(self.data, self.silos, index, self.seed, self.examples_per_silo,
+                              partition=self.partition, alpha=self.alpha,
+                              data_dir=self.data_dir, split=self.split(),
+                              min_size=self.partition_min_size)
+
     @classmethod
     def field_names(cls) -> list[str]:
         return [f.name for f in fields(cls)]
@@ -160,7 +180,10 @@ class Observer(Protocol):
     def round_started(self, round: int, final: bool) -> None: ...
     def silo_started(self, silo_id: str, steps: int) -> None: ...
     def train_step(self, silo_id: str, step: int, total: int, loss: float) -> None: ...
+    def eval_step(self, silo_id: str, done: int, total: int) -> None: ...
     def round_finished(self, summary: RoundSummary) -> None: ...
+    def stop(self) -> None:
+        """Take any live display off the terminal (the run stopped)."""
 
 
 @dataclass
@@ -181,7 +204,9 @@ class _Silent:
     def round_started(self, round: int, final: bool) -> None: ...
     def silo_started(self, silo_id: str, steps: int) -> None: ...
     def train_step(self, silo_id: str, step: int, total: int, loss: float) -> None: ...
+    def eval_step(self, silo_id: str, done: int, total: int) -> None: ...
     def round_finished(self, summary: RoundSummary) -> None: ...
+    def stop(self) -> None: ...
 
 
 def silo_ids(n: int) -> list[str]:
@@ -205,7 +230,7 @@ def share_backbone(model: nn.Module) -> nn.Module:
 
 
 def metric_name(task: TaskInfo) -> str:
-    return "accuracy" if task.kind == "classification" else "rouge-l"
+    return metric_for(task.kind)  # the name a deployment's silos announce too
 
 
 def metrics_label(tasks: Sequence[TaskInfo]) -> str:
@@ -217,7 +242,11 @@ def run_simulation(
     config: SimulationConfig,
     observer: Observer | None = None,
     run_dir: Path | None = None,
+    resume: bool = False,
 ) -> SimulationResult:
+    """Run the federation into `run_dir` (default: a new folder under config.out_dir);
+    `resume`: continue the interrupted run in `run_dir` from its last saved round (its
+    settings: `simulation_state.resume_config`). Ctrl-C raises SimulationInterrupted."""
     observer = observer or _Silent()
     spec = get_strategy(config.strategy)
     adapter = config.adapter()
@@ -228,22 +257,44 @@ def run_simulation(
     server.validate(config.silos)  # fail before loading anything
     server.validate_rounds(config.rounds)
 
-    datasets = build_silo_data(config)
-    loaded = load_model(config.model, dtype=config.dtype, seed=config.seed,
-                        device=config.device)
-    transport = MemoryTransport()
-    run_dir = run_dir or _new_run_dir(Path(config.out_dir), config)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    holders = silo_sources(config.data, config.silos)
-    silo_info = {
-        silo: {"data": held, "task": data.task.name or held,
-               "metric": metric_name(data.task), "sizes": data.sizes()}
-        for silo, held, data in zip(ids, holders, datasets, strict=True)
-    }
-    (run_dir / "config.json").write_text(
-        json.dumps({**asdict(config), "silo_data": silo_info}, indent=2)
-    )
+    try:  # Ctrl-C once config.json exists leaves a run that --resume continues
+        datasets = build_silo_data(config)
+        loaded = load_model(config.model, dtype=config.dtype, seed=config.seed,
+                            device=config.device)
+        transport = MemoryTransport()
+        run_dir = run_dir or _new_run_dir(Path(config.out_dir), config)
+        run_dir.mkdir(parents=True, exist_ok=True)
+        holders = silo_sources(config.data, config.silos)
+        silo_info = {
+            silo: {"data": held, "task": data.task.name or held,
+                   "metric": metric_name(data.task), "sizes": data.sizes()}
+            for silo, held, data in zip(ids, holders, datasets, strict=True)
+        }
+        if not resume:  # a resumed run keeps the config.json (and date) it began with
+            (run_dir / "config.json").write_text(
+                json.dumps({**asdict(config), "silo_data": silo_info, **run_header()}, indent=2)
+            )
+        return _run(config, observer, run_dir, resume, datasets, loaded, transport, server,
+                    schedule, silo_info)
+    except KeyboardInterrupt:
+        if run_dir is None or not (run_dir / "config.json").exists():
+            raise  # nothing written yet: nothing to resume
+        raise SimulationInterrupted(run_dir, completed_round(run_dir), config.rounds) from None
 
+
+def _run(config: SimulationConfig, observer: Observer, run_dir: Path, resume: bool,
+         datasets: list[SiloData], loaded: LoadedModel, transport: MemoryTransport,
+         server: ServerStrategy,
+         schedule: Schedule, silo_info: dict[str, Any]) -> SimulationResult:
+    """The federation's rounds, from the checkpoint's next round when resuming; after
+    every training round the whole state is checkpointed (CHECKPOINT), so Ctrl-C loses
+    at most the round under way."""
+    spec = get_strategy(config.strategy)
+    adapter = config.adapter()
+    strategy_config = config.strategy_config()
+    ids = silo_ids(config.silos)
+    # recorded with each adapter, for `fedsilo export` (the digest: before any injection)
+    base = BaseModelRef(loaded.source, config.dtype, config.seed, weights_digest(loaded.model))
     agents = []
     for silo, data in zip(ids, datasets, strict=True):
         trainer = LocalTrainer(
@@ -251,6 +302,7 @@ def run_simulation(
             config.training(), seed=config.seed, silo_id=silo,
         )
         trainer.on_step = _step_hook(observer, silo)
+        trainer.on_eval = _eval_hook(observer, silo)
         if config.dp_epsilon is not None:
             # Seeded noise: reproducible simulations. Deployments draw it from OS entropy.
             noise = torch.Generator().manual_seed(stable_seed(config.seed, silo, "dp"))
@@ -259,15 +311,26 @@ def run_simulation(
                                           noise, silo)
         agents.append(
             SiloAgent(silo, spec.client(strategy_config), trainer, transport,
-                      out_dir=run_dir / "silos" / silo)
+                      out_dir=run_dir / "silos" / silo,
+                      provenance=silo_provenance(config.strategy, base,
+                                                 config.data_recipe(ids.index(silo)), data.task))
         )
     aggregator = Aggregator(server, transport, schedule)
-    aggregator.start(agents[0].trainer.shapes(), ids)
+    label = metrics_label([d.task for d in datasets])
+    state = run_dir / CHECKPOINT
+    done = restore_state(state, config, aggregator, agents) if resume and state.exists() \
+        else None
+    if done is None:
+        aggregator.start(agents[0].trainer.shapes(), ids)
 
-    result = SimulationResult(run_dir=run_dir)
+    result = SimulationResult(run_dir=run_dir,
+                              rounds=[summarise(r, label) for r in aggregator.history])
     (run_dir / "assignments").mkdir(exist_ok=True)
+    faults = FaultPlan()  # tests: FEDSILO_FAULT=silo_done@ROUND:wait=PATH holds a round
     with (run_dir / "metrics.jsonl").open("w") as metrics_file:
-        for round in range(config.rounds + 1):
+        for summary in result.rounds:  # what a resumed run had done
+            metrics_file.write(json.dumps(summary.to_json()) + "\n")
+        for round in range(0 if done is None else done + 1, config.rounds + 1):
             final = round == config.rounds
             observer.round_started(round, final)
             record = aggregator.publish(round)
@@ -277,25 +340,44 @@ def run_simulation(
             for agent in agents:
                 observer.silo_started(agent.silo_id, 0 if final else config.local_steps)
                 agent.poll()
+                faults.reach("silo_done", round)
             aggregator.close(aggregator.collect(record))
-            summary = summarise(record, metrics_label([d.task for d in datasets]))
+            summary = summarise(record, label)
             result.rounds.append(summary)
             metrics_file.write(json.dumps(summary.to_json()) + "\n")
             metrics_file.flush()
+            if not final:  # after the final round, summary.json marks the run complete
+                _save_ledgers(run_dir, agents)
+                save_state(state, config, aggregator, agents, round)
             observer.round_finished(summary)
     latest = latest_metrics(result.rounds)
     result.mtal = mtal([latest]) if latest else math.nan
     result.final_params = server.global_params
     (run_dir / "summary.json").write_text(
-        json.dumps({"mtal": result.mtal, "per_silo": latest, "strategy": config.strategy,
-                    "silo_data": silo_info}, indent=2)
+        json.dumps({"mtal": result.mtal, "metric": label, "per_silo": latest,
+                    "strategy": config.strategy, "silo_data": silo_info}, indent=2)
     )
+    state.unlink(missing_ok=True)  # complete: nothing left to resume
     return result
+
+
+def _save_ledgers(run_dir: Path, agents: list[SiloAgent]) -> None:
+    """Each silo's DP ledger, in the file an agent keeps (fedsilo report reads it)."""
+    for agent in agents:
+        if agent.trainer.privacy is not None:
+            agent.trainer.privacy.ledger.save(run_dir / "silos" / agent.silo_id / LEDGER_FILE)
 
 
 def _step_hook(observer: Observer, silo: str) -> Callable[[int, int, float], None]:
     def hook(step: int, total: int, loss: float) -> None:
         observer.train_step(silo, step, total, loss)
+
+    return hook
+
+
+def _eval_hook(observer: Observer, silo: str) -> Callable[[int, int], None]:
+    def hook(done: int, total: int) -> None:
+        observer.eval_step(silo, done, total)
 
     return hook
 

@@ -85,6 +85,14 @@ def check_tensors(
                 )
 
 
+#: What an upload's report (metrics, timings) may hold: how many entries, key length, and
+#: the range of the values with a meaning (scores are accuracies or Rouge-L F in [0, 1]).
+MAX_REPORT_ENTRIES = 32
+MAX_REPORT_KEY = 64
+MAX_REPORT_VALUE = 1e12
+REPORT_RANGES = {"metric": (0.0, 1.0), "val_metric": (0.0, 1.0)}
+
+
 @dataclass(frozen=True)
 class UploadLimits:
     """What one upload may hold, checked before it touches any sum. Norm bounds are per
@@ -95,6 +103,34 @@ class UploadLimits:
     max_param_norm: float | None = None
     max_embedding_norm: float | None = 1e4
     max_samples: int = 100_000_000
+    max_seconds: float = 1e7  # a timing above 115 days is not a measurement
+
+    def check_report(
+        self, metrics: Mapping[str, float], timings: Mapping[str, float], what: str
+    ) -> None:
+        """An upload's scores and timings go into the round's table, MTAL and every
+        checkpoint (plain JSON): each must be a finite number in its range, or one silo
+        could stop the federation with an infinite score or bloat its state."""
+        for kind, values in (("metrics", metrics), ("timings", timings)):
+            if len(values) > MAX_REPORT_ENTRIES:
+                raise InvalidTensors("report", f"{what}: {len(values)} {kind} entries, more "
+                                     f"than the {MAX_REPORT_ENTRIES} a silo sends")
+            for key, value in values.items():
+                if not isinstance(key, str) or not 0 < len(key) <= MAX_REPORT_KEY:
+                    raise InvalidTensors("report", f"{what}: {kind} key {key!r} is not a "
+                                         f"name of 1..{MAX_REPORT_KEY} characters")
+                low, high = (0.0, self.max_seconds) if kind == "timings" else REPORT_RANGES.get(
+                    key, (-MAX_REPORT_VALUE, MAX_REPORT_VALUE))
+                if key == "test_n":
+                    high = float(self.max_samples)
+                if (isinstance(value, bool) or not isinstance(value, int | float)
+                        or not low <= value <= high):
+                    raise InvalidTensors("report", f"{what}: {kind} {key} = {value!r} is not "
+                                         f"a number in [{low:g}, {high:g}]")
+            if kind == "metrics" and "test_n" in values and values["test_n"] != int(
+                    values["test_n"]):
+                raise InvalidTensors("report", f"{what}: metrics test_n = {values['test_n']!r} "
+                                     "is not a whole number of examples")
 
     def check_samples(self, n_samples: object, what: str) -> None:
         if isinstance(n_samples, bool) or not isinstance(n_samples, int) or not (

@@ -66,3 +66,6 @@ class Announce:
     incarnation: str = ""
     model_digest: str = ""
     """SHA-256 of the backbone weights: silos must all fine-tune the same base model."""
+    metric: str = ""
+    """What the silo's score is ("accuracy", "rouge-l"): the name the aggregator's
+    metrics.jsonl and summary.json give it, as `fedsilo simulate` does ("": not said)."""

@@ -89,6 +89,7 @@ def encode(message: Message) -> bytes:
             "n_samples": message.n_samples,
             "incarnation": message.incarnation,
             "model_digest": message.model_digest,
+            "metric": message.metric,
         }
         blob = b""
     else:
@@ -153,6 +154,7 @@ def decode(data: bytes) -> Message:
                 n_samples=int(header["n_samples"]),
                 incarnation=str(header.get("incarnation", "")),
                 model_digest=str(header.get("model_digest", "")),
+                metric=str(header.get("metric", "")),
             )
     except (KeyError, TypeError, ValueError, AttributeError, IndexError) as exc:
         raise ProtocolError(f"malformed {kind} header: {exc!r}") from None

@@ -6,6 +6,7 @@ never touches the model itself.
 
 from __future__ import annotations
 
+import math
 import time
 import zlib
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -38,11 +39,7 @@ from fedsilo.sdk.amole.model import (
 )
 from fedsilo.sdk.data.examples import Example, SiloData
 from fedsilo.sdk.data.tokenize import TrainStream, batches, encode_example
-from fedsilo.sdk.evaluation.scoring import (
-    classification_accuracy,
-    first_token_accuracy,
-    generation_rouge_l,
-)
+from fedsilo.sdk.evaluation.scoring import Progress, score_task
 from fedsilo.sdk.messages import RoundPlan, Upload
 from fedsilo.sdk.params import ModuleShape, TensorDict
 
@@ -78,6 +75,11 @@ class TrainingConfig:
             value = getattr(self, key)
             if value is not None and (not isinstance(value, int) or value < 1):
                 raise ValueError(f"training.{key} = {value!r}; use an integer >= 1 or none")
+
+    def scoring_options(self) -> dict[str, Any]:
+        """`score_task`'s settings: a score recomputed later must batch and cut the same."""
+        return {"scoring": self.scoring, "batch_size": self.eval_batch_size,
+                "max_length": self.max_length, "max_new_tokens": self.max_new_tokens}
 
 
 @dataclass
@@ -128,6 +130,9 @@ class LocalTrainer:
         self._emb = [encode(e) for e in (data.emb or data.train)]
         self._val: list[Any] | None = None  # validation_loss's batches, on first use
         self.on_step: StepCallback | None = None  # progress hook, set by the agent or CLI
+        # Scoring's progress hook, (done, total) sequences: a long test split (greedy
+        # decoding) would otherwise look like a hang.
+        self.on_eval: Progress | None = None
         self.privacy: SiloPrivacy | None = None  # differential privacy, set by the agent
 
     def _encode(self, example: Example):
@@ -265,40 +270,32 @@ class LocalTrainer:
     def evaluate(self, split: str = "test", limit: int | None = None) -> float:
         """Accuracy (candidate scoring) for classification, Rouge-L F for generation, over
         the first `limit` examples of `split` (default `eval_limit`; None: all)."""
+        return score_task(self.model, self.tokenizer, self._scored(split, limit),
+                          self.data.task, progress=self.on_eval,
+                          **self.config.scoring_options())
+
+    def _scored(self, split: str, limit: int | None) -> list[Example]:
+        """The examples `evaluate(split, limit)` scores."""
         if split not in ("test", "val"):
             raise ValueError(f"split {split!r}: a silo scores 'test' or 'val'")
         examples: list[Example] = self.data.val if split == "val" else self.data.test
         limit = self.config.eval_limit if limit is None else limit
-        if limit is not None:
-            examples = examples[:limit]
-        if not examples:
-            return float("nan")
-        prompts = [e.prompt for e in examples]
-        answers = [e.response for e in examples]
-        task = self.data.task
-        if task.kind == "classification":
-            score = (first_token_accuracy if self.config.scoring == "first_token"
-                     else classification_accuracy)
-            return score(
-                self.model, self.tokenizer, prompts, answers, task.candidates,
-                batch_size=self.config.eval_batch_size, max_length=self.config.max_length,
-            )
-        return generation_rouge_l(
-            self.model, self.tokenizer, prompts, answers,
-            max_new_tokens=self.config.max_new_tokens,
-            batch_size=self.config.eval_batch_size, max_length=self.config.max_length,
-        )
+        return examples if limit is None else examples[:limit]
 
     def test(self, final: bool = True) -> tuple[dict[str, float], dict[str, float]]:
-        """The score on the local test split and its duration, as an upload reports them.
-        `final` marks the score that counts (the strategy knows which one it is): scored
-        under `eval_limit` and, with `report_val`, joined by the validation score; the
-        others under `curve_eval_limit`."""
+        """The score on the local test split and its duration, as an upload reports them,
+        with `test_n`, the number of test examples it is over (a score's weight: 0.5 of 8
+        and 0.5 of 800 are not the same evidence). `final` marks the score that counts (the
+        strategy knows which one it is): scored under `eval_limit` and, with `report_val`,
+        joined by the validation score; the others under `curve_eval_limit`."""
         start = time.perf_counter()
         limit = None if final else self.config.curve_eval_limit
-        metrics = {"metric": self.evaluate("test", limit)}
+        metrics = {"metric": self.evaluate("test", limit),
+                   "test_n": float(len(self._scored("test", limit)))}
         if final and self.config.report_val:
             metrics["val_metric"] = self.evaluate("val")
+        # An empty split scores NaN: send no score rather than one the aggregator refuses.
+        metrics = {k: v for k, v in metrics.items() if math.isfinite(v)}
         return metrics, {"test_s": time.perf_counter() - start}
 
     def embedding_pass(self) -> dict[str, TokenSums]:

@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Mapping
 from pathlib import Path
 
 from safetensors.torch import save as serialize
 
 from fedsilo.sdk.files import write_atomic
 from fedsilo.sdk.messages import RoundPlan, Upload
+from fedsilo.sdk.personalised.record import adapter_metadata
 from fedsilo.sdk.strategies.base import ClientStrategy
 from fedsilo.sdk.training import LocalTrainer
 from fedsilo.sdk.transport.base import Transport
@@ -27,12 +29,15 @@ class SiloAgent:
         trainer: LocalTrainer,
         transport: Transport,
         out_dir: Path | None = None,
+        provenance: Mapping[str, str] | None = None,
     ) -> None:
         self.silo_id = silo_id
         self.client = client
         self.trainer = trainer
         self.transport = transport
         self.out_dir = out_dir
+        # Recorded with the adapter (strategy, base model, data): `silo_provenance`.
+        self.provenance = dict(provenance or {})
 
     def poll(self, timeout: float | None = None) -> Upload | None:
         """Handle the next plan if one is waiting; returns what was uploaded."""
@@ -59,12 +64,15 @@ class SiloAgent:
     def save_adapter(self, path: Path, plan: RoundPlan) -> None:
         """The silo's personalised adapter: every adapter tensor it holds, what the strategy
         keeps on the silo (under `client/`, e.g. FDLoRA's personal LoRA and fusion), and
-        its architecture."""
+        its architecture, with what `fedsilo export` needs to use it alone (adapter settings,
+        and the strategy, base model and data the agent was given as `provenance`)."""
         path.parent.mkdir(parents=True, exist_ok=True)
         metadata = {
             "silo_id": self.silo_id,
             "round": str(plan.round),
             "assignment": json.dumps(self.trainer.assignment()),
+            **adapter_metadata(self.trainer.adapter, self.trainer.config),
+            **self.provenance,
         }
         tensors = self.trainer.state()
         tensors.update({f"client/{k}": v for k, v in self.client.state_dict().items()})

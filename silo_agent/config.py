@@ -11,7 +11,10 @@ from typing import Literal
 
 from fedsilo.privacy.dp import DPConfig
 from fedsilo.privacy.settings import SecuritySettings
+from fedsilo.sdk.config.loader import NamesOrPaths
 from fedsilo.sdk.transport.settings import BrokerSettings
+
+_SYNTHETIC = NamesOrPaths("synthetic")
 
 
 @dataclass(frozen=True)
@@ -20,8 +23,9 @@ class DataSection:
     (partitions = 1). Demos and tests cut a shared set into `partitions` the way
     `fedsilo simulate` does and keep part `index`."""
 
-    source: str = "synthetic"
-    """synthetic | agnews | sst2 | snli | dolly | path/to/dataset.toml"""
+    source: NamesOrPaths = _SYNTHETIC
+    """synthetic | agnews | sst2 | snli | dolly | path/to/dataset.toml (a relative path is
+    resolved against this file's folder, like every path in silo.toml)"""
     data_dir: str | None = None
     partitions: int = 1
     index: int = 0

@@ -28,7 +28,8 @@ from fedsilo.privacy.validation import InvalidTensors, check_tensors
 from fedsilo.sdk.amole.model import linear_shapes, load_trainable, set_assignment
 from fedsilo.sdk.checkpoint import load_checkpoint, namespaced, save_checkpoint
 from fedsilo.sdk.data.examples import SiloData
-from fedsilo.sdk.data.silos import build_silo_data
+from fedsilo.sdk.data.recipe import SiloDataRecipe
+from fedsilo.sdk.evaluation.metrics import metric_for
 from fedsilo.sdk.faults import FaultPlan
 from fedsilo.sdk.federation import FederationSetup
 from fedsilo.sdk.files import FolderLock
@@ -36,6 +37,8 @@ from fedsilo.sdk.logs import log_event
 from fedsilo.sdk.messages import Announce, RoundPlan
 from fedsilo.sdk.models.digest import weights_digest
 from fedsilo.sdk.models.loading import LoadedModel, load_model
+from fedsilo.sdk.personalised.config import BaseModelRef
+from fedsilo.sdk.personalised.record import silo_provenance
 from fedsilo.sdk.strategies import get_strategy
 from fedsilo.sdk.training import LocalTrainer
 from fedsilo.sdk.transport.base import Delivery, Transport
@@ -61,6 +64,14 @@ def recorded_ledger(state_dir: Path) -> LedgerRecord | None:
     return LedgerRecord.from_meta(load_checkpoint(path)[1], source=path.name)
 
 
+def silo_data_recipe(config: SiloConfig) -> SiloDataRecipe:
+    """How the silo's data is cut from `[data]` (recorded with its adapter, so `fedsilo
+    evaluate` rebuilds the same test split)."""
+    d = config.data
+    return SiloDataRecipe(d.source, d.partitions, d.index, config.seed, d.examples,
+                          partition=d.partition, alpha=d.alpha, data_dir=d.data_dir)
+
+
 class PrivacyBudgetExhausted(RuntimeError):
     """The next release would exceed the silo's DP budget: the agent stops, sends nothing."""
 
@@ -74,12 +85,16 @@ class AgentObserver(Protocol):
 
     def round_started(self, round: int, steps: int) -> None: ...
     def train_step(self, step: int, total: int, loss: float) -> None: ...
+    def eval_step(self, done: int, total: int) -> None:
+        """The test split being scored (after training)."""
+
     def round_finished(self, round: int, metrics: dict[str, float]) -> None: ...
 
 
 class _Quiet:
     def round_started(self, round: int, steps: int) -> None: ...
     def train_step(self, step: int, total: int, loss: float) -> None: ...
+    def eval_step(self, done: int, total: int) -> None: ...
     def round_finished(self, round: int, metrics: dict[str, float]) -> None: ...
 
 
@@ -117,6 +132,7 @@ class AgentService:
         self.trainer: LocalTrainer | None = None
         self.agent: SiloAgent | None = None
         self.faults = FaultPlan()
+        self._model_digest = ""
         self.incarnation = uuid.uuid4().hex[:12]
         self._stop_reason: str | None = None
         self._last_keep_alive = time.monotonic()
@@ -154,13 +170,15 @@ class AgentService:
         data = self._data()
         loaded = load_model(self.config.model, dtype=self.config.dtype, seed=self.config.seed,
                             device=self.config.device)
+        self._model_digest = weights_digest(loaded.model)  # before any adapter is injected
         announce = Announce(
             silo_id=self.silo_id,
             model=loaded.source,
             linear_shapes=linear_shapes(loaded.model),
             n_samples=len(data.train),
             incarnation=self.incarnation,
-            model_digest=weights_digest(loaded.model),
+            model_digest=self._model_digest,
+            metric=metric_for(data.task.kind),  # so the aggregator names scores as simulate
         )
         self.transport = self._connect()
         try:
@@ -275,12 +293,14 @@ class AgentService:
     # -- model ---------------------------------------------------------------------------
 
     def _data(self) -> SiloData:
-        d = self.config.data
-        parts = build_silo_data(
-            d.source, d.partitions, self.config.seed, d.examples, partition=d.partition,
-            alpha=d.alpha, data_dir=d.data_dir,
-        )
-        return parts[d.index]
+        return silo_data_recipe(self.config).build()
+
+    def _provenance(self, setup: FederationSetup, loaded: LoadedModel,
+                    data: SiloData) -> dict[str, str]:
+        base = BaseModelRef(loaded.source, self.config.dtype, self.config.seed,
+                            self._model_digest)
+        return silo_provenance(setup.strategy.name, base, silo_data_recipe(self.config),
+                               data.task)
 
     def _build(self, setup: FederationSetup, loaded: LoadedModel, data: SiloData) -> None:
         assert self.transport is not None
@@ -289,16 +309,28 @@ class AgentService:
             seed=setup.seed, silo_id=self.silo_id,
         )
         self.trainer.on_step = self._on_step
+        self.trainer.on_eval = self._on_eval
         self.trainer.privacy = self.privacy
         client = get_strategy(setup.strategy.name).client(setup.strategy)
         self.agent = SiloAgent(self.silo_id, client, self.trainer, self.transport,
-                               out_dir=self.state_dir)
+                               out_dir=self.state_dir,
+                               provenance=self._provenance(setup, loaded, data))
         self.state.setup = setup.to_json()
 
     def _on_step(self, step: int, total: int, loss: float) -> None:
         self.observer.train_step(step, total, loss)
         if self._stop_reason is not None:
             raise StopRequested(self._stop_reason)
+        self._keep_alive()
+
+    def _on_eval(self, done: int, total: int) -> None:
+        """Scoring progress. Never stops the round here: scoring may follow a DP release
+        already charged to the ledger, and redoing the round would charge it again."""
+        self.observer.eval_step(done, total)
+        self._keep_alive()
+
+    def _keep_alive(self) -> None:
+        """Answer the broker's heartbeats during long local work (training, scoring)."""
         now = time.monotonic()
         if now - self._last_keep_alive >= self.keep_alive_s and self.transport is not None:
             keep_alive = getattr(self.transport, "keep_alive", None)

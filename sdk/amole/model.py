@@ -151,6 +151,22 @@ def _device_of(model: nn.Module) -> torch.device:
     return param.device if param is not None else torch.device("cpu")
 
 
+def stacked_lora(
+    module: str, adapters: Sequence[Mapping[str, Tensor]], weights: Sequence[float],
+    dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu",
+) -> tuple[Tensor, Tensor]:
+    """Module `module`'s sum_k w_k B_k A_k as one LoRA of rank K*r: (A (K*r, d_in),
+    B (d_out, K*r)). Shared by `fused_lora` and FDLoRA's export, so both give the same bits."""
+    a_key, b_key = f"{module}.shared.A", f"{module}.shared.B"
+    a = torch.cat([adapter[a_key].to(device, dtype) for adapter in adapters])
+    b = torch.cat(
+        [w * adapter[b_key].to(device, dtype) for adapter, w in zip(adapters, weights,
+                                                                    strict=True)],
+        dim=1,
+    )
+    return a, b
+
+
 @contextmanager
 def fused_lora(
     model: nn.Module, adapters: Sequence[Mapping[str, Tensor]], weights: Sequence[float]
@@ -169,14 +185,8 @@ def fused_lora(
         for name, layer in layers.items():
             if not isinstance(layer, AMoLELinear) or layer.token_proj is not None:
                 raise ValueError(f"{name}: fusion works on plain LoRA layers (use_router=False)")
-            a_key, b_key = (f"{name}.shared.A", f"{name}.shared.B")
-            dtype, device = layer.shared_A.dtype, layer.shared_A.device
-            a = torch.cat([adapter[a_key].to(device, dtype) for adapter in adapters])
-            b = torch.cat(
-                [w * adapter[b_key].to(device, dtype) for adapter, w in zip(adapters, weights,
-                                                                            strict=True)],
-                dim=1,
-            )
+            a, b = stacked_lora(name, adapters, weights, layer.shared_A.dtype,
+                                layer.shared_A.device)
             saved[name] = (layer.shared_A, layer.shared_B)
             layer.shared_A, layer.shared_B = nn.Parameter(a, False), nn.Parameter(b, False)
         yield

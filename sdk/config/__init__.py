@@ -2,6 +2,7 @@
 
 from fedsilo.sdk.config.loader import (
     ConfigError,
+    NamesOrPaths,
     config_keys,
     config_to_dict,
     dump_toml,
@@ -11,6 +12,7 @@ from fedsilo.sdk.config.loader import (
 
 __all__ = [
     "ConfigError",
+    "NamesOrPaths",
     "config_keys",
     "config_to_dict",
     "dump_toml",

@@ -13,7 +13,12 @@ Rules worth knowing (tested in tests/sdk/config/test_loader.py):
 * int is accepted for float; a float is never truncated to int; nothing becomes a bool
   except TOML ``true``/``false``.
 * Paths expand ``~``; relative ones resolve against the config file's folder (file values) or
-  the current directory (environment, ``--set``). Defaults are kept as written.
+  the current directory (environment, ``--set``). Defaults are kept as written. A
+  :class:`NamesOrPaths` field (``"agnews,own.toml"``) resolves its path-like entries the same
+  way. A config file that cannot be read is the only problem reported (plus bad variables or
+  flags): the defaults' own checks would only add noise.
+* A table's own check (``__post_init__``) is blamed on the sources of the keys its message
+  names, so an unrelated variable is not named for another key's bad value.
 * Setting a ``dict[str, X]`` table (in the file, or ``--set extra={a=1}``) replaces the default
   or earlier table; setting one key of it (``--set extra.a=1``, ``FEDSILO_EXTRA__A=1``) merges.
 * Environment: ``FEDSILO_ROUNDS__DEADLINE_S=30`` (``__`` nests), matched case-insensitively;
@@ -39,7 +44,7 @@ import re
 import tomllib
 import types
 import typing
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Literal, TypeVar, Union, get_args, get_origin
 
@@ -66,6 +71,23 @@ class _Bad(Exception):
     def __init__(self, *msgs: str) -> None:
         super().__init__(*msgs)
         self.msgs = msgs
+
+
+class NamesOrPaths(str):
+    """A str field of comma-separated names or paths (``"agnews,own.toml"``): an entry that
+    looks like a path (a suffix, a ``/`` or a leading ``~``) resolves like a ``Path`` value,
+    so a config file's relative paths all mean the same folder, the file's own."""
+
+
+def _resolve_entries(text: str, base: Path) -> str:
+    out = []
+    for entry in text.split(","):
+        name = entry.strip()
+        if name and (Path(name).suffix or "/" in name or os.sep in name or name[0] == "~"):
+            path = Path(name).expanduser()
+            name = str(path if path.is_absolute() else base / path)
+        out.append(name if name else entry)
+    return ",".join(out)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -145,6 +167,8 @@ def _type_name(tp: Any) -> str:
     origin, args = get_origin(tp), get_args(tp)
     if tp is type(None):
         return "None"
+    if tp is NamesOrPaths:
+        return "str"
     if origin is Literal:
         return " | ".join(_render(a) for a in args)
     if _is_union(tp):
@@ -266,6 +290,10 @@ def _convert(value: Any, tp: Any, key: str, base: Path, secret: Secret) -> Any:
         shown = "this value (secret, not shown)" if secret else _render(value)
         raise _Bad(f"{key} = {shown} is not allowed; use one of "
                    + ", ".join(_render(a) for a in args))
+    if tp is NamesOrPaths:
+        if not isinstance(value, str):
+            raise _expected(key, str, value, secret)
+        return NamesOrPaths(_resolve_entries(value, base))
     if tp in (bool, str) and isinstance(value, tp):
         return value
     if tp in (int, float) and isinstance(value, int | tp) and not isinstance(value, bool):
@@ -435,6 +463,26 @@ def _origins(node: _Node) -> list[str]:
     return found + [label for child in node.children.values() for label in _origins(child)]
 
 
+def _assigned(node: _Node, path: tuple[str, ...] = ()) -> Iterator[tuple[tuple[str, ...], str]]:
+    """(key below `node`, source) of every value set in the tree under `node`."""
+    if node.origin is not None:
+        yield path, node.origin.label
+    for name, child in node.children.items():
+        yield from _assigned(child, (*path, name))
+
+
+def _blamed(node: _Node, path: tuple[str, ...], message: str) -> list[str]:
+    """The sources of the keys a table's own check names in `message` (relative to the
+    table or in full), so an unrelated variable that set some other key is not blamed;
+    every source under the table when the message names none of them."""
+    named = []
+    for key, label in _assigned(node):
+        for dotted in {".".join(key), ".".join((*path, *key))}:
+            if key and re.search(rf"(?<![\w.]){re.escape(dotted)}(?!\w)", message):
+                named.append(label)
+    return list(dict.fromkeys(named)) or list(dict.fromkeys(_origins(node)))
+
+
 def _build(tp: Any, default: Any, node: _Node, path: tuple[str, ...], secret: Secret,
            problems: list[str]) -> Any:
     if not node.children and node.value is not _UNSET and node.value is not _RESET:
@@ -476,8 +524,9 @@ def _build_dc(cls: type, base: Any, node: _Node, path: tuple[str, ...], secret: 
         values = {n: getattr(base, n) if base is not None else _default(f)
                   for n, (f, _) in _fields(cls).items()} | changes
         where = f"[{'.'.join(path)}]" if path else "the top-level table"
-        sources = ", ".join(dict.fromkeys(_origins(node))) or "defaults"
-        problems.append(f"{sources}: {where} is invalid: {_scrub(str(e), values, cls, secret)}")
+        reason = _scrub(str(e), values, cls, secret)
+        sources = ", ".join(_blamed(node, path, reason)) or "defaults"
+        problems.append(f"{sources}: {where} is invalid: {reason}")
         return _FAILED
 
 
@@ -493,8 +542,10 @@ def load_config(cls: type[T], path: Path | str | None = None, overrides: Sequenc
         raise TypeError(f"load_config needs a dataclass type, got {cls!r}")
     problems: list[str] = []
     out: list[Assignment] = []
+    unread = False  # the file could not be read: judging the rest would only add noise
     if path is not None:
         data = _read(path, cls, problems)
+        unread = data is None
         if data is not None:
             base = Path(path).expanduser().absolute().parent
             _flatten(cls, data, (), _Origin(str(path), base), False, out, problems)
@@ -519,6 +570,8 @@ def load_config(cls: type[T], path: Path | str | None = None, overrides: Sequenc
             continue
         _flatten(target[1], _Text.of(text), target[0], _Origin(label, cwd), target[2], out,
                  problems)
+    if unread:
+        raise ConfigError(problems)
     root = _Node()
     for key, value, origin in out:
         _assign(root, key, value, origin)

@@ -7,14 +7,14 @@ Only packaged local builders are used, so nothing is ever downloaded.
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
 
+from ..progress_bars import quiet_progress_bars
 from .examples import DataError, Example, TaskInfo
 from .templates import PromptTemplate, get_template
 
@@ -70,33 +70,22 @@ def infer_format(spec: DatasetSpec) -> str:
     return _SUFFIX_FORMATS[suffix]
 
 
-@contextlib.contextmanager
-def _quiet_progress() -> Iterator[None]:
-    """Hide `datasets`' progress bars while loading, restoring the caller's setting."""
-    from datasets.utils import logging as ds_logging
-
-    was_enabled = ds_logging.is_progress_bar_enabled()
-    ds_logging.disable_progress_bar()
-    try:
-        yield
-    finally:
-        if was_enabled:
-            ds_logging.enable_progress_bar()
-
-
 def _read(spec: DatasetSpec, fmt: str, cache_dir: str | Path | None) -> Any:
     """Read the whole file as a `datasets.Dataset` (imported lazily: it is slow to import)."""
     import datasets
 
     path = Path(spec.path).expanduser()
     if not path.is_file():
+        where = "" if path.is_absolute() else (
+            f" (looked at {path.absolute()}: a relative path is resolved against the current "
+            f"directory {Path.cwd()})")
         raise DataError(
-            f"data file {path} does not exist; check the path (relative paths are resolved "
-            f"from {Path.cwd()}) or set FEDSILO_DATA_DIR for the built-in presets"
+            f"data file {path} does not exist{where}; check the path, or set "
+            "FEDSILO_DATA_DIR to the folder holding the built-in presets' files"
         )
     builder, kwargs = ("csv", {"delimiter": "\t"}) if fmt == "tsv" else (fmt, {})
     try:
-        with _quiet_progress():
+        with quiet_progress_bars():
             return datasets.load_dataset(
                 builder,
                 data_files=str(path),

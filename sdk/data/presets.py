@@ -114,7 +114,8 @@ def resolve_dataset(name_or_path: str, data_dir: str | Path | None = None) -> Da
             "description file (.toml)"
         )
     if not path.is_file():
-        raise DataError(f"data file {name_or_path} not found; check the path")
+        raise DataError(f"dataset description {name_or_path} not found{_looked_at(path)}; "
+                        f"check the path, or use a preset ({known})")
     if path.suffix.lower() == ".toml":
         return load_spec_file(path)
     raise DataError(
@@ -122,6 +123,14 @@ def resolve_dataset(name_or_path: str, data_dir: str | Path | None = None) -> Da
         "in a .toml file (path, kind, template, columns, label_column or response_column, "
         f"label_words) and pass that, or use a preset: {known}"
     )
+
+
+def _looked_at(path: Path) -> str:
+    """Where a missing file was looked for, naming the folder a relative path meant."""
+    if path.expanduser().is_absolute():
+        return ""
+    return (f" (looked at {path.expanduser().resolve()}: a relative path is resolved "
+            f"against the current directory {Path.cwd()})")
 
 
 _SPEC_KEYS = {f.name for f in fields(DatasetSpec)}
@@ -146,9 +155,17 @@ def load_spec_file(path: Path) -> DatasetSpec:
         raise DataError(
             f"kind = {raw['kind']!r} in {path}; allowed: 'classification', 'generation'"
         )
-    data_path = Path(raw["path"])
+    data_path = Path(raw["path"]).expanduser()
     if not data_path.is_absolute():
         data_path = path.parent / data_path
+    if not data_path.is_file():
+        folder = path.parent.resolve()
+        relative = "" if Path(raw["path"]).expanduser().is_absolute() else (
+            f"; a relative path is resolved against the description's own folder {folder}")
+        raise DataError(
+            f"data file {raw['path']!r} named by path in {path} not found (looked at "
+            f"{data_path.resolve()}{relative}); fix path there or move the file"
+        )
     raw["path"] = str(data_path)
     if "label_words" in raw:
         raw["label_words"] = {str(k): str(v) for k, v in raw["label_words"].items()}

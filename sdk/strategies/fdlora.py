@@ -20,12 +20,14 @@ from __future__ import annotations
 
 import time
 from collections.abc import Mapping
+from dataclasses import replace
 from typing import Any
 
 import torch
 
 from fedsilo.sdk.aggregation.outer_optimizer import OuterSGD
 from fedsilo.sdk.amole.config import AMoLEConfig
+from fedsilo.sdk.amole.model import stacked_lora
 from fedsilo.sdk.checkpoint import namespaced, take_namespace
 from fedsilo.sdk.fusion import FusionSearch, search_fusion_weights
 from fedsilo.sdk.messages import RoundPlan, Upload
@@ -33,6 +35,7 @@ from fedsilo.sdk.params import TensorDict
 from fedsilo.sdk.strategies.base import (
     AggregationReport,
     ClientStrategy,
+    Personalised,
     StrategyConfig,
     StrategySpec,
 )
@@ -130,10 +133,36 @@ class FDLoRAClient(ClientStrategy):
         self.fusion_weights = tuple(weights.tolist()) if weights is not None else ()
 
 
+def fused_personalised(
+    adapter: AMoLEConfig, shared: TensorDict, client_state: TensorDict
+) -> Personalised:
+    """The model FDLoRA scores, w_s * shared + w_p * personal, as one plain LoRA of rank
+    2r and alpha 2*alpha (the same scale s = alpha / r), stacked exactly as the silo's
+    `fused_lora` stacks them: it installs and loads (PEFT too) like any LoRA."""
+    weights = client_state.get(FUSION_KEY)
+    personal = {k: v for k, v in client_state.items() if k != FUSION_KEY}
+    if weights is None or not personal:
+        raise ValueError(
+            "this FDLoRA adapter holds no personal LoRA or fusion weights (client/ tensors): "
+            "it was saved before the silo's final evaluation; run the federation to the end"
+        )
+    fusion = tuple(float(w) for w in weights.tolist())
+    modules = [key.removesuffix(".shared.A") for key in shared if key.endswith(".shared.A")]
+    tensors: TensorDict = {}
+    for module in modules:
+        a, b = stacked_lora(module, [shared, personal], fusion)
+        tensors[f"{module}.shared.A"], tensors[f"{module}.shared.B"] = a, b
+    fused = replace(adapter, r=2 * adapter.r, alpha=2 * adapter.alpha)
+    return Personalised(fused, tensors, {"fusion": {
+        "weights": {"shared": fusion[0], "personal": fusion[1]}, "rank_each": adapter.r,
+        "formula": "w_shared * shared + w_personal * personal, stacked as one LoRA"}})
+
+
 SPEC = StrategySpec(
     name="fdlora",
     description="shared LoRA with a Nesterov outer optimizer, local personal LoRA, fused",
     adapter=plain_lora,
     server=FDLoRAServer,
     client=lambda config: FDLoRAClient(config),
+    personalised=fused_personalised,
 )

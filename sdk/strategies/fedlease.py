@@ -18,7 +18,6 @@ Choices where the sources leave room (documented in the README):
 
 from __future__ import annotations
 
-import math
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, replace
@@ -268,8 +267,10 @@ class FedLEASEServer(ServerStrategy):
         for silo in sorted(self.silo_ids):  # participants without a warm-up LoRA
             if silo not in self.labels:
                 self.labels[silo] = self._largest_cluster()
-        best = self.silhouette.get(self.num_clusters, math.nan)
-        return {"clusters": float(self.num_clusters), "silhouette": best}
+        details = {"clusters": float(self.num_clusters)}
+        if self.num_clusters in self.silhouette:  # two silos or fewer: nothing was scored
+            details["silhouette"] = self.silhouette[self.num_clusters]
+        return details
 
     # -- checkpoints ---------------------------------------------------------------------
 

@@ -128,6 +128,19 @@ class BrokerUnavailable(ConnectionError):
     """The broker could not be reached or refused the connection."""
 
 
+def refusal(exc: BaseException) -> Literal["credentials", "vhost"] | None:
+    """Why a broker that answered refused a connection: its login (ACCESS_REFUSED) or the
+    vhost (NOT_ALLOWED: absent, or no permission); None for "nobody answered" and other
+    failures. Each needs a different fix, so the error message must tell them apart."""
+    text = f"{exc} {exc.args!r}"
+    if (isinstance(exc, pika.exceptions.ProbableAuthenticationError | pika.exceptions
+                   .AuthenticationError) or "ACCESS_REFUSED" in text):
+        return "credentials"
+    if isinstance(exc, pika.exceptions.ProbableAccessDeniedError) or "NOT_ALLOWED" in text:
+        return "vhost"
+    return None
+
+
 class SiloAlreadyConnected(RuntimeError):
     """Another live process holds this silo's broker lock: two agents of one silo would
     split its plans between them."""
@@ -248,7 +261,8 @@ class AmqpTransport(Transport):
             if errors is None:
                 return
             now = time.monotonic()
-            if now >= deadline:
+            # A refused login or vhost is permanent: waiting out startup_timeout won't help.
+            if now >= deadline or all(refusal(e) is not None for _, e in errors):
                 raise BrokerUnavailable(
                     self._unavailable(errors, "cannot connect to the RabbitMQ broker", None)
                 ) from None
@@ -292,11 +306,34 @@ class AmqpTransport(Transport):
     ) -> str:
         plural = len(self.urls) > 1
         during = "" if outage is None else f" (gave up after an outage of {outage:.1f} s)"
+        hints = []
+        for url, kind in dict.fromkeys((u, refusal(e)) for u, e in errors):
+            parts = urlsplit(url)
+            user = unquote(parts.username or "guest")
+            vhost = unquote(parts.path[1:]) if len(parts.path) > 1 else "/"
+            if kind == "credentials":
+                hints.append(
+                    f"{mask_url(url)} refused the credentials of user {user!r}: check the user "
+                    "name and password in broker.urls (or broker.password_file) and that the "
+                    "user exists on the broker (`rabbitmqctl list_users`; RabbitMQ's `guest` "
+                    "may log in from localhost only)."
+                )
+            elif kind == "vhost":
+                hints.append(
+                    f"{mask_url(url)} refused user {user!r} access to the vhost {vhost!r} (it "
+                    "does not exist, or the user has no permissions on it): create it with "
+                    f"`rabbitmqctl add_vhost {vhost}` and `rabbitmqctl set_permissions -p "
+                    f"{vhost} {user} '.*' '.*' '.*'` (or import the provisioning kit's "
+                    "definitions), or fix the vhost in broker.urls."
+                )
+        if any(refusal(e) is None for _, e in errors):
+            hints.append(
+                "Start a broker (`rabbitmq-server -detached`) or check the host and port in "
+                f"the URL{'s' if plural else ''}."
+            )
         return (
             f"{what}{during}: tried {'each of ' if plural else ''}{self._describe(errors)}. "
-            "Start one (`rabbitmq-server -detached`), or check the URL"
-            f"{'s' if plural else ''}, the credentials and that the vhost exists and the user "
-            "has permissions on it."
+            + " ".join(dict.fromkeys(hints))
         )
 
     def _parameters(self, url: str) -> pika.URLParameters:

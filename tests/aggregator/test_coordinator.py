@@ -28,7 +28,8 @@ def _aggregator(rounds: int = 2, silos: tuple[str, ...] = ("a", "b")
 
 def _up(round: int, silo: str, value: float) -> Upload:
     params = {"m.shared.A": torch.full((2, 3), value), "m.shared.B": torch.zeros(3, 2)}
-    return Upload(round, silo, params, {}, 1, metrics={"metric": value})
+    # a score in [0, 1] that still tells the uploads apart
+    return Upload(round, silo, params, {}, 1, metrics={"metric": 1 / (1 + abs(value))})
 
 
 def test_plans_carry_decayed_lr_and_final_round_is_evaluation_only() -> None:
@@ -55,7 +56,7 @@ def test_duplicates_and_late_uploads_are_ignored_and_counted() -> None:
     assert record.ignored == {"duplicate": 1, "late": 1, "unknown": 1}
     assert record.missing == []
     assert torch.allclose(agg.strategy.global_params["m.shared.A"], torch.full((2, 3), 2.0))
-    assert record.bytes_up["a"] > 0 and record.metrics["b"] == {"metric": 3.0}
+    assert record.bytes_up["a"] > 0 and record.metrics["b"] == {"metric": 0.25}
 
 
 def test_missing_silos_are_reported_and_the_round_closes_with_who_answered() -> None:
@@ -140,6 +141,25 @@ def test_a_sample_count_out_of_bounds_is_refused(n_samples: int) -> None:
     agg.collect(record, deadline=0.0)
     assert record.ignored == {"sample count": 1} and record.missing == ["a", "b"]
     assert agg.last_rejection is not None and "n_samples" in str(agg.last_rejection)
+
+
+@pytest.mark.parametrize("metrics", [{"metric": float("inf")}, {"test_n": float("nan")},
+                                     {"metric": 0.5, "x" * 100: 1.0}])
+def test_a_report_out_of_range_is_refused_and_the_round_goes_on(metrics: dict) -> None:
+    """An infinite score once reached MTAL and the checkpoint (plain JSON): refused now,
+    before anything is folded, and the other silo's upload closes the round."""
+    agg, transport = _aggregator()
+    record = agg.publish(0)
+    bad = _up(0, "a", 1.0)
+    bad.metrics = metrics
+    transport.send_upload(bad)
+    transport.send_upload(_up(0, "b", 3.0))
+    agg.collect(record, deadline=0.0)
+    assert record.ignored == {"report": 1} and record.missing == ["a"]
+    assert agg.last_rejection is not None and "upload of a for round 0" in str(
+        agg.last_rejection)
+    agg.close(record)
+    json.dumps(agg.state_dict()[1], allow_nan=False)  # the checkpoint stays plain JSON
 
 
 def test_huge_embeddings_are_refused_before_rsea() -> None:

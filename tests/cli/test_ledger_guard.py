@@ -31,8 +31,8 @@ def _refused(deployment, name: str) -> str:
     assert code == 2, deployment.log(name)
     (event,) = deployment.events(name, "privacy_ledger_refused")
     assert not deployment.events(name, "agent_started")
-    printed = " ".join(deployment.log(name).split())
-    assert "error: agent silo-0:" in printed, printed
+    (error,) = deployment.events(name, "error")  # --log-json: the closing error is JSON too
+    assert error["msg"].startswith("agent silo-0: ") and error["exit_code"] == 2, error
     return event["detail"]
 
 

@@ -24,9 +24,11 @@ def test_final_score_uses_the_whole_split_and_the_curve_its_cap() -> None:
     n_test = len(trainer.data.test)
     assert n_test > 1
     curve, _ = trainer.test(final=False)
-    assert set(curve) == {"metric"} and curve["metric"] in (0.0, 1.0)  # one example scored
+    assert set(curve) == {"metric", "test_n"} and curve["metric"] in (0.0, 1.0)
+    assert curve["test_n"] == 1  # one example scored
     final, timings = trainer.test(final=True)
-    assert set(final) == {"metric", "val_metric"} and timings["test_s"] >= 0
+    assert set(final) == {"metric", "test_n", "val_metric"} and timings["test_s"] >= 0
+    assert final["test_n"] == n_test
     assert final["metric"] == pytest.approx(trainer.evaluate("test"))
     assert final["val_metric"] == pytest.approx(trainer.evaluate("val"))
     assert final["metric"] * n_test == pytest.approx(round(final["metric"] * n_test))
@@ -34,7 +36,18 @@ def test_final_score_uses_the_whole_split_and_the_curve_its_cap() -> None:
 
 def test_without_report_val_only_the_test_metric_is_reported() -> None:
     metrics, _ = _trainer().test(final=True)
-    assert set(metrics) == {"metric"}
+    assert set(metrics) == {"metric", "test_n"}
+
+
+def test_scoring_reports_progress_to_on_eval() -> None:
+    """A long test split shows progress (the CLI draws it) instead of looking hung."""
+    trainer = _trainer(eval_batch_size=4)
+    seen: list[tuple[int, int]] = []
+    trainer.on_eval = lambda done, total: seen.append((done, total))
+    trainer.test(final=True)
+    assert len(seen) > 1, seen
+    dones = [d for d, _ in seen]
+    assert dones == sorted(dones) and seen[-1][0] == seen[-1][1] > 0
 
 
 @pytest.mark.parametrize("key", ["eval_limit", "curve_eval_limit"])

@@ -26,14 +26,6 @@ from fedsilo.sdk.aggregation.rsea import (
 SOLVERS = ["scip", "flow", "lp"]
 
 
-def assert_feasible(d: np.ndarray, c: AssignmentConstraints, num_silos: int) -> None:
-    assert d.dtype == bool
-    assert d.shape == (num_silos, c.num_experts)
-    rows, cols = d.sum(axis=1), d.sum(axis=0)
-    assert (rows >= c.k_e).all() and (rows <= c.b).all(), rows
-    assert (cols == c.k_c).all(), cols
-
-
 # --- relevance and softmax direction -----------------------------------------------------
 
 

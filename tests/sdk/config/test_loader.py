@@ -370,8 +370,8 @@ def test_env_value_errors_name_the_variable() -> None:
 def test_post_init_error_is_wrapped_with_section_and_sources(tmp_path: Path) -> None:
     path = write(tmp_path, "[rounds]\nquorum = 2\n")
     msg = error_of(path, env={"FEDSILO_ROUNDS__DEADLINE_S": "5"})
-    assert msg == (f"{path}, FEDSILO_ROUNDS__DEADLINE_S: [rounds] is invalid: "
-                   "quorum must be in (0, 1], got 2.0")
+    # the check names quorum, so only the source that set quorum is blamed (issue 16)
+    assert msg == f"{path}: [rounds] is invalid: quorum must be in (0, 1], got 2.0"
 
 
 def test_post_init_of_the_top_level_class() -> None:

@@ -205,6 +205,25 @@ def test_clustering_finds_the_planted_groups(groups: list[int]) -> None:
     assert sorted(set(server.labels.values())) == list(range(num_groups))
 
 
+def test_two_silos_cluster_without_a_silhouette_and_checkpoint_as_json() -> None:
+    """C = 2: two clusters and no silhouette to report (NaN in a report once stopped the
+    aggregator's checkpoint: its metadata must be plain JSON)."""
+    import json
+
+    server = make_server()
+    server.initialize(SHAPES, SILOS[:2])
+    directions = _directions(2)
+    for rnd in range(2):
+        server.configure_round(rnd, SILOS[:2])
+        server.begin_round(rnd)
+        for i, silo in enumerate(SILOS[:2]):
+            server.accumulate(warm_upload(rnd, silo, i, directions))
+        report = server.end_round(rnd)
+    assert report.details == {"clusters": 2.0}
+    json.dumps(report.details, allow_nan=False)
+    json.dumps(server.state_dict()[1], allow_nan=False)
+
+
 def _clustered(expert_init: str = "own", groups: Sequence[int] = (0, 0, 1, 1, 2, 2),
                min_contributors: int = 1) -> tuple[FedLEASEServer, dict[str, Upload]]:
     server = make_server(expert_init=expert_init, min_contributors=min_contributors)
