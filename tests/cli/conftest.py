@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import torch
 
 from fedsilo.cli.simulation import SimulationConfig, silo_ids
 
@@ -221,6 +222,18 @@ class Deployment:
             if process.poll() is None:
                 process.kill()
                 process.wait(timeout=30)
+
+
+@pytest.fixture
+def one_thread() -> Iterator[None]:
+    """Agents and interrupted simulate processes run with one thread (OMP_NUM_THREADS=1);
+    a reference computed in the test process must too, to match them bit for bit."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 @pytest.fixture

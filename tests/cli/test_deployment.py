@@ -7,29 +7,16 @@ import json
 import math
 import signal
 import subprocess
-from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
 from urllib.parse import urlsplit
 
-import pytest
 import torch
 from safetensors.torch import load_file
 
 from fedsilo.cli.simulation import run_simulation
 from fedsilo.sdk.messages import Upload
 from fedsilo.sdk.transport.amqp import AmqpTransport
-
-
-@pytest.fixture
-def one_thread() -> Iterator[None]:
-    """The agents run with threads = 1; so does the reference simulation."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
 
 
 def _global_params(root: Path) -> dict[str, torch.Tensor]:

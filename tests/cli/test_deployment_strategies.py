@@ -5,24 +5,12 @@ from __future__ import annotations
 
 import math
 import signal
-from collections.abc import Iterator
 from dataclasses import replace
 
-import pytest
 import torch
 from safetensors.torch import load_file
 
 from fedsilo.cli.simulation import SimulationResult, run_simulation
-
-
-@pytest.fixture
-def one_thread() -> Iterator[None]:
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
 
 
 def _assert_matches_simulate(deployment) -> SimulationResult:

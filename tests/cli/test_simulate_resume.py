@@ -10,7 +10,6 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -26,18 +25,6 @@ runner = CliRunner()
 ARGS = ["--silos", "3", "--rounds", "3", "--local-steps", "3", "--experts", "4", "--b", "3",
         "--examples-per-silo", "60", "--eval-limit", "8"]
 SILOS = ("silo-0", "silo-1", "silo-2")
-
-
-@pytest.fixture
-def one_thread() -> Iterator[None]:
-    """The interrupted process runs with one thread (OMP_NUM_THREADS=1); so does this one,
-    so that rounds computed here and there are bit for bit the same."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
 
 
 def _simulate(*args: str):
