@@ -201,7 +201,7 @@ def run_one(job: dict[str, Any]) -> dict[str, Any]:
     """One simulation (in a worker process): scores, curve, compute, RSEA diagnostics."""
     import torch
 
-    from fedsilo.cli.simulation import SimulationConfig, run_simulation
+    from fedsilo.simulation.engine import SimulationConfig, run_simulation
 
     torch.set_num_threads(job["threads"])
     config = SimulationConfig(**job["config"])
@@ -465,7 +465,7 @@ def majority_reference(profile: dict[str, Any], seeds: Sequence[int]) -> list[di
     """Per scenario and seed: the MTAL of predicting each silo's most frequent test label
     (classification only): how much of a score the label skew alone gives. Data only, no
     model: cheap."""
-    from fedsilo.cli.simulation import SimulationConfig, build_silo_data
+    from fedsilo.simulation.engine import SimulationConfig, build_silo_data
 
     out = []
     for scenario in profile["scenarios"]:

@@ -7,7 +7,7 @@
     python benchmarks/dp_accuracy.py --assignment random --epsilons inf --out /tmp/rand
 
 For every (epsilon, seed) it runs the one-process simulation
-(`fedsilo.cli.simulation.run_simulation`: the real silo agents, aggregator and RSEA over
+(`fedsilo.simulation.engine.run_simulation`: the real silo agents, aggregator and RSEA over
 `MemoryTransport`) on the embedded synthetic data and model (`builtin:tiny`), with
 `dp_epsilon=None` for "inf" (DP off, the paper's setting) and the budget otherwise. With DP,
 each silo clips every example's concatenated embeddings (all modules, client and expert
@@ -51,9 +51,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from fedsilo.cli.simulation import SimulationConfig, build_silo_data, run_simulation
 from fedsilo.privacy.dp import noise_multiplier_for, sensitivity
 from fedsilo.sdk.aggregation.rsea import AssignmentConstraints, random_assignment
+from fedsilo.simulation.engine import SimulationConfig, build_silo_data, run_simulation
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 

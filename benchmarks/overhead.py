@@ -6,7 +6,7 @@ round, for FedIT-FT and for FedAMoLE with E = 15, 20, 25, 30 experts per module.
     python benchmarks/overhead.py --profile smoke --out /tmp/ov   # CI, seconds
 
 Part 1, a real federation per configuration, in one process. The same parts as
-`fedsilo simulate` (`cli/simulation.py`): a `LocalTrainer` per silo on a shared backbone,
+`fedsilo simulate` (`simulation/engine.py`): a `LocalTrainer` per silo on a shared backbone,
 the strategy's server in the real `Aggregator`, `SiloAgent`s, on the AG News presets
 (quick; the embedded synthetic set for smoke). What differs: encryption is on. Every party
 has its own keys (`Keyring.create`, pinned peers in a `TrustStore`) and its own
@@ -66,12 +66,6 @@ from stamp import RESULTS, command_line, git_info, machine, now, stamp_lines
 
 from fedsilo.aggregator.coordinator import Aggregator
 from fedsilo.aggregator.schedule import Schedule
-from fedsilo.cli.simulation import (
-    SimulationConfig,
-    build_silo_data,
-    share_backbone,
-    silo_ids,
-)
 from fedsilo.privacy.keys import Keyring, TrustStore
 from fedsilo.privacy.settings import SecuritySettings
 from fedsilo.privacy.validation import Schema, check_tensors
@@ -86,6 +80,12 @@ from fedsilo.sdk.transport.base import Delivery, Inbound, TrafficCounter, Transp
 from fedsilo.sdk.transport.codec import AGGREGATOR, Codec
 from fedsilo.sdk.transport.memory import MemoryTransport
 from fedsilo.silo_agent.agent import SiloAgent
+from fedsilo.simulation.engine import (
+    SimulationConfig,
+    build_silo_data,
+    share_backbone,
+    silo_ids,
+)
 
 NAME = "overhead"
 MB = 1e6
@@ -98,7 +98,7 @@ BENCHED_CODE = (
     "aggregator",
     "silo_agent",
     "privacy",
-    "cli/simulation.py",
+    "simulation/engine.py",
     "benchmarks/overhead.py",
     "benchmarks/stamp.py",
 )

@@ -29,12 +29,12 @@ from stamp import command_line, git_info, machine, now
 
 def measure(model_name: str, data: str | None, silos: int, alpha: float, experts: int,
             seed: int, max_examples: int) -> dict[str, float]:
-    from fedsilo.cli.simulation import SimulationConfig, build_silo_data
     from fedsilo.sdk.aggregation.rsea import relevance, selection_probs
     from fedsilo.sdk.amole.config import AMoLEConfig
     from fedsilo.sdk.amole.model import compute_embeddings, inject_amole, set_assignment
     from fedsilo.sdk.data.tokenize import batches, encode_example
     from fedsilo.sdk.models.loading import load_model
+    from fedsilo.simulation.engine import SimulationConfig, build_silo_data
 
     torch.manual_seed(seed)
     config = SimulationConfig(data=data, silos=silos, alpha=alpha, model=model_name,

@@ -17,7 +17,7 @@ from fedsilo.cli.keys import keys_app, provision_command, trust_app
 from fedsilo.cli.output import PROGRESS_MODES, ServiceOutput
 from fedsilo.cli.personalised import evaluate_command, export_command, generate_command
 from fedsilo.cli.report import report_command
-from fedsilo.cli.simulation import SimulationConfig, run_simulation
+from fedsilo.simulation.engine import SimulationConfig, run_simulation
 
 app = typer.Typer(
     name="fedsilo",
@@ -168,7 +168,7 @@ def simulate(
         dp_epsilon=dp_epsilon, dp_clip=dp_clip, warmup_rounds=warmup_rounds,
         max_clusters=max_clusters, sync_every=sync_every,
     )
-    from fedsilo.cli.simulation_state import SimulationInterrupted, completed_round, resume_config
+    from fedsilo.simulation.state import SimulationInterrupted, completed_round, resume_config
 
     observer = RichObserver(console)
     try:

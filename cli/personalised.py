@@ -67,8 +67,8 @@ def legacy_defaults(adapter: Path, silo: str, agent_config: Path | None) -> dict
 
 
 def _run_defaults(path: Path, silo: str) -> dict[str, Any]:
-    from fedsilo.cli.simulation import SimulationConfig, silo_ids
     from fedsilo.sdk.personalised.config import BaseModelRef
+    from fedsilo.simulation.engine import SimulationConfig, silo_ids
 
     try:
         raw = json.loads(path.read_text(encoding="utf-8"))

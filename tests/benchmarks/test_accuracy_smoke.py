@@ -128,7 +128,7 @@ def test_majority_reference_is_the_label_prior(bench: ModuleType) -> None:
     (row,) = bench.majority_reference(profile, [0])
     from collections import Counter
 
-    from fedsilo.cli.simulation import SimulationConfig, build_silo_data
+    from fedsilo.simulation.engine import SimulationConfig, build_silo_data
 
     config = bench.scenario_config(profile, profile["scenarios"][0], "FedIT", 0, 1e-3, "cpu")
     silos = build_silo_data(SimulationConfig(**config))

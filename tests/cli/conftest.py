@@ -21,7 +21,7 @@ from typing import Any
 import pytest
 import torch
 
-from fedsilo.cli.simulation import SimulationConfig, silo_ids
+from fedsilo.simulation.engine import SimulationConfig, silo_ids
 
 
 def _toml(value: Any) -> str:

@@ -17,7 +17,6 @@ import pika
 import torch
 from safetensors.torch import load_file
 
-from fedsilo.cli.simulation import run_simulation
 from fedsilo.privacy.codec import EnvelopeCodec
 from fedsilo.privacy.envelope import seal
 from fedsilo.privacy.keys import Keyring, PartyKeys, TrustStore
@@ -28,6 +27,7 @@ from fedsilo.sdk.models.loading import load_model
 from fedsilo.sdk.strategies import get_strategy
 from fedsilo.sdk.transport.amqp import DEAD_QUEUE, UPLOADS_EXCHANGE, UPLOADS_ROUTING_KEY
 from fedsilo.sdk.transport.chunking import split
+from fedsilo.simulation.engine import run_simulation
 
 
 def _expected_upload(deployment, silo: str) -> Upload:

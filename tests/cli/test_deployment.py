@@ -14,9 +14,9 @@ from urllib.parse import urlsplit
 import torch
 from safetensors.torch import load_file
 
-from fedsilo.cli.simulation import run_simulation
 from fedsilo.sdk.messages import Upload
 from fedsilo.sdk.transport.amqp import AmqpTransport
+from fedsilo.simulation.engine import run_simulation
 
 
 def _global_params(root: Path) -> dict[str, torch.Tensor]:

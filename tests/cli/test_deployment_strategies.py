@@ -10,7 +10,7 @@ from dataclasses import replace
 import torch
 from safetensors.torch import load_file
 
-from fedsilo.cli.simulation import SimulationResult, run_simulation
+from fedsilo.simulation.engine import SimulationResult, run_simulation
 
 
 def _assert_matches_simulate(deployment) -> SimulationResult:

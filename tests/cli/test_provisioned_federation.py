@@ -23,9 +23,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from fedsilo.cli.simulation import run_simulation
 from fedsilo.sdk.transport.amqp import UPLOADS_EXCHANGE, UPLOADS_ROUTING_KEY
 from fedsilo.sdk.transport.chunking import split
+from fedsilo.simulation.engine import run_simulation
 
 
 def _free_port() -> int:

@@ -17,7 +17,7 @@ from typer.testing import CliRunner
 
 from fedsilo.aggregator.history import load_history
 from fedsilo.cli.main import app
-from fedsilo.cli.simulation import run_simulation
+from fedsilo.simulation.engine import run_simulation
 
 runner = CliRunner()
 QUICK = ["--silos", "3", "--rounds", "2", "--local-steps", "3", "--experts", "4", "--b", "3",

@@ -96,7 +96,7 @@ def test_help_lists_the_knobs() -> None:
 
 def test_simulate_shows_learning_over_rounds(tmp_path: Path) -> None:
     """The embedded default must visibly learn: later rounds beat the first."""
-    from fedsilo.cli.simulation import SimulationConfig, run_simulation
+    from fedsilo.simulation.engine import SimulationConfig, run_simulation
 
     config = SimulationConfig(silos=3, rounds=4, local_steps=15, examples_per_silo=150,
                               out_dir=str(tmp_path))
@@ -126,7 +126,7 @@ def test_unknown_column_is_a_clear_error(tmp_path: Path) -> None:
 
 
 def test_generation_task_is_scored_with_rouge_l(tmp_path: Path) -> None:
-    from fedsilo.cli.simulation import SimulationConfig, run_simulation
+    from fedsilo.simulation.engine import SimulationConfig, run_simulation
 
     spec = _own_data(tmp_path, response_column="a")
     config = SimulationConfig(

@@ -4,8 +4,8 @@ from pathlib import Path
 
 import pytest
 
-from fedsilo.cli.simulation import SimulationConfig, run_simulation
 from fedsilo.sdk.data.presets import data_dir
+from fedsilo.simulation.engine import SimulationConfig, run_simulation
 
 
 @pytest.mark.slow

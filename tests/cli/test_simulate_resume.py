@@ -19,7 +19,7 @@ from typer.testing import CliRunner
 
 from fedsilo.aggregator.history import fedsilo_version
 from fedsilo.cli.main import app
-from fedsilo.cli.simulation_state import CHECKPOINT
+from fedsilo.simulation.state import CHECKPOINT
 
 runner = CliRunner()
 ARGS = ["--silos", "3", "--rounds", "3", "--local-steps", "3", "--experts", "4", "--b", "3",

@@ -7,7 +7,7 @@ import json
 from pathlib import Path
 
 from fedsilo.aggregator.report import RoundSummary
-from fedsilo.cli.simulation import SimulationConfig, run_simulation
+from fedsilo.simulation.engine import SimulationConfig, run_simulation
 
 
 class _Recorder:

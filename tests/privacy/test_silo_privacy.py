@@ -12,10 +12,10 @@ import torch
 from typer.testing import CliRunner
 
 from fedsilo.cli.main import app
-from fedsilo.cli.simulation import SimulationConfig, run_simulation
 from fedsilo.privacy.dp import DPConfig, DPSGDConfig
 from fedsilo.privacy.ledger import BudgetExceeded, compose_epsilon
 from fedsilo.privacy.silo import LEDGER_FILE, SiloPrivacy
+from fedsilo.simulation.engine import SimulationConfig, run_simulation
 
 
 def _per_example(n: int = 50) -> dict[str, torch.Tensor]:
@@ -115,9 +115,9 @@ def test_agent_privacy_command_prints_the_ledger(tmp_path: Path) -> None:
 
 
 def test_dp_sgd_training_is_charged_and_moves_the_adapter(tmp_path: Path) -> None:
-    from fedsilo.cli.simulation import build_silo_data
     from fedsilo.sdk.models.loading import load_model
     from fedsilo.sdk.training import LocalTrainer
+    from fedsilo.simulation.engine import build_silo_data
 
     sim = SimulationConfig(silos=2, examples_per_silo=40, batch_size=2)
     loaded = load_model(sim.model, seed=0)

@@ -12,7 +12,6 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from fedsilo.cli.simulation import SimulationConfig, run_simulation
 from fedsilo.sdk.models.digest import weights_digest
 from fedsilo.sdk.models.loading import load_model
 from fedsilo.sdk.personalised import (
@@ -26,6 +25,7 @@ from fedsilo.sdk.personalised import (
     read_personalised_config,
     read_silo_run,
 )
+from fedsilo.simulation.engine import SimulationConfig, run_simulation
 
 STRATEGIES = ("fedamole", "fedlease", "fedit", "fedit-ft", "fdlora", "local")
 PLAIN_LORA = ("fedit", "fedit-ft", "fdlora", "local")

@@ -13,7 +13,6 @@ from typing import Any
 import pytest
 import torch
 
-from fedsilo.cli import simulation
 from fedsilo.sdk.amole.config import AMoLEConfig
 from fedsilo.sdk.checkpoint import load_checkpoint, save_checkpoint
 from fedsilo.sdk.messages import RoundPlan, Upload
@@ -21,6 +20,7 @@ from fedsilo.sdk.params import ModuleShape, TensorDict, shared_key
 from fedsilo.sdk.strategies import StrategyConfig, get_strategy
 from fedsilo.sdk.strategies.fdlora import FUSION_KEY, FDLoRAClient, FDLoRAServer
 from fedsilo.sdk.strategies.fedit import FedITServer
+from fedsilo.simulation import engine as simulation
 
 SHAPES = {"m": ModuleShape(3, 4), "n": ModuleShape(2, 2)}
 SILOS = ["a", "b", "c"]

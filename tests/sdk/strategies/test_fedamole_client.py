@@ -7,7 +7,6 @@ from pathlib import Path
 import pytest
 import torch
 
-from fedsilo.cli.simulation import SimulationConfig, build_silo_data
 from fedsilo.privacy.dp import DPConfig
 from fedsilo.privacy.silo import SiloPrivacy
 from fedsilo.sdk.amole.model import embeddings_to_tensors, pooled_embeddings
@@ -17,6 +16,7 @@ from fedsilo.sdk.params import client_embedding_key, parse_expert_embedding
 from fedsilo.sdk.strategies import StrategyConfig, get_strategy
 from fedsilo.sdk.strategies.base import ClientStrategy
 from fedsilo.sdk.training import LocalTrainer
+from fedsilo.simulation.engine import SimulationConfig, build_silo_data
 
 SIM = SimulationConfig(silos=2, examples_per_silo=40, batch_size=2, num_experts=4, b=4)
 

@@ -6,12 +6,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from fedsilo.cli.simulation import SimulationConfig, run_simulation
 from fedsilo.sdk.amole.config import AMoLEConfig
 from fedsilo.sdk.checkpoint import CheckpointError
 from fedsilo.sdk.messages import Upload
 from fedsilo.sdk.params import ModuleShape
 from fedsilo.sdk.strategies import StrategyConfig, get_strategy
+from fedsilo.simulation.engine import SimulationConfig, run_simulation
 
 
 def _server(seed: int = 0):

@@ -1,4 +1,4 @@
-"""`fedsilo simulate`: C silo agents and one aggregator in one process.
+"""The engine behind `fedsilo simulate`: C silo agents and one aggregator in one process.
 
 The agents and the aggregator are the real ones and talk through `MemoryTransport`,
 which moves the same encoded bytes as a deployment would; the only thing simulation
@@ -23,13 +23,6 @@ from fedsilo.aggregator.coordinator import Aggregator
 from fedsilo.aggregator.history import run_header
 from fedsilo.aggregator.report import RoundSummary, latest_metrics, summarise
 from fedsilo.aggregator.schedule import Schedule
-from fedsilo.cli.simulation_state import (
-    CHECKPOINT,
-    SimulationInterrupted,
-    completed_round,
-    restore_state,
-    save_state,
-)
 from fedsilo.privacy.dp import DPConfig
 from fedsilo.privacy.ledger import PrivacyLedger
 from fedsilo.privacy.silo import LEDGER_FILE, SiloPrivacy
@@ -49,6 +42,13 @@ from fedsilo.sdk.strategies import ServerStrategy, StrategyConfig, get_strategy
 from fedsilo.sdk.training import LocalTrainer, TrainingConfig, stable_seed
 from fedsilo.sdk.transport.memory import MemoryTransport
 from fedsilo.silo_agent.agent import SiloAgent
+from fedsilo.simulation.state import (
+    CHECKPOINT,
+    SimulationInterrupted,
+    completed_round,
+    restore_state,
+    save_state,
+)
 
 
 @dataclass(frozen=True)
