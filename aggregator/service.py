@@ -401,7 +401,7 @@ class AggregatorService:
     # -- persistence ---------------------------------------------------------------------
 
     def _codec(self) -> Codec:
-        return getattr(self.transport, "codec", None) or PlainCodec()
+        return self.transport.codec if self.transport is not None else PlainCodec()
 
     def _new_engine(self) -> Aggregator:
         spec = get_strategy(self.setup.strategy.name)
@@ -524,7 +524,7 @@ class AggregatorService:
             "missing": record.missing if record and state.phase == "collecting" else [],
             "bytes_down": dict(record.bytes_down) if record else {},
             "counters": dict(state.counters),
-            "reconnects": getattr(self.transport, "reconnects", 0),
+            "reconnects": self.transport.reconnects if self.transport is not None else 0,
             "rejected": self._rejected(),
             "refusals": [asdict(r) for r in self.transport.refusals]
             if self.transport is not None else [],

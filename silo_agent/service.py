@@ -333,13 +333,11 @@ class AgentService:
         """Answer the broker's heartbeats during long local work (training, scoring)."""
         now = time.monotonic()
         if now - self._last_keep_alive >= self.keep_alive_s and self.transport is not None:
-            keep_alive = getattr(self.transport, "keep_alive", None)
-            if keep_alive is not None:
-                keep_alive()
+            self.transport.keep_alive()
             self._last_keep_alive = now
 
     def _codec(self) -> Codec:
-        return getattr(self.transport, "codec", None) or PlainCodec()
+        return self.transport.codec if self.transport is not None else PlainCodec()
 
     # -- persistence ---------------------------------------------------------------------
 

@@ -1,13 +1,34 @@
-"""Transports move encoded messages; they never know which strategy runs."""
+"""Transports move encoded messages; they never know which strategy runs.
 
-from fedsilo.sdk.transport.amqp import (
-    AmqpTransport,
-    BrokerUnavailable,
-    PublishError,
-    TransferProgress,
-)
-from fedsilo.sdk.transport.base import Delivery, TrafficCounter, Transport
-from fedsilo.sdk.transport.memory import MemoryTransport
+The names below are imported on first use, so `fedsilo.sdk.transport.settings` (read by
+every config) loads without pika and torch; only the AMQP modules import pika.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from fedsilo.sdk.transport.amqp import (
+        AmqpTransport,
+        BrokerUnavailable,
+        PublishError,
+        TransferProgress,
+    )
+    from fedsilo.sdk.transport.base import Delivery, TrafficCounter, Transport
+    from fedsilo.sdk.transport.memory import MemoryTransport
+
+_LAZY = {
+    "AmqpTransport": "fedsilo.sdk.transport.amqp",
+    "BrokerUnavailable": "fedsilo.sdk.transport.amqp",
+    "Delivery": "fedsilo.sdk.transport.base",
+    "MemoryTransport": "fedsilo.sdk.transport.memory",
+    "PublishError": "fedsilo.sdk.transport.amqp",
+    "TrafficCounter": "fedsilo.sdk.transport.base",
+    "TransferProgress": "fedsilo.sdk.transport.amqp",
+    "Transport": "fedsilo.sdk.transport.base",
+}
 
 __all__ = [
     "AmqpTransport",
@@ -19,3 +40,16 @@ __all__ = [
     "TransferProgress",
     "Transport",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'fedsilo.sdk.transport' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value  # later look-ups skip __getattr__
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(__all__)

@@ -218,7 +218,7 @@ class AmqpTransport(Transport):
         self.rejected: dict[str, int] = {}
         self.refusals: deque[Refusal] = deque(maxlen=REFUSALS_KEPT)
         self.redelivered_done = 0  # redeliveries of messages already handled, acknowledged
-        self.reconnects = 0
+        self._reconnects = 0
         self.connect_timeout = connect_timeout
         self.reconnect_timeout = reconnect_timeout
         self.backoff_base = backoff_base
@@ -269,6 +269,10 @@ class AmqpTransport(Transport):
             log.info("no broker answered (%s); retrying", self._describe(errors))
             time.sleep(min(self._backoff(attempt), deadline - now))
             attempt += 1
+
+    @property
+    def reconnects(self) -> int:
+        return self._reconnects
 
     @property
     def blocked(self) -> bool:
@@ -500,12 +504,12 @@ class AmqpTransport(Transport):
             errors = self._connect_pass(self._url_index + 1)
             now = time.monotonic()
             if errors is None:
-                self.reconnects += 1
+                self._reconnects += 1
                 log.warning(
                     "reconnected to the broker at %s after %.1f s (reconnect #%d)",
                     mask_url(self.url),
                     now - self._outage_since,
-                    self.reconnects,
+                    self._reconnects,
                 )
                 return True
             # Only a failed attempt ends the outage: a broker that accepts connections but

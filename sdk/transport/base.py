@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from typing import Generic, TypeVar
 
 from fedsilo.sdk.messages import Announce, RoundPlan, Upload
+from fedsilo.sdk.transport.codec import Codec, PlainCodec
 
 
 @dataclass
@@ -79,6 +80,17 @@ class Transport(ABC):
     rejected: dict[str, int]
     #: The newest refusals, oldest first (at most REFUSALS_KEPT).
     refusals: deque[Refusal]
+    #: Seals what is sent and opens what is received; the services checkpoint its state.
+    #: The default holds no state, so one instance serves every transport that sets none.
+    codec: Codec = PlainCodec()
+
+    @property
+    def reconnects(self) -> int:
+        """Successful reconnections after a lost connection (none without a connection)."""
+        return 0
+
+    def keep_alive(self) -> None:  # noqa: B027 - optional hook
+        """Answer heartbeats during long local work; only a connection needs it."""
 
     @abstractmethod
     def send_plan(self, plan: RoundPlan) -> int:
