@@ -58,6 +58,7 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
 from fedsilo.privacy.keys import Keyring, KeysError, PartyKeys, TrustStore
+from fedsilo.sdk.refusal import Refusal
 
 __all__ = [
     "ENVELOPE_MAGIC",
@@ -113,22 +114,14 @@ _FINAL = b"\x01"
 _NOT_FINAL = b"\x00"
 
 
-class EnvelopeError(ValueError):
-    """Bytes that are not a message this party may accept. `reason` (one of REASONS) is a
-    stable key for counting and alerting; the detail says what exactly failed."""
-
-    reason: str
-    detail: str
+class EnvelopeError(Refusal, ValueError):
+    """Bytes that are not a message this party may accept. `reason` is one of REASONS (a
+    stable key for counting and alerting)."""
 
     def __init__(self, reason: str, detail: str) -> None:
         if reason not in REASONS:
             raise ValueError(f"unknown envelope error reason {reason!r}; use one of {REASONS}")
-        super().__init__(reason, detail)  # args round-trip through pickle
-        self.reason = reason
-        self.detail = detail
-
-    def __str__(self) -> str:
-        return f"{self.reason}: {self.detail}"
+        super().__init__(reason, detail)
 
 
 @dataclass(frozen=True)

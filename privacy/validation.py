@@ -11,6 +11,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from fedsilo.sdk.refusal import Refusal
+
 
 @dataclass(frozen=True)
 class TensorSpec:
@@ -25,13 +27,8 @@ class TensorSpec:
 Schema = Mapping[str, TensorSpec]
 
 
-class InvalidTensors(ValueError):
-    """Tensors that must not be used; `reason` is a short counter name."""
-
-    def __init__(self, reason: str, detail: str) -> None:
-        super().__init__(f"{reason}: {detail}")
-        self.reason = reason
-        self.detail = detail
+class InvalidTensors(Refusal, ValueError):
+    """Tensors that must not be used."""
 
 
 def schema_of(tensors: Mapping[str, Tensor]) -> dict[str, TensorSpec]:

@@ -71,7 +71,7 @@ from fedsilo.sdk.transport.base import (
     REFUSALS_KEPT,
     Delivery,
     Inbound,
-    Refusal,
+    RefusalRecord,
     TrafficCounter,
     Transport,
 )
@@ -216,7 +216,7 @@ class AmqpTransport(Transport):
         self.prefetch = prefetch
         self.traffic = TrafficCounter()
         self.rejected: dict[str, int] = {}
-        self.refusals: deque[Refusal] = deque(maxlen=REFUSALS_KEPT)
+        self.refusals: deque[RefusalRecord] = deque(maxlen=REFUSALS_KEPT)
         self.redelivered_done = 0  # redeliveries of messages already handled, acknowledged
         self._reconnects = 0
         self.connect_timeout = connect_timeout
@@ -698,7 +698,7 @@ class AmqpTransport(Transport):
         for tag in tags:
             self._channel.basic_reject(tag, requeue=False)
         self.rejected[reason] = self.rejected.get(reason, 0) + 1
-        self.refusals.append(Refusal(time.time(), reason, detail, message_id))
+        self.refusals.append(RefusalRecord(time.time(), reason, detail, message_id))
 
     def _expire(self, queue: str) -> None:
         self._expired_at[queue] = time.monotonic()

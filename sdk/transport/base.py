@@ -60,7 +60,7 @@ class Delivery(Generic[M]):
 
 
 @dataclass(frozen=True)
-class Refusal:
+class RefusalRecord:
     """One refused message, for the operator: when, why, and its message id (the AMQP
     message id of what lies in the dead-letter queue)."""
 
@@ -79,7 +79,7 @@ class Transport(ABC):
     #: Messages refused (by the codec or the application), by reason.
     rejected: dict[str, int]
     #: The newest refusals, oldest first (at most REFUSALS_KEPT).
-    refusals: deque[Refusal]
+    refusals: deque[RefusalRecord]
     #: Seals what is sent and opens what is received; the services checkpoint its state.
     #: The default holds no state, so one instance serves every transport that sets none.
     codec: Codec = PlainCodec()

@@ -14,6 +14,8 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from fedsilo.sdk.refusal import Refusal
+
 #: Header names used on the wire (AMQP message headers).
 HEADER_KEYS = {
     "message_id": "fedsilo-chunk-id",
@@ -24,15 +26,14 @@ HEADER_KEYS = {
 }
 
 
-class ChunkError(ValueError):
-    """An inconsistent or corrupt chunk. `reason` is a short stable key (for counting);
-    `dropped` says whether the receiver discarded the whole pending set of `message_id`."""
+class ChunkError(Refusal, ValueError):
+    """An inconsistent or corrupt chunk. `dropped` says whether the receiver discarded the
+    whole pending set of `message_id`."""
 
     def __init__(
-        self, reason: str, detail: str = "", message_id: str = "", dropped: bool = False
+        self, reason: str, detail: str, message_id: str = "", dropped: bool = False
     ) -> None:
-        super().__init__(f"{reason}: {detail}" if detail else reason)
-        self.reason = reason
+        super().__init__(reason, detail)
         self.message_id = message_id
         self.dropped = dropped
 

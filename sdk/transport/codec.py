@@ -17,6 +17,7 @@ from typing import Any
 
 from fedsilo.sdk import protocol
 from fedsilo.sdk.messages import Announce, RoundPlan, Upload
+from fedsilo.sdk.refusal import Refusal
 
 Message = RoundPlan | Upload | Announce
 
@@ -24,14 +25,8 @@ Message = RoundPlan | Upload | Announce
 AGGREGATOR = "aggregator"
 
 
-class Rejected(Exception):
-    """A received message refused before it reached the application. `reason` is short and
-    stable (it is a counter's name); `detail` says what exactly was wrong."""
-
-    def __init__(self, reason: str, detail: str) -> None:
-        super().__init__(f"{reason}: {detail}")
-        self.reason = reason
-        self.detail = detail
+class Rejected(Refusal):
+    """A received message refused before it reached the application."""
 
 
 def recipient_of(message: Message) -> str:

@@ -11,7 +11,7 @@ from fedsilo.sdk.transport.base import (
     REFUSALS_KEPT,
     Delivery,
     Inbound,
-    Refusal,
+    RefusalRecord,
     TrafficCounter,
     Transport,
 )
@@ -32,7 +32,7 @@ class MemoryTransport(Transport):
         self.codec = codec or PlainCodec()
         self.traffic = TrafficCounter()
         self.rejected: dict[str, int] = {}
-        self.refusals: deque[Refusal] = deque(maxlen=REFUSALS_KEPT)
+        self.refusals: deque[RefusalRecord] = deque(maxlen=REFUSALS_KEPT)
         self.dead: list[tuple[str, bytes]] = []  # (reason, bytes), like fedsilo.dead
         self._plans: dict[str, deque[bytes]] = {}
         self._uploads: deque[bytes] = deque()
@@ -60,7 +60,7 @@ class MemoryTransport(Transport):
     def _reject(self, data: bytes, reason: str, detail: str) -> None:
         log.warning("rejecting a message (%s): %s", reason, detail)
         self.rejected[reason] = self.rejected.get(reason, 0) + 1
-        self.refusals.append(Refusal(time.time(), reason, detail))
+        self.refusals.append(RefusalRecord(time.time(), reason, detail))
         self.dead.append((reason, data))
 
     def _take(self, queue: deque[bytes], kind: type | tuple[type, ...]) -> Delivery | None:
