@@ -22,6 +22,7 @@ import os
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
+from enum import StrEnum
 from pathlib import Path
 from typing import Any
 
@@ -56,6 +57,16 @@ class FederationAborted(RuntimeError):
     """The quorum was not reached and the configuration says to stop; state is saved."""
 
 
+class Phase(StrEnum):
+    """Where the service is in the federation; its value is what checkpoints, status.json
+    and logs hold."""
+
+    WAITING = "waiting"  # for enough silos to join
+    PUBLISHING = "publishing"  # the round's plans (again, after a crash while sending)
+    COLLECTING = "collecting"  # uploads, until all came or the deadline
+    DONE = "done"  # the final round closed, results written
+
+
 @dataclass
 class Member:
     model: str
@@ -69,7 +80,7 @@ class Member:
 class ServiceState:
     """Everything besides the engine that a resumed aggregator needs (JSON-able)."""
 
-    phase: str = "waiting"  # waiting | publishing | collecting | done
+    phase: Phase = Phase.WAITING
     round: int = 0
     members: dict[str, Member] = field(default_factory=dict)
     shapes: dict[str, list[int]] = field(default_factory=dict)  # adapted module -> [in, out]
@@ -92,7 +103,8 @@ class ServiceState:
         data = dict(data)
         data.pop("model_digest", None)  # written before federation.toml fixed the digest
         members = {k: Member(**v) for k, v in data.pop("members").items()}
-        return cls(**data, members=members)
+        phase = Phase(data.pop("phase"))
+        return cls(**data, members=members, phase=phase)
 
 
 class AggregatorService:
@@ -134,7 +146,7 @@ class AggregatorService:
     def run(self) -> ServiceState:
         self.open()
         try:
-            while self.state.phase != "done" and self._stop_reason is None:
+            while self.state.phase is not Phase.DONE and self._stop_reason is None:
                 self.step()
             if self._stop_reason is not None:
                 log_event(log, "aggregator_stopping", reason=self._stop_reason,
@@ -187,12 +199,12 @@ class AggregatorService:
     def step(self) -> None:
         """One turn of the loop: wait a little for a message, then act on the phase."""
         phase = self.state.phase
-        if phase == "waiting":
+        if phase is Phase.WAITING:
             self._receive(self.poll_s)
             self._maybe_start()
-        elif phase == "publishing":
+        elif phase is Phase.PUBLISHING:
             self._publish()
-        elif phase == "collecting":
+        elif phase is Phase.COLLECTING:
             deadline = self.state.deadline_at or self.clock()
             self._receive(max(0.0, min(self.poll_s, deadline - self.clock())))
             self._maybe_close()
@@ -269,7 +281,7 @@ class AggregatorService:
     def _on_upload(self, delivery: Delivery[Upload]) -> bool:
         """Apply an upload; False if it was rejected (invalid tensors) instead."""
         upload = delivery.message
-        if self.state.phase != "collecting" or self.engine is None:
+        if self.state.phase is not Phase.COLLECTING or self.engine is None:
             self.state.count("late")
             log_event(log, "upload_late", logging.WARNING, silo=upload.silo_id,
                       upload_round=upload.round, phase=self.state.phase)
@@ -305,7 +317,7 @@ class AggregatorService:
             self.engine = self._new_engine()
             shapes = {k: ModuleShape(*v) for k, v in self.state.shapes.items()}
             self.engine.start(shapes, self._participants())
-            self.state.phase = "publishing"
+            self.state.phase = Phase.PUBLISHING
             log_event(log, "federation_started", silos=self._participants())
             self._checkpoint()
             return
@@ -319,16 +331,16 @@ class AggregatorService:
 
     def _publish(self) -> None:
         assert self.engine is not None
-        round = self.state.round
+        server_round = self.state.round
         # Uploads of the round before stay "late" (counted); older ones are replays.
-        self._codec().advance(round - 1)
-        record = self.engine.publish(round, self._participants())
+        self._codec().advance(server_round - 1)
+        record = self.engine.publish(server_round, self._participants())
         self._write_assignment(record)
-        self.faults.reach("published", round)
-        self.state.phase = "collecting"
+        self.faults.reach("published", server_round)
+        self.state.phase = Phase.COLLECTING
         self.state.deadline_at = self.clock() + self.config.rounds.deadline_s
         self.state.extensions = 0
-        log_event(log, "round_opened", round=round, final=record.final,
+        log_event(log, "round_opened", round=server_round, final=record.final,
                   silos=record.expected, deadline_s=self.config.rounds.deadline_s,
                   bytes_down=sum(record.bytes_down.values()))
         self._checkpoint()
@@ -389,11 +401,11 @@ class AggregatorService:
             **(record.aggregation.details if record.aggregation is not None else {}),
         )
         if record.final:
-            self.state.phase = "done"
+            self.state.phase = Phase.DONE
             self._write_results()
         else:
             self.state.round += 1
-            self.state.phase = "publishing"
+            self.state.phase = Phase.PUBLISHING
         self.state.deadline_at = None
         self._checkpoint()
         self.faults.reach("closed", record.round)
@@ -519,9 +531,9 @@ class AggregatorService:
             "extensions": state.extensions,
             "roster": list(self.config.silos),
             "joined": sorted(state.members),
-            "expected": record.expected if record and state.phase == "collecting" else [],
-            "uploaded": dict(record.bytes_up) if record and state.phase == "collecting" else {},
-            "missing": record.missing if record and state.phase == "collecting" else [],
+            "expected": record.expected if record and state.phase is Phase.COLLECTING else [],
+            "uploaded": dict(record.bytes_up) if record and state.phase is Phase.COLLECTING else {},
+            "missing": record.missing if record and state.phase is Phase.COLLECTING else [],
             "bytes_down": dict(record.bytes_down) if record else {},
             "counters": dict(state.counters),
             "reconnects": self.transport.reconnects if self.transport is not None else 0,

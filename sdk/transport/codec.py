@@ -43,8 +43,9 @@ class Codec(ABC):
     def open(self, data: bytes) -> Message:
         """The message in `data`, or `Rejected` saying why not."""
 
-    def advance(self, round: int) -> None:  # noqa: B027 - optional
-        """From now on, messages for rounds before `round` are replays (closed rounds)."""
+    def advance(self, server_round: int) -> None:  # noqa: B027 - optional
+        """From now on, messages for rounds before `server_round` are replays (closed
+        rounds)."""
 
     def state_dict(self) -> dict[str, Any]:
         """What must survive a restart (replay memory); checkpointed by the services."""

@@ -4,13 +4,20 @@ real broker and real processes: tests/cli/test_deployment.py."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
 import torch
 
 from fedsilo.aggregator.config import FederationConfig, RoundsSection, ScheduleSection
-from fedsilo.aggregator.service import CHECKPOINT, AggregatorService, FederationAborted
+from fedsilo.aggregator.service import (
+    CHECKPOINT,
+    AggregatorService,
+    FederationAborted,
+    Phase,
+    ServiceState,
+)
 from fedsilo.sdk.checkpoint import load_checkpoint
 from fedsilo.sdk.messages import Announce, Upload
 from fedsilo.sdk.params import ModuleShape
@@ -199,3 +206,14 @@ def test_refusal_counts_survive_a_restart(tmp_path: Path) -> None:
     again.close()
     third = _service(config, MemoryTransport(), clock)
     assert third.status()["rejected"] == {"non-finite": 1}  # not counted twice
+
+
+def test_phase_keeps_its_string_in_checkpoints_and_status(tmp_path: Path) -> None:
+    """Phases are an enum in the code and their plain values on disk: a checkpoint written
+    before the enum (or by this version) loads as the member, and dumps as the string."""
+    state = ServiceState.from_json({**ServiceState().to_json(), "phase": "collecting"})
+    assert state.phase is Phase.COLLECTING
+    assert json.loads(json.dumps(state.to_json()))["phase"] == "collecting"
+    service = _service(_config(tmp_path), MemoryTransport(), Clock())
+    assert json.loads(json.dumps(service.status()))["phase"] == "waiting"
+    service.close()
