@@ -75,7 +75,8 @@ from fedsilo.sdk.params import (
     shared_key,
 )
 from fedsilo.sdk.protocol import decode, encode, tensor_bytes
-from fedsilo.sdk.transport.amqp import AmqpTransport, mask_url
+from fedsilo.sdk.transport.amqp import AmqpTransport
+from fedsilo.sdk.transport.amqp_connection import mask_url
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 

@@ -359,7 +359,7 @@ def dead_letters(
     from fedsilo.aggregator.config import FederationConfig
     from fedsilo.cli.dead_letters import describe_all, render_dead_letters
     from fedsilo.cli.status import read_status
-    from fedsilo.sdk.transport.amqp import BrokerUnavailable
+    from fedsilo.sdk.transport.amqp_connection import BrokerUnavailable
 
     console = Console()
     cfg = _load(console, FederationConfig, config, None, False)
@@ -437,7 +437,7 @@ def _run_service(out: ServiceOutput, service: Any, name: str) -> None:
     from fedsilo.sdk.checkpoint import CheckpointError
     from fedsilo.sdk.data.examples import DataError
     from fedsilo.sdk.models.loading import ModelLoadError
-    from fedsilo.sdk.transport.amqp import BrokerUnavailable, SiloAlreadyConnected
+    from fedsilo.sdk.transport.amqp_connection import BrokerUnavailable, SiloAlreadyConnected
     from fedsilo.silo_agent.service import PrivacyBudgetExhausted
 
     signals = {"count": 0}

@@ -38,7 +38,7 @@ from fedsilo.privacy.certs import CertPair, issue, make_ca
 from fedsilo.privacy.keys import Keyring, PartyKeys, TrustStore
 from fedsilo.sdk.config import ConfigError, dump_toml, load_config
 from fedsilo.sdk.files import write_atomic
-from fedsilo.sdk.transport.amqp import (
+from fedsilo.sdk.transport.amqp_topology import (
     AGGREGATOR,
     DEAD_EXCHANGE,
     DEAD_QUEUE,

@@ -10,18 +10,14 @@ import importlib
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from fedsilo.sdk.transport.amqp import (
-        AmqpTransport,
-        BrokerUnavailable,
-        PublishError,
-        TransferProgress,
-    )
+    from fedsilo.sdk.transport.amqp import AmqpTransport, PublishError, TransferProgress
+    from fedsilo.sdk.transport.amqp_connection import BrokerUnavailable
     from fedsilo.sdk.transport.base import Delivery, TrafficCounter, Transport
     from fedsilo.sdk.transport.memory import MemoryTransport
 
 _LAZY = {
     "AmqpTransport": "fedsilo.sdk.transport.amqp",
-    "BrokerUnavailable": "fedsilo.sdk.transport.amqp",
+    "BrokerUnavailable": "fedsilo.sdk.transport.amqp_connection",
     "Delivery": "fedsilo.sdk.transport.base",
     "MemoryTransport": "fedsilo.sdk.transport.memory",
     "PublishError": "fedsilo.sdk.transport.amqp",

@@ -1,14 +1,8 @@
-"""RabbitMQ transport (AMQP 0-9-1 via pika's BlockingConnection).
+"""RabbitMQ transport (AMQP 0-9-1 via pika's BlockingConnection): chunked, confirmed sends
+and reassembling receives over the connection of `amqp_connection` and the queues of
+`amqp_topology`.
 
-Topology, declared idempotently by every transport in the federation's vhost:
-
-    fedsilo.plans   (direct)  --<silo id>-->  silo.<id>.plans      (one per silo)
-    fedsilo.uploads (direct)  --aggregator--> aggregator.uploads
-    fedsilo.dead    (fanout)  ------------->  fedsilo.dead         (audit; both work
-                                                                     queues dead-letter here)
-
-Queues are durable quorum queues (classic durable where the broker refuses quorum),
-messages persistent, publishes mandatory with publisher confirms: `send_*` returns only
+Messages are persistent, publishes mandatory with publisher confirms: `send_*` returns only
 once the broker confirmed every chunk. Payloads above `chunk_size` travel as numbered chunks
 (`chunking.ChunkHeader` in the AMQP headers, chunk bytes in the body).
 
@@ -25,16 +19,11 @@ Nothing is acked before `Delivery.ack()`; a closed connection returns all unacke
 deliveries to their queue, so they are redelivered. Malformed messages are rejected without
 requeue (they land in `fedsilo.dead`), logged, and counted in `rejected`.
 
-Faults. The transport takes one URL or several (the nodes of a cluster) and connects to the
-first that answers; `startup_timeout` keeps trying that long at start. Any operation that
-finds the connection or channel lost (broker restart, network loss, `rabbitmqctl
-close_connection`, a broker alarm outlasting `blocked_connection_timeout`) reconnects with
-exponential backoff and full jitter, cycling through the URLs, for at most
-`reconnect_timeout` seconds of outage, then raises `BrokerUnavailable`. A reconnect opens a
-new channel, redeclares the topology, drops half-reassembled messages and forgets unacked
-delivery tags (the broker requeues every unacked delivery of a dead connection, so they come
-again), then retries the operation. Each connection/channel has a generation number; the
-`ack()` of a delivery from an older generation is a no-op, since its message is redelivered.
+Faults (see `amqp_connection`): an operation that finds the connection lost reconnects and
+runs again. A reconnect redeclares the topology, drops half-reassembled messages and forgets
+unacked delivery tags (the broker requeues every unacked delivery of a dead connection, so
+they come again). The `ack()` of a delivery from an older connection generation is a no-op,
+since its message is redelivered.
 
 Delivery is therefore AT-LEAST-ONCE: a publish interrupted part-way (or whose confirm was
 lost) is re-sent whole under a fresh message id, so a message can arrive twice (the
@@ -53,20 +42,29 @@ heartbeats are answered and the broker does not drop the connection.
 from __future__ import annotations
 
 import logging
-import random
 import time
 import uuid
 from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Any, Literal, TypeVar
-from urllib.parse import quote, unquote, urlsplit, urlunsplit
+from typing import Any, Literal
 
 import pika
 import pika.exceptions
 
 from fedsilo.sdk.messages import Announce, RoundPlan, Upload
+from fedsilo.sdk.transport.amqp_connection import AmqpConnection, ConnectionLost
+from fedsilo.sdk.transport.amqp_topology import (
+    AGGREGATOR,
+    DEAD_QUEUE,
+    PLANS_EXCHANGE,
+    UPLOADS_EXCHANGE,
+    UPLOADS_QUEUE,
+    UPLOADS_ROUTING_KEY,
+    AmqpTopology,
+    plans_queue,
+)
 from fedsilo.sdk.transport.base import (
     REFUSALS_KEPT,
     Delivery,
@@ -77,73 +75,14 @@ from fedsilo.sdk.transport.base import (
 )
 from fedsilo.sdk.transport.chunking import Chunk, ChunkError, ChunkHeader, Reassembler, split
 from fedsilo.sdk.transport.codec import Codec, PlainCodec, Rejected
-from fedsilo.sdk.transport.tls import TlsFiles, describe_tls_error, ssl_options
+from fedsilo.sdk.transport.tls import TlsFiles
 
 log = logging.getLogger(__name__)
 
-PLANS_EXCHANGE = "fedsilo.plans"
-UPLOADS_EXCHANGE = "fedsilo.uploads"
-DEAD_EXCHANGE = "fedsilo.dead"
-DEAD_QUEUE = "fedsilo.dead"
-UPLOADS_QUEUE = "aggregator.uploads"
-UPLOADS_ROUTING_KEY = "aggregator"
-AGGREGATOR = "aggregator"
 CONTENT_TYPE = "application/x-fedsilo"
 #: Stale chunk sets are dropped when a queue runs empty, and at least this often while a
 #: flood keeps it busy.
 EXPIRE_EVERY_S = 1.0
-
-#: Channel.Close reply codes that mean "the broker side went away", not "you made a mistake"
-#: (320 connection-forced, 506 resource-error, 541 internal-error).
-_TRANSIENT_CLOSE_CODES = frozenset({320, 506, 541})
-
-T = TypeVar("T")
-
-
-def plans_queue(silo_id: str) -> str:
-    return f"silo.{silo_id}.plans"
-
-
-def lock_queue(silo_id: str) -> str:
-    """An exclusive queue an agent holds while connected: the broker refuses a second one
-    and drops it when the holder's connection dies (however it dies)."""
-    return f"silo.{silo_id}.lock"
-
-
-def mask_url(url: str) -> str:
-    """`url` with the password replaced by *** and the port made explicit."""
-    parts = urlsplit(url)
-    host = parts.hostname or "localhost"
-    try:
-        port = parts.port
-    except ValueError:
-        port = None
-    port = port or (5671 if parts.scheme == "amqps" else 5672)
-    user = parts.username
-    auth = f"{user}:***@" if parts.password is not None else (f"{user}@" if user else "")
-    return urlunsplit((parts.scheme, f"{auth}{host}:{port}", parts.path, "", ""))
-
-
-class BrokerUnavailable(ConnectionError):
-    """The broker could not be reached or refused the connection."""
-
-
-def refusal(exc: BaseException) -> Literal["credentials", "vhost"] | None:
-    """Why a broker that answered refused a connection: its login (ACCESS_REFUSED) or the
-    vhost (NOT_ALLOWED: absent, or no permission); None for "nobody answered" and other
-    failures. Each needs a different fix, so the error message must tell them apart."""
-    text = f"{exc} {exc.args!r}"
-    if (isinstance(exc, pika.exceptions.ProbableAuthenticationError | pika.exceptions
-                   .AuthenticationError) or "ACCESS_REFUSED" in text):
-        return "credentials"
-    if isinstance(exc, pika.exceptions.ProbableAccessDeniedError) or "NOT_ALLOWED" in text:
-        return "vhost"
-    return None
-
-
-class SiloAlreadyConnected(RuntimeError):
-    """Another live process holds this silo's broker lock: two agents of one silo would
-    split its plans between them."""
 
 
 class PublishError(RuntimeError):
@@ -164,18 +103,10 @@ class TransferProgress:
     chunks_total: int
 
 
-class _Lost(Exception):
-    """Internal: the connection is not usable (no pika exception to show for it)."""
-
-
 class AmqpTransport(Transport):
     """One connection, one channel, one thread. `role` is "aggregator" or this process's
-    silo id. `url` is one broker URL or several (cluster nodes, tried in turn).
-
-    `reconnects` counts successful reconnections after a loss; `url` is the URL currently
-    (or last) connected to, `urls` all of them. `reconnect_timeout=None` retries forever;
-    `blocked_connection_timeout=None` waits out a broker alarm forever; `heartbeat=None`
-    takes the broker's heartbeat interval."""
+    silo id. `url` is one broker URL or several (cluster nodes, tried in turn); the
+    connection settings are `AmqpConnection`'s."""
 
     def __init__(
         self,
@@ -202,397 +133,75 @@ class AmqpTransport(Transport):
     ) -> None:
         if chunk_size <= 0:
             raise ValueError("chunk_size must be positive")
-        urls = (url,) if isinstance(url, str) else tuple(url)
-        if not urls or not all(isinstance(u, str) and u for u in urls):
-            raise ValueError("url must be a broker URL or a non-empty sequence of them")
-        if startup_timeout < 0 or (reconnect_timeout is not None and reconnect_timeout < 0):
-            raise ValueError("startup_timeout and reconnect_timeout must be >= 0")
-        if backoff_base <= 0 or backoff_cap < backoff_base:
-            raise ValueError("need 0 < backoff_base <= backoff_cap")
-        self.urls: tuple[str, ...] = urls
-        self.url = urls[0]
+        silos = list(dict.fromkeys(silo_ids))
+        if role != AGGREGATOR and role not in silos:
+            silos.insert(0, role)
+        # A silo's agent holds its lock queue (one live agent per silo); other transports
+        # of the same role (a test's sender) do not.
+        self.topology = AmqpTopology(
+            silos,
+            declare_topology=declare_topology,
+            lock=role if exclusive and role != AGGREGATOR else None,
+        )
+        self.connection = AmqpConnection(
+            url,
+            role,
+            on_connect=self.topology.setup,
+            on_drop=self._forget_deliveries,
+            prefetch=prefetch,
+            connect_timeout=connect_timeout,
+            startup_timeout=startup_timeout,
+            reconnect_timeout=reconnect_timeout,
+            backoff_base=backoff_base,
+            backoff_cap=backoff_cap,
+            heartbeat=heartbeat,
+            blocked_connection_timeout=blocked_connection_timeout,
+            tls=tls,
+        )
         self.role = role
         self.chunk_size = chunk_size
-        self.prefetch = prefetch
         self.traffic = TrafficCounter()
         self.rejected: dict[str, int] = {}
         self.refusals: deque[RefusalRecord] = deque(maxlen=REFUSALS_KEPT)
         self.redelivered_done = 0  # redeliveries of messages already handled, acknowledged
-        self._reconnects = 0
-        self.connect_timeout = connect_timeout
-        self.reconnect_timeout = reconnect_timeout
-        self.backoff_base = backoff_base
-        self.backoff_cap = backoff_cap
-        self.heartbeat = heartbeat
-        self.blocked_connection_timeout = blocked_connection_timeout
         self.progress = progress
-        self.tls = tls or TlsFiles()  # used by amqps:// URLs only
-        self.declare_topology = declare_topology  # False: the broker's definitions provide it
         self.codec = codec or PlainCodec()
-        # A silo's agent holds its lock queue (one live agent per silo); other transports
-        # of the same role (a test's sender) do not.
-        self.exclusive = exclusive and role != AGGREGATOR
-        self._ever_connected = False
-        silos = list(dict.fromkeys(silo_ids))
-        if role != AGGREGATOR and role not in silos:
-            silos.insert(0, role)
-        self._silos = silos
         self._reassemblers: dict[str, Reassembler] = {}
         # queue -> (sender, message id) -> delivery tags of the chunks held
         self._held: dict[str, dict[tuple[str, str], list[int]]] = {}
         self._expired_at: dict[str, float] = {}  # queue -> when stale chunk sets were dropped
-        self._user: str | None = None  # our broker login, stamped as user_id
         self._max_pending_bytes = max_pending_bytes
         self._reassembly_timeout = reassembly_timeout
-        self._quorum = True
-        self._connection: pika.BlockingConnection | None = None
-        self._channel: Any = None
-        self._generation = 0  # bumped for every channel opened and every connection lost
-        self._url_index = 0
-        self._outage_since: float | None = None  # when the current outage began
-        self._attempts = 0  # reconnect attempts in the current outage
-        self._blocked = False
-        self._closed = False
+        self.connection.start()
 
-        deadline = time.monotonic() + startup_timeout
-        attempt = 0
-        while True:
-            errors = self._connect_pass(0)
-            if errors is None:
-                return
-            now = time.monotonic()
-            # A refused login or vhost is permanent: waiting out startup_timeout won't help.
-            if now >= deadline or all(refusal(e) is not None for _, e in errors):
-                raise BrokerUnavailable(
-                    self._unavailable(errors, "cannot connect to the RabbitMQ broker", None)
-                ) from None
-            log.info("no broker answered (%s); retrying", self._describe(errors))
-            time.sleep(min(self._backoff(attempt), deadline - now))
-            attempt += 1
+    @property
+    def url(self) -> str:
+        """The broker URL currently (or last) connected to."""
+        return self.connection.url
+
+    @property
+    def urls(self) -> tuple[str, ...]:
+        return self.connection.urls
 
     @property
     def reconnects(self) -> int:
-        return self._reconnects
+        return self.connection.reconnects
 
     @property
     def blocked(self) -> bool:
         """Whether the broker currently blocks this connection (memory or disk alarm)."""
-        return self._blocked
-
-    # -- connecting --------------------------------------------------------------------
-
-    def _backoff(self, attempt: int) -> float:
-        """Exponential backoff with full jitter."""
-        return random.uniform(0.0, min(self.backoff_cap, self.backoff_base * 2**attempt))
-
-    def _scrub(self, text: str) -> str:
-        for url in self.urls:
-            password = urlsplit(url).password
-            if password:
-                for form in {password, unquote(password), quote(unquote(password), safe="")}:
-                    if form:
-                        text = text.replace(form, "***")
-        return text
-
-    def _detail(self, exc: BaseException) -> str:
-        """`exc` as "Type: detail", password-free (pika's wrappers often have no str)."""
-        tls = describe_tls_error(exc)
-        if tls is not None:  # plain words and a remedy instead of an OpenSSL code
-            return self._scrub(tls)
-        text = str(exc) or ", ".join(str(a) or repr(a) for a in exc.args)
-        return f"{type(exc).__name__}: {self._scrub(text) or 'no detail'}"
-
-    def _describe(self, errors: list[tuple[str, BaseException]]) -> str:
-        return "; ".join(f"{mask_url(u)} ({self._detail(e)})" for u, e in errors)
-
-    def _unavailable(
-        self, errors: list[tuple[str, BaseException]], what: str, outage: float | None
-    ) -> str:
-        plural = len(self.urls) > 1
-        during = "" if outage is None else f" (gave up after an outage of {outage:.1f} s)"
-        hints = []
-        for url, kind in dict.fromkeys((u, refusal(e)) for u, e in errors):
-            parts = urlsplit(url)
-            user = unquote(parts.username or "guest")
-            vhost = unquote(parts.path[1:]) if len(parts.path) > 1 else "/"
-            if kind == "credentials":
-                hints.append(
-                    f"{mask_url(url)} refused the credentials of user {user!r}: check the user "
-                    "name and password in broker.urls (or broker.password_file) and that the "
-                    "user exists on the broker (`rabbitmqctl list_users`; RabbitMQ's `guest` "
-                    "may log in from localhost only)."
-                )
-            elif kind == "vhost":
-                hints.append(
-                    f"{mask_url(url)} refused user {user!r} access to the vhost {vhost!r} (it "
-                    "does not exist, or the user has no permissions on it): create it with "
-                    f"`rabbitmqctl add_vhost {vhost}` and `rabbitmqctl set_permissions -p "
-                    f"{vhost} {user} '.*' '.*' '.*'` (or import the provisioning kit's "
-                    "definitions), or fix the vhost in broker.urls."
-                )
-        if any(refusal(e) is None for _, e in errors):
-            hints.append(
-                "Start a broker (`rabbitmq-server -detached`) or check the host and port in "
-                f"the URL{'s' if plural else ''}."
-            )
-        return (
-            f"{what}{during}: tried {'each of ' if plural else ''}{self._describe(errors)}. "
-            + " ".join(dict.fromkeys(hints))
-        )
-
-    def _parameters(self, url: str) -> pika.URLParameters:
-        params = pika.URLParameters(url)
-        # Replaces pika's default amqps:// context (and any ?ssl_options= in the URL).
-        params.ssl_options = ssl_options(
-            url,
-            ca_file=self.tls.ca_file,
-            cert_file=self.tls.cert_file,
-            key_file=self.tls.key_file,
-            server_name=self.tls.server_name,
-        )
-        params.connection_attempts = 1
-        params.retry_delay = 0
-        params.socket_timeout = self.connect_timeout
-        params.stack_timeout = self.connect_timeout
-        params.blocked_connection_timeout = self.blocked_connection_timeout
-        if self.heartbeat is not None:
-            params.heartbeat = self.heartbeat
-        return params
-
-    def _connect_pass(self, first: int) -> list[tuple[str, BaseException]] | None:
-        """Try every URL once, starting with `first`; None on success, else the errors."""
-        errors: list[tuple[str, BaseException]] = []
-        n = len(self.urls)
-        for k in range(n):
-            i = (first + k) % n
-            url = self.urls[i]
-            try:
-                connection = pika.BlockingConnection(self._parameters(url))
-            except (pika.exceptions.AMQPError, OSError) as exc:
-                errors.append((url, exc))
-                continue
-            self._connection = connection
-            self._url_index = i
-            self.url = url
-            # Stamped on every publish: the broker validates it against the login, so a
-            # receiver can tell senders apart (per-sender chunk quotas) without trusting them.
-            credentials = pika.URLParameters(url).credentials
-            self._user = (credentials.username
-                          if isinstance(credentials, pika.PlainCredentials) else None)
-            try:
-                self._setup()
-            except Exception as exc:
-                self._drop()
-                if getattr(exc, "reply_code", None) == 405 and not self._ever_connected:
-                    raise SiloAlreadyConnected(
-                        f"another agent of {self.role} is connected to the broker at "
-                        f"{mask_url(url)} (it holds {lock_queue(self.role)}); stop it first: "
-                        "two agents of one silo would split its plans"
-                    ) from None
-                if getattr(exc, "reply_code", None) == 403:  # permanent: retrying won't help
-                    raise BrokerUnavailable(
-                        f"the broker at {mask_url(url)} refused access while setting up "
-                        f"({self._detail(exc)}). Check the user's permissions on the vhost; "
-                        "a provisioned silo may not configure anything and needs "
-                        "broker.declare_topology = false (its kit's config sets it)."
-                    ) from None
-                if not self._is_loss(exc):
-                    raise
-                errors.append((url, exc))
-                continue
-            self._ever_connected = True
-            return None
-        return errors
-
-    def _setup(self) -> None:
-        assert self._connection is not None
-        impl = getattr(self._connection, "_impl", None)
-        # Registered on the I/O layer so the warning shows while a publish is stuck; the
-        # BlockingConnection API would only report it once the blocking call returned.
-        target = impl if impl is not None else self._connection
-        target.add_on_connection_blocked_callback(self._on_blocked)
-        target.add_on_connection_unblocked_callback(self._on_unblocked)
-        self._open_channel()
-        if self.exclusive:
-            # 405 RESOURCE_LOCKED while another connection holds it. After an outage of our
-            # own that is our old connection the broker has not dropped yet: retried.
-            self._channel.queue_declare(lock_queue(self.role), exclusive=True, auto_delete=True)
-        if self.declare_topology:
-            self._declare_topology()
-
-    def _on_blocked(self, _connection: Any, frame: Any) -> None:
-        if not self._blocked:
-            self._blocked = True
-            reason = getattr(getattr(frame, "method", None), "reason", "") or "no reason given"
-            log.warning("broker blocked publishing: %s; waiting (%s)", reason, mask_url(self.url))
-
-    def _on_unblocked(self, _connection: Any = None, _frame: Any = None) -> None:
-        if self._blocked:
-            self._blocked = False
-            log.info("broker unblocked publishing (%s)", mask_url(self.url))
-
-    def _is_loss(self, exc: BaseException) -> bool:
-        """Whether `exc` means the connection or channel is gone (reconnect and retry)."""
-        if isinstance(exc, BrokerUnavailable):
-            return False
-        if isinstance(exc, _Lost):
-            return True
-        if isinstance(exc, pika.exceptions.ChannelClosed):
-            connection = self._connection
-            return (
-                connection is None
-                or not connection.is_open
-                or exc.reply_code in _TRANSIENT_CLOSE_CODES
-            )
-        return isinstance(
-            exc,
-            (pika.exceptions.AMQPConnectionError, pika.exceptions.ChannelWrongStateError, OSError),
-        )
-
-    def _drop(self) -> None:
-        """Forget the connection, its channel and everything tied to them."""
-        connection, self._connection, self._channel = self._connection, None, None
-        self._generation += 1
-        self._reassemblers.clear()
-        self._held.clear()
-        if connection is not None and connection.is_open:
-            try:
-                connection.close()
-            except Exception as exc:  # already broken: nothing to release
-                log.debug("error closing AMQP connection: %s", exc)
-
-    def _lost(self, exc: BaseException, doing: str) -> None:
-        if self._outage_since is None:
-            self._outage_since = time.monotonic()
-        log.warning(
-            "lost the connection to the broker at %s while %s (%s); reconnecting",
-            mask_url(self.url),
-            doing,
-            self._detail(exc),
-        )
-        self._drop()
-
-    def _usable(self) -> bool:
-        c, ch = self._connection, self._channel
-        return c is not None and c.is_open and ch is not None and ch.is_open
-
-    def _ensure(self, deadline: float | None = None) -> bool:
-        """Connected, reconnecting if needed. False when `deadline` passed first (the outage
-        goes on); BrokerUnavailable once the outage exceeds `reconnect_timeout`."""
-        if self._closed:
-            raise RuntimeError("this AmqpTransport is closed")
-        if self._usable():
-            return True
-        if self._connection is not None:
-            self._lost(_Lost("connection or channel closed"), "checking the connection")
-        if self._outage_since is None:
-            self._outage_since = time.monotonic()
-        limit = (
-            None
-            if self.reconnect_timeout is None
-            else (self._outage_since + self.reconnect_timeout)
-        )
-        while True:
-            if self._attempts:  # the first try is immediate, later ones back off
-                delay = self._backoff(self._attempts - 1)
-                now = time.monotonic()
-                for end in (limit, deadline):
-                    if end is not None:
-                        delay = min(delay, end - now)
-                time.sleep(max(delay, 0.0))
-            self._attempts += 1
-            errors = self._connect_pass(self._url_index + 1)
-            now = time.monotonic()
-            if errors is None:
-                self._reconnects += 1
-                log.warning(
-                    "reconnected to the broker at %s after %.1f s (reconnect #%d)",
-                    mask_url(self.url),
-                    now - self._outage_since,
-                    self._reconnects,
-                )
-                return True
-            # Only a failed attempt ends the outage: a broker that accepts connections but
-            # blocks publishing (alarm) is waited out however long it takes.
-            if limit is not None and now >= limit:
-                raise BrokerUnavailable(
-                    self._unavailable(errors, "lost the RabbitMQ broker", now - self._outage_since)
-                ) from None
-            if deadline is not None and now >= deadline:
-                return False
-            log.info("broker still unreachable (%s); retrying", self._describe(errors))
-
-    def _healthy(self) -> None:
-        """An operation succeeded: any outage is over."""
-        self._outage_since = None
-        self._attempts = 0
-
-    def _call(self, op: Callable[[], T], doing: str) -> T:
-        """`op()` on a live connection; on a loss, reconnect and run it again."""
-        while True:
-            self._ensure()
-            try:
-                result = op()
-            except Exception as exc:
-                if not self._is_loss(exc):
-                    raise
-                self._lost(exc, doing)
-                continue
-            self._healthy()
-            return result
+        return self.connection.blocked
 
     def keep_alive(self) -> None:
         """Service heartbeats and broker notifications without consuming anything;
         reconnects if the connection was lost. Call it between long computation steps."""
-        self._call(
-            lambda: self._conn().process_data_events(time_limit=0), "keeping the connection alive"
-        )
+        self.connection.keep_alive()
 
-    def _conn(self) -> pika.BlockingConnection:
-        if self._connection is None:
-            raise _Lost("not connected")
-        return self._connection
-
-    # -- setup -------------------------------------------------------------------------
-
-    def _open_channel(self) -> None:
-        self._generation += 1
-        self._channel = self._conn().channel()
-        self._channel.confirm_delivery()
-        self._channel.basic_qos(prefetch_count=self.prefetch)
-
-    def _declare_queue(self, name: str, dead_letter: bool) -> None:
-        args: dict[str, Any] = {"x-dead-letter-exchange": DEAD_EXCHANGE} if dead_letter else {}
-        if self._quorum:
-            try:
-                self._channel.queue_declare(
-                    name, durable=True, arguments={"x-queue-type": "quorum", **args}
-                )
-                return
-            except pika.exceptions.ChannelClosedByBroker as exc:
-                if self._is_loss(exc):
-                    raise
-                log.warning(
-                    "broker refused quorum queue %s (%s); using classic durable queues",
-                    name,
-                    exc,
-                )
-                self._quorum = False
-                self._open_channel()
-        self._channel.queue_declare(name, durable=True, arguments=args or None)
-
-    def _declare_topology(self) -> None:
-        ch = self._channel
-        ch.exchange_declare(DEAD_EXCHANGE, exchange_type="fanout", durable=True)
-        ch.exchange_declare(PLANS_EXCHANGE, exchange_type="direct", durable=True)
-        ch.exchange_declare(UPLOADS_EXCHANGE, exchange_type="direct", durable=True)
-        self._declare_queue(DEAD_QUEUE, dead_letter=False)
-        self._channel.queue_bind(DEAD_QUEUE, DEAD_EXCHANGE)
-        self._declare_queue(UPLOADS_QUEUE, dead_letter=True)
-        self._channel.queue_bind(UPLOADS_QUEUE, UPLOADS_EXCHANGE, routing_key=UPLOADS_ROUTING_KEY)
-        for silo_id in self._silos:
-            self._declare_queue(plans_queue(silo_id), dead_letter=True)
-            self._channel.queue_bind(plans_queue(silo_id), PLANS_EXCHANGE, routing_key=silo_id)
+    def _forget_deliveries(self) -> None:
+        """The connection is gone: its half-reassembled messages and unacked tags with it
+        (the broker requeues them)."""
+        self._reassemblers.clear()
+        self._held.clear()
 
     # -- sending -----------------------------------------------------------------------
 
@@ -605,7 +214,7 @@ class AmqpTransport(Transport):
             log.exception("progress callback failed")
 
     def _publish(self, exchange: str, routing_key: str, data: bytes) -> None:
-        self._call(
+        self.connection.call(
             lambda: self._publish_once(exchange, routing_key, data), f"publishing to {exchange}"
         )
 
@@ -619,9 +228,9 @@ class AmqpTransport(Transport):
             pieces = [
                 (c.header.to_headers(), c.data) for c in split(data, message_id, self.chunk_size)
             ]
-        channel = self._channel
+        channel = self.connection.channel
         if channel is None:
-            raise _Lost("not connected")
+            raise ConnectionLost("not connected")
         done = 0
         for i, (headers, body) in enumerate(pieces):
             props = pika.BasicProperties(
@@ -629,7 +238,7 @@ class AmqpTransport(Transport):
                 content_type=CONTENT_TYPE,
                 message_id=message_id,
                 headers=headers,
-                user_id=self._user,
+                user_id=self.connection.user,
             )
             try:
                 channel.basic_publish(exchange, routing_key, body, props, mandatory=True)
@@ -646,7 +255,7 @@ class AmqpTransport(Transport):
                         "send", exchange, message_id, done, len(data), i + 1, len(pieces)
                     )
                 )
-        self._on_unblocked()  # confirmed, so not blocked (whatever notifications said)
+        self.connection.on_unblocked()  # confirmed, so not blocked (whatever notifications said)
 
     def send_plan(self, plan: RoundPlan) -> int:
         data = self.codec.seal(plan)
@@ -671,8 +280,10 @@ class AmqpTransport(Transport):
     def receive_plan(
         self, silo_id: str, timeout: float | None = None
     ) -> Delivery[RoundPlan] | None:
-        if silo_id not in self._silos:
-            raise ValueError(f"silo {silo_id!r} is not served by this transport ({self._silos})")
+        if silo_id not in self.topology.silos:
+            raise ValueError(
+                f"silo {silo_id!r} is not served by this transport ({self.topology.silos})"
+            )
         return self._receive(plans_queue(silo_id), RoundPlan, timeout)
 
     def receive_upload(self, timeout: float | None = None) -> Delivery[Inbound] | None:
@@ -696,7 +307,7 @@ class AmqpTransport(Transport):
             detail,
         )
         for tag in tags:
-            self._channel.basic_reject(tag, requeue=False)
+            self.connection.channel.basic_reject(tag, requeue=False)
         self.rejected[reason] = self.rejected.get(reason, 0) + 1
         self.refusals.append(RefusalRecord(time.time(), reason, detail, message_id))
 
@@ -716,18 +327,18 @@ class AmqpTransport(Transport):
         deadline = None if timeout is None else time.monotonic() + timeout
         delay = 0.005
         while True:
-            if not self._ensure(deadline):
+            if not self.connection.ensure(deadline):
                 return None
             try:
-                method, props, body = self._channel.basic_get(queue, auto_ack=False)
-                self._healthy()
+                method, props, body = self.connection.channel.basic_get(queue, auto_ack=False)
+                self.connection.healthy()
                 if method is None:
                     self._expire(queue)
                     remaining = None if deadline is None else deadline - time.monotonic()
                     if remaining is not None and remaining <= 0:
                         return None
                     step = delay if remaining is None else min(delay, remaining)
-                    self._conn().sleep(step)
+                    self.connection.sleep(step)
                     delay = min(delay * 2, 0.1)
                     continue
                 delay = 0.005
@@ -736,9 +347,9 @@ class AmqpTransport(Transport):
                 delivery = self._handle(queue, kind, method.delivery_tag, props, body or b"",
                                         redelivered=bool(method.redelivered))
             except Exception as exc:
-                if not self._is_loss(exc):
+                if not self.connection.is_loss(exc):
                     raise
-                self._lost(exc, f"receiving from {queue}")
+                self.connection.lost(exc, f"receiving from {queue}")
                 continue
             if delivery is not None:
                 return delivery
@@ -807,7 +418,7 @@ class AmqpTransport(Transport):
                           exc.detail)
                 self.redelivered_done += 1
                 for t in tags:
-                    self._channel.basic_ack(t)
+                    self.connection.channel.basic_ack(t)
                 return None
             self._reject(tags, exc.reason, exc.detail, message_id)
             return None
@@ -819,11 +430,11 @@ class AmqpTransport(Transport):
                         self._rejecter(tags, message_id))
 
     def _acker(self, tags: list[int]) -> Callable[[], None]:
-        generation = self._generation
+        generation = self.connection.generation
         done = False
 
         def ack_tags() -> None:
-            if self._generation != generation or self._channel is None:
+            if self.connection.generation != generation or self.connection.channel is None:
                 log.debug(
                     "ack of %d deliver%s from an earlier connection skipped: the broker "
                     "requeued %s and will deliver %s again",
@@ -834,26 +445,26 @@ class AmqpTransport(Transport):
                 )
                 return
             for tag in tags:
-                self._channel.basic_ack(tag)
+                self.connection.channel.basic_ack(tag)
 
         def ack() -> None:
             nonlocal done
             if done:
                 return
-            if self._closed:
+            if self.connection.closed:
                 log.debug("ack after close skipped: the broker requeued the message")
             else:
-                self._call(ack_tags, "acknowledging a delivery")
+                self.connection.call(ack_tags, "acknowledging a delivery")
             done = True
 
         return ack
 
     def _rejecter(self, tags: list[int], message_id: str) -> Callable[[str, str], None]:
         """Application-level refusal: dead-letter (never requeue) and count."""
-        generation = self._generation
+        generation = self.connection.generation
 
         def reject_tags(reason: str, detail: str) -> None:
-            if self._generation != generation or self._channel is None:
+            if self.connection.generation != generation or self.connection.channel is None:
                 self.rejected[reason] = self.rejected.get(reason, 0) + 1
                 log.warning(
                     "rejected a message (%s): %s; its delivery belonged to an earlier "
@@ -863,10 +474,10 @@ class AmqpTransport(Transport):
             self._reject(tags, reason, detail, message_id)
 
         def reject(reason: str, detail: str) -> None:
-            if self._closed:
+            if self.connection.closed:
                 reject_tags(reason, detail)
             else:
-                self._call(lambda: reject_tags(reason, detail), "rejecting a delivery")
+                self.connection.call(lambda: reject_tags(reason, detail), "rejecting a delivery")
 
         return reject
 
@@ -878,47 +489,34 @@ class AmqpTransport(Transport):
         def peek() -> None:
             out.clear()
             tags = []
+            channel = self.connection.channel
             try:
                 for _ in range(limit):
-                    method, props, body = self._channel.basic_get(DEAD_QUEUE, auto_ack=False)
+                    method, props, body = channel.basic_get(DEAD_QUEUE, auto_ack=False)
                     if method is None:
                         break
                     tags.append(method.delivery_tag)
                     out.append(DeadLetter.of(props, body or b""))
             finally:
                 for tag in tags:
-                    self._channel.basic_nack(tag, requeue=True)
+                    channel.basic_nack(tag, requeue=True)
 
-        self._call(peek, "reading the dead-letter queue")
+        self.connection.call(peek, "reading the dead-letter queue")
         return out
+
 
     def close(self) -> None:
         """Close the connection; the transport cannot be used afterwards (except `close`)."""
-        self._closed = True
-        connection, self._connection, self._channel = self._connection, None, None
-        self._generation += 1
-        if connection is not None and connection.is_open:
-            try:
-                connection.close()
-            except Exception as exc:  # already broken: nothing to release
-                log.debug("error closing AMQP connection: %s", exc)
+        self.connection.close()
 
 
 __all__ = [
-    "AGGREGATOR",
-    "DEAD_EXCHANGE",
-    "DEAD_QUEUE",
-    "PLANS_EXCHANGE",
-    "UPLOADS_EXCHANGE",
-    "UPLOADS_QUEUE",
-    "UPLOADS_ROUTING_KEY",
     "AmqpTransport",
-    "BrokerUnavailable",
+    "DeadLetter",
     "PublishError",
     "TransferProgress",
-    "mask_url",
-    "plans_queue",
 ]
+
 
 
 @dataclass(frozen=True)

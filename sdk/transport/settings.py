@@ -111,7 +111,8 @@ class BrokerSettings:
         codec: Codec | None = None,
         exclusive: bool = False,
     ) -> AmqpTransport:
-        from fedsilo.sdk.transport.amqp import AmqpTransport, mask_url
+        from fedsilo.sdk.transport.amqp import AmqpTransport
+        from fedsilo.sdk.transport.amqp_connection import mask_url
         from fedsilo.sdk.transport.tls import TlsFiles, insecure_remote
 
         tls = TlsFiles(

@@ -25,7 +25,7 @@ from fedsilo.sdk.amole.model import linear_shapes, target_shapes
 from fedsilo.sdk.messages import Upload
 from fedsilo.sdk.models.loading import load_model
 from fedsilo.sdk.strategies import get_strategy
-from fedsilo.sdk.transport.amqp import DEAD_QUEUE, UPLOADS_EXCHANGE, UPLOADS_ROUTING_KEY
+from fedsilo.sdk.transport.amqp_topology import DEAD_QUEUE, UPLOADS_EXCHANGE, UPLOADS_ROUTING_KEY
 from fedsilo.sdk.transport.chunking import split
 from fedsilo.simulation.engine import run_simulation
 

@@ -23,7 +23,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from fedsilo.sdk.transport.amqp import UPLOADS_EXCHANGE, UPLOADS_ROUTING_KEY
+from fedsilo.sdk.transport.amqp_topology import UPLOADS_EXCHANGE, UPLOADS_ROUTING_KEY
 from fedsilo.sdk.transport.chunking import split
 from fedsilo.simulation.engine import run_simulation
 
@@ -115,8 +115,8 @@ def _silo_connection(kit: Path, silo: str) -> tuple[pika.BlockingConnection, str
     config = load_config(SiloConfig, kit / "silo.toml", env={})
     transport = config.broker.connect(silo)  # proves the kit works, then lends its settings
     try:
-        parameters = transport._parameters(transport.url)
-        user = transport._user
+        parameters = transport.connection.parameters(transport.url)
+        user = transport.connection.user
     finally:
         transport.close()
     assert user == f"test.{silo}"  # provisioned: one broker user per silo
@@ -216,7 +216,7 @@ def _assert_silo_cannot_read_another_silos_plans(kit: Path) -> None:
     transport = config.broker.connect("silo-0")
     try:
         with pytest.raises(pika.exceptions.ChannelClosedByBroker) as info:
-            transport._channel.basic_get("silo.silo-1.plans")
+            transport.connection.channel.basic_get("silo.silo-1.plans")
         assert info.value.reply_code == 403
     finally:
         transport.close()

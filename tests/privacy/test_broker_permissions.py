@@ -26,15 +26,15 @@ from fedsilo.aggregator.config import FederationConfig
 from fedsilo.privacy.provision import ProvisionResult, provision
 from fedsilo.sdk.config import load_config
 from fedsilo.sdk.messages import RoundPlan, Upload
-from fedsilo.sdk.transport.amqp import (
+from fedsilo.sdk.transport.amqp import AmqpTransport
+from fedsilo.sdk.transport.amqp_connection import SiloAlreadyConnected
+from fedsilo.sdk.transport.amqp_topology import (
     DEAD_EXCHANGE,
     DEAD_QUEUE,
     PLANS_EXCHANGE,
     UPLOADS_EXCHANGE,
     UPLOADS_QUEUE,
     UPLOADS_ROUTING_KEY,
-    AmqpTransport,
-    SiloAlreadyConnected,
     lock_queue,
     plans_queue,
 )
@@ -228,7 +228,7 @@ def test_aggregator_redeclares_over_the_imported_topology(fed: Federation) -> No
     fail with PRECONDITION_FAILED (and the quorum fallback would hide it: check it too)."""
     aggregator = AmqpTransport([fed.url("aggregator")], "aggregator", silo_ids=SILOS)
     try:
-        assert aggregator._quorum
+        assert aggregator.topology.quorum
         aggregator.send_plan(_plan("silo-a"))
     finally:
         aggregator.close()
@@ -279,7 +279,7 @@ def test_the_kits_run_a_round_trip(fed: Federation) -> None:
 
 
 def test_a_silo_transport_that_declares_is_told_why(fed: Federation) -> None:
-    from fedsilo.sdk.transport.amqp import BrokerUnavailable
+    from fedsilo.sdk.transport.amqp_connection import BrokerUnavailable
 
     with pytest.raises(BrokerUnavailable, match="declare_topology"):
         AmqpTransport([fed.url("silo-a")], "silo-a")

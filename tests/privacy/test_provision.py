@@ -30,12 +30,13 @@ from fedsilo.privacy.provision import (
     provision,
 )
 from fedsilo.sdk.config import load_config
-from fedsilo.sdk.transport.amqp import (
+from fedsilo.sdk.transport.amqp_connection import AmqpConnection
+from fedsilo.sdk.transport.amqp_topology import (
     DEAD_EXCHANGE,
     PLANS_EXCHANGE,
     UPLOADS_EXCHANGE,
     UPLOADS_QUEUE,
-    AmqpTransport,
+    AmqpTopology,
     lock_queue,
     plans_queue,
 )
@@ -175,14 +176,14 @@ class _Recorder:
 
 
 def _transport_topology(silos: list[str], quorum: bool) -> list[tuple[str, dict[str, Any]]]:
-    """What AmqpTransport._declare_topology sends, without a broker. (If the transport grows
-    attributes that _declare_topology reads, set them here.)"""
-    transport = AmqpTransport.__new__(AmqpTransport)
-    transport._channel = _Recorder()
-    transport._silos = list(silos)
-    transport._quorum = quorum
-    transport._declare_topology()
-    return transport._channel.calls
+    """What AmqpTopology.declare sends, without a broker. (If the topology grows
+    connection attributes that declare reads, set them here.)"""
+    topology = AmqpTopology(list(silos))
+    topology.quorum = quorum
+    connection = AmqpConnection.__new__(AmqpConnection)
+    connection.channel = _Recorder()
+    topology.declare(connection)
+    return connection.channel.calls
 
 
 @pytest.mark.parametrize("quorum", [True, False])

@@ -14,7 +14,8 @@ import pytest
 import torch
 
 from fedsilo.sdk.messages import Upload
-from fedsilo.sdk.transport.amqp import UPLOADS_EXCHANGE, UPLOADS_ROUTING_KEY, AmqpTransport
+from fedsilo.sdk.transport.amqp import AmqpTransport
+from fedsilo.sdk.transport.amqp_topology import UPLOADS_EXCHANGE, UPLOADS_ROUTING_KEY
 from fedsilo.sdk.transport.chunking import split
 
 

@@ -9,12 +9,8 @@ import torch
 
 from fedsilo.sdk import protocol
 from fedsilo.sdk.messages import Upload
-from fedsilo.sdk.transport.amqp import (
-    UPLOADS_EXCHANGE,
-    UPLOADS_QUEUE,
-    AmqpTransport,
-    TransferProgress,
-)
+from fedsilo.sdk.transport.amqp import AmqpTransport, TransferProgress
+from fedsilo.sdk.transport.amqp_topology import UPLOADS_EXCHANGE, UPLOADS_QUEUE
 
 CHUNK = 8 * 1024
 

@@ -20,12 +20,8 @@ import torch
 
 from fedsilo.sdk import protocol
 from fedsilo.sdk.messages import RoundPlan, Upload
-from fedsilo.sdk.transport.amqp import (
-    AmqpTransport,
-    BrokerUnavailable,
-    TransferProgress,
-    mask_url,
-)
+from fedsilo.sdk.transport.amqp import AmqpTransport, TransferProgress
+from fedsilo.sdk.transport.amqp_connection import BrokerUnavailable, mask_url
 
 CHUNK = 16 * 1024
 FAST = {"backoff_base": 0.05, "backoff_cap": 0.2, "connect_timeout": 2.0}

@@ -11,7 +11,8 @@ from urllib.parse import urlsplit, urlunsplit
 import pika.exceptions
 import pytest
 
-from fedsilo.sdk.transport.amqp import AmqpTransport, BrokerUnavailable, refusal
+from fedsilo.sdk.transport.amqp import AmqpTransport
+from fedsilo.sdk.transport.amqp_connection import BrokerUnavailable, refusal
 
 
 def _with(url: str, password: str | None = None, vhost: str | None = None) -> str:

@@ -14,7 +14,8 @@ import torch
 
 from fedsilo.privacy.certs import issue, make_ca
 from fedsilo.sdk.messages import RoundPlan, Upload
-from fedsilo.sdk.transport.amqp import AmqpTransport, BrokerUnavailable, mask_url
+from fedsilo.sdk.transport.amqp import AmqpTransport
+from fedsilo.sdk.transport.amqp_connection import BrokerUnavailable, mask_url
 from fedsilo.sdk.transport.settings import BrokerSettings
 from fedsilo.sdk.transport.tls import TlsFiles, describe_tls_error, insecure_remote, ssl_options
 
@@ -57,7 +58,7 @@ def test_plan_and_upload_round_trip_over_tls(tls_broker) -> None:
     )
     silo = AmqpTransport(tls_broker.url, silo_id, tls=_tls(tls_broker), chunk_size=16 * 1024)
     try:
-        assert agg._connection._impl.params.ssl_options is not None  # really TLS
+        assert agg.connection._blocking._impl.params.ssl_options is not None  # really TLS
         size = agg.send_plan(_plan(silo_id, n=20_000))  # ~160 KB: ten chunks
         got = silo.receive_plan(silo_id, timeout=5)
         assert got is not None and got.size == size

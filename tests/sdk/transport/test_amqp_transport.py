@@ -9,15 +9,9 @@ import torch
 
 from fedsilo.sdk import protocol
 from fedsilo.sdk.messages import RoundPlan, Upload
-from fedsilo.sdk.transport.amqp import (
-    DEAD_QUEUE,
-    UPLOADS_EXCHANGE,
-    UPLOADS_ROUTING_KEY,
-    AmqpTransport,
-    BrokerUnavailable,
-    PublishError,
-    mask_url,
-)
+from fedsilo.sdk.transport.amqp import AmqpTransport, PublishError
+from fedsilo.sdk.transport.amqp_connection import BrokerUnavailable, mask_url
+from fedsilo.sdk.transport.amqp_topology import DEAD_QUEUE, UPLOADS_EXCHANGE, UPLOADS_ROUTING_KEY
 
 
 def _plan(silo: str = "s1", n: int = 4) -> RoundPlan:
@@ -182,7 +176,7 @@ def test_falls_back_to_classic_queues_when_quorum_is_refused(broker_url: str) ->
     conn.close()
     agg = AmqpTransport(broker_url, "aggregator", silo_ids=["s1"])
     try:
-        assert agg._quorum is False
+        assert agg.topology.quorum is False
         agg.send_plan(_plan())
         silo = AmqpTransport(broker_url, "s1")
         got = silo.receive_plan("s1", timeout=2)
