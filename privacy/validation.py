@@ -11,18 +11,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-
-@dataclass(frozen=True)
-class TensorSpec:
-    shape: tuple[int, ...]
-    dtype: torch.dtype
-
-    @classmethod
-    def of(cls, tensor: Tensor) -> TensorSpec:
-        return cls(tuple(tensor.shape), tensor.dtype)
-
-
-Schema = Mapping[str, TensorSpec]
+from fedsilo.sdk.schema import Schema, TensorSpec
 
 
 class InvalidTensors(ValueError):
@@ -32,10 +21,6 @@ class InvalidTensors(ValueError):
         super().__init__(f"{reason}: {detail}")
         self.reason = reason
         self.detail = detail
-
-
-def schema_of(tensors: Mapping[str, Tensor]) -> dict[str, TensorSpec]:
-    return {name: TensorSpec.of(t) for name, t in tensors.items()}
 
 
 def _names(names: set[str], limit: int = 5) -> str:
@@ -150,10 +135,7 @@ def norm_bound(value: float) -> float | None:
 
 __all__ = [
     "InvalidTensors",
-    "Schema",
-    "TensorSpec",
     "UploadLimits",
     "check_tensors",
     "norm_bound",
-    "schema_of",
 ]
