@@ -23,7 +23,7 @@ import pytest
 import torch
 
 from fedsilo.aggregator.config import FederationConfig
-from fedsilo.privacy.provision import ProvisionResult, provision
+from fedsilo.provision.builders import ProvisionResult, provision
 from fedsilo.sdk.config import load_config
 from fedsilo.sdk.messages import RoundPlan, Upload
 from fedsilo.sdk.transport.amqp import (

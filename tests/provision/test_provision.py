@@ -1,4 +1,4 @@
-"""`fedsilo.privacy.provision`: the broker definitions (users, hashes, least-privilege
+"""`fedsilo.provision.builders`: the broker definitions (users, hashes, least-privilege
 permissions, the transport's exact topology) and the kit written to disk.
 
 The same permissions against a real broker: test_broker_permissions.py."""
@@ -20,7 +20,7 @@ from pika.adapters.blocking_connection import BlockingChannel
 
 from fedsilo.aggregator.config import FederationConfig
 from fedsilo.privacy.keys import Keyring, PartyKeys, TrustStore
-from fedsilo.privacy.provision import (
+from fedsilo.provision.builders import (
     HASHING_ALGORITHM,
     ProvisionError,
     aggregator_resources,
