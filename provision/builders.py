@@ -2,71 +2,65 @@
 
 What the coordinator hands out, and why it looks like this:
 
-* the broker gets a definitions document (`rabbitmqctl import_definitions`) with one user per
-  party and least-privilege permissions: a silo may only publish to the uploads exchange,
-  read its own plans queue and configure its own lock queue; so the whole topology is
-  declared in the document, EXACTLY as `AmqpTransport` declares it (same flags, same queue
-  arguments), or the aggregator's idempotent redeclare would fail with PRECONDITION_FAILED;
+* the broker gets a definitions document (`rabbitmqctl import_definitions`, see
+  fedsilo.provision.broker) with one user per party and least-privilege permissions;
 * every party gets its own folder: broker password file, private keys (unless it made its
   own with `fedsilo keys init` and sent only `public.json`), the peers' pinned public keys,
   TLS client certificate, and a config pointing at all of it by relative path.
 
-Functions compute documents; `provision` is the only one touching the disk. Passwords exist
-only in the `broker.password` files (the definitions hold salted hashes).
+Each builder below makes one of those concerns and nothing else; `provision` checks the
+inputs once and runs them in order over a shared `ProvisionContext`. Passwords exist only
+in the `broker.password` files (the definitions hold salted hashes).
 """
 
 from __future__ import annotations
 
-import base64
-import hashlib
 import ipaddress
 import json
 import os
-import re
 import secrets
-import shlex
 import shutil
 import stat
 import tomllib
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
-from urllib.parse import quote, unquote, urlsplit, urlunsplit
+from urllib.parse import urlsplit
 
+from fedsilo.aggregator.config import FederationConfig
 from fedsilo.privacy.certs import CertPair, issue, make_ca
 from fedsilo.privacy.keys import Keyring, PartyKeys, TrustStore
+from fedsilo.provision.broker import (
+    broker_definitions,
+    import_command,
+    party_url,
+    username,
+    vhost_of,
+)
+from fedsilo.provision.context import (
+    Builder,
+    ProvisionContext,
+    ProvisionError,
+    ProvisionResult,
+    check_silos,
+)
 from fedsilo.sdk.config import ConfigError, dump_toml, load_config
 from fedsilo.sdk.files import write_atomic
-from fedsilo.sdk.transport.amqp import (
-    AGGREGATOR,
-    DEAD_EXCHANGE,
-    DEAD_QUEUE,
-    PLANS_EXCHANGE,
-    UPLOADS_EXCHANGE,
-    UPLOADS_QUEUE,
-    UPLOADS_ROUTING_KEY,
-    lock_queue,
-    plans_queue,
-)
+from fedsilo.sdk.transport.amqp import AGGREGATOR
 
 __all__ = [
-    "HASHING_ALGORITHM",
-    "NOTHING",
-    "RESERVED_NAMES",
-    "ProvisionError",
-    "ProvisionResult",
-    "aggregator_resources",
-    "broker_definitions",
-    "hash_password",
-    "import_command",
+    "BUILDERS",
+    "SECURITY_SECTION",
+    "aggregator_kit",
+    "broker_accounts",
+    "identities",
     "provision",
-    "username",
+    "readme",
+    "silo_kits",
+    "tls_certificates",
+    "trust_files",
 ]
 
-HASHING_ALGORITHM = "rabbit_password_hashing_sha256"
-#: Kit folders beside the party folders: a silo may not be called like one of them.
-RESERVED_NAMES = frozenset({AGGREGATOR, "broker", "ca"})
 SECURITY_SECTION: Mapping[str, Any] = {
     "enabled": True,
     "keys_dir": "keys",
@@ -74,247 +68,6 @@ SECURITY_SECTION: Mapping[str, Any] = {
 }
 _PASSWORD_FILE = "broker.password"
 _TLS_PORT = 5671
-
-
-class ProvisionError(ValueError):
-    """The inputs cannot make a kit; the message says what to change."""
-
-
-@dataclass(frozen=True)
-class ProvisionResult:
-    """What `provision` wrote (no secrets: passwords stay in the kit's files)."""
-
-    out: Path
-    federation: str
-    vhost: str
-    parties: tuple[str, ...]  # "aggregator" first, then the silos in roster order
-    usernames: Mapping[str, str] = field(default_factory=dict)  # party -> broker user
-    urls: tuple[str, ...] = ()  # the password-free broker URLs written into the configs
-    tls: bool = False
-    generated_keys: tuple[str, ...] = ()  # parties whose private keys are in the kit
-    external_keys: tuple[str, ...] = ()  # parties that sent public.json (keys stay with them)
-
-
-# -- broker definitions ---------------------------------------------------------------------
-
-
-def username(federation: str, party: str) -> str:
-    """The broker user of `party`: prefixed, so federations can share a broker."""
-    return f"{federation}.{party}"
-
-
-def hash_password(password: str, salt: bytes | None = None) -> str:
-    """RabbitMQ's `rabbit_password_hashing_sha256`: base64(salt + sha256(salt + password)),
-    with a random 4-byte salt, so the definitions file never holds the password itself."""
-    salt = secrets.token_bytes(4) if salt is None else salt
-    if len(salt) != 4:
-        raise ValueError("RabbitMQ password salts are 4 bytes")
-    digest = hashlib.sha256(salt + password.encode("utf-8")).digest()
-    return base64.b64encode(salt + digest).decode("ascii")
-
-
-#: End of name. A bare `$` also matches before a final newline (in Erlang's re as in Python's),
-#: and RabbitMQ accepts a queue called "silo.x.plans\n"; the lookahead shuts that door.
-_END = r"$(?!\n)"
-#: Configure nothing: matches only "", which names no resource the broker checks.
-NOTHING = "^" + _END
-
-
-def _exactly(names: Sequence[str]) -> str:
-    """A regex matching exactly these resource names (anchored, escaped): nothing else."""
-    unique = sorted(dict.fromkeys(names))
-    return "^(?:" + "|".join(re.escape(n) for n in unique) + ")" + _END
-
-
-def aggregator_resources(silos: Sequence[str]) -> tuple[str, ...]:
-    """Every exchange and queue of the federation's topology (all the aggregator touches)."""
-    names = [DEAD_EXCHANGE, PLANS_EXCHANGE, UPLOADS_EXCHANGE, DEAD_QUEUE, UPLOADS_QUEUE]
-    names += [plans_queue(s) for s in silos]
-    return tuple(dict.fromkeys(names))
-
-
-def _queue(vhost: str, name: str, dead_letter: bool, quorum: bool) -> dict[str, Any]:
-    # Mirrors AmqpTransport._declare_queue: a mismatch in any argument is a
-    # PRECONDITION_FAILED when the aggregator redeclares.
-    arguments: dict[str, Any] = {"x-dead-letter-exchange": DEAD_EXCHANGE} if dead_letter else {}
-    if quorum:
-        arguments = {"x-queue-type": "quorum", **arguments}
-    return {
-        "name": name,
-        "vhost": vhost,
-        "durable": True,
-        "auto_delete": False,
-        "arguments": arguments,
-    }
-
-
-def _exchange(vhost: str, name: str, kind: str) -> dict[str, Any]:
-    return {
-        "name": name,
-        "vhost": vhost,
-        "type": kind,
-        "durable": True,
-        "auto_delete": False,
-        "internal": False,
-        "arguments": {},
-    }
-
-
-def _binding(vhost: str, exchange: str, queue: str, routing_key: str) -> dict[str, Any]:
-    return {
-        "source": exchange,
-        "vhost": vhost,
-        "destination": queue,
-        "destination_type": "queue",
-        "routing_key": routing_key,
-        "arguments": {},
-    }
-
-
-def _check_silos(silos: Sequence[str]) -> None:
-    if not silos:
-        raise ProvisionError("the federation lists no silos; add silos = [...] to it")
-    if len(set(silos)) != len(silos):
-        raise ProvisionError(f"silo ids must be unique (got {list(silos)})")
-    for silo in silos:
-        if silo in RESERVED_NAMES:
-            raise ProvisionError(
-                f"a silo may not be called {silo!r} (reserved for the kit's "
-                f"{'coordinator' if silo == AGGREGATOR else silo} folder); rename it in the "
-                "federation's silos list"
-            )
-
-
-def broker_definitions(
-    federation: str,
-    vhost: str,
-    silos: Sequence[str],
-    passwords: Mapping[str, str],
-    *,
-    quorum: bool = True,
-    dead_letter_max: int = 100_000,
-    dead_letter_ttl_h: float = 14 * 24.0,
-) -> dict[str, Any]:
-    """A RabbitMQ definitions document for one federation: its vhost, one user per party
-    (`passwords` maps "aggregator" and every silo to its password), least-privilege
-    permissions and the topology `AmqpTransport._declare_topology` declares.
-
-    Silos may configure only their own lock queue (an exclusive queue: one live agent per
-    silo), write only to the uploads exchange and read only their own plans queue; the
-    aggregator may configure, write and read the federation's exchanges
-    and queues and nothing else. `quorum=False` for brokers without quorum queues (the
-    transport then falls back to classic durable queues the same way). A policy bounds the
-    dead-letter queue (`dead_letter_max` messages, oldest dropped first; each kept
-    `dead_letter_ttl_h` hours): a policy, not queue arguments, so it also applies to a
-    queue that already exists and can be changed without redeclaring it."""
-    _check_silos(silos)
-    parties = (AGGREGATOR, *silos)
-    missing = [p for p in parties if not passwords.get(p)]
-    if missing:
-        raise ProvisionError(f"no broker password for {missing}")
-    users = [
-        {
-            "name": username(federation, party),
-            "password_hash": hash_password(passwords[party]),
-            "hashing_algorithm": HASHING_ALGORITHM,
-            "tags": "",
-        }
-        for party in parties
-    ]
-    everything = _exactly(aggregator_resources(silos))
-    permissions = [
-        {
-            "user": username(federation, AGGREGATOR),
-            "vhost": vhost,
-            "configure": everything,
-            "write": everything,
-            "read": everything,
-        }
-    ]
-    permissions += [
-        {
-            "user": username(federation, silo),
-            "vhost": vhost,
-            "configure": _exactly([lock_queue(silo)]),  # its lock, nothing else
-            "write": _exactly([UPLOADS_EXCHANGE]),
-            "read": _exactly([plans_queue(silo)]),
-        }
-        for silo in silos
-    ]
-    exchanges = [
-        _exchange(vhost, DEAD_EXCHANGE, "fanout"),
-        _exchange(vhost, PLANS_EXCHANGE, "direct"),
-        _exchange(vhost, UPLOADS_EXCHANGE, "direct"),
-    ]
-    queues = [
-        _queue(vhost, DEAD_QUEUE, dead_letter=False, quorum=quorum),
-        _queue(vhost, UPLOADS_QUEUE, dead_letter=True, quorum=quorum),
-        *(_queue(vhost, plans_queue(s), dead_letter=True, quorum=quorum) for s in silos),
-    ]
-    bindings = [
-        # pika's queue_bind without a routing key binds with the queue's name
-        _binding(vhost, DEAD_EXCHANGE, DEAD_QUEUE, DEAD_QUEUE),
-        _binding(vhost, UPLOADS_EXCHANGE, UPLOADS_QUEUE, UPLOADS_ROUTING_KEY),
-        *(_binding(vhost, PLANS_EXCHANGE, plans_queue(s), s) for s in silos),
-    ]
-    return {
-        "users": users,
-        "vhosts": [{"name": vhost}],
-        "permissions": permissions,
-        "topic_permissions": [],
-        "parameters": [],
-        "global_parameters": [],
-        "policies": [{
-            "vhost": vhost,
-            "name": "fedsilo-dead-letters-bounded",
-            "pattern": f"^{re.escape(DEAD_QUEUE)}$",
-            "apply-to": "queues",
-            "priority": 0,
-            "definition": {"max-length": dead_letter_max, "overflow": "drop-head",
-                           "message-ttl": int(dead_letter_ttl_h * 3600 * 1000)},
-        }],
-        "exchanges": exchanges,
-        "queues": queues,
-        "bindings": bindings,
-    }
-
-
-def import_command(definitions: Path | str = "broker/definitions.json") -> str:
-    """How to load the definitions. Through stdin (RabbitMQ 3.10 reads it when no file is
-    named): `rabbitmqctl` often runs as the rabbitmq user, which cannot open the owner-only
-    file itself."""
-    return f"rabbitmqctl import_definitions < {shlex.quote(str(definitions))}"
-
-
-# -- URLs -----------------------------------------------------------------------------------
-
-
-def _vhost_of(url: str) -> str | None:
-    path = urlsplit(url).path
-    vhost = unquote(path[1:]) if path.startswith("/") else unquote(path)
-    return vhost if vhost not in ("", "/") else None
-
-
-def _party_url(url: str, user: str, vhost: str, tls: bool) -> str:
-    """`url` for `user` on `vhost`, without a password (it is read from broker.password)."""
-    parts = urlsplit(url)
-    host = parts.hostname or "localhost"
-    if ":" in host:
-        host = f"[{host}]"  # IPv6 literal
-    scheme, port = parts.scheme, parts.port
-    if tls and scheme != "amqps":
-        scheme = "amqps"
-        port = None if port in (None, 5672) else port
-    netloc = f"{quote(user, safe='')}@{host}" + (f":{port}" if port else "")
-    return urlunsplit((scheme, netloc, "/" + quote(vhost, safe=""), parts.query, ""))
-
-
-def _is_ip(host: str) -> bool:
-    try:
-        ipaddress.ip_address(host)
-    except ValueError:
-        return False
-    return True
 
 
 # -- files ----------------------------------------------------------------------------------
@@ -378,6 +131,14 @@ def _read_public_keys(folder: Path | None, parties: Sequence[str]) -> dict[str, 
     return found
 
 
+def _is_ip(host: str) -> bool:
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    return True
+
+
 # -- config files ---------------------------------------------------------------------------
 
 
@@ -401,6 +162,182 @@ def _toml(header: str, document: Mapping[str, Any]) -> str:
     return comments + "\n" + dump_toml(dict(document), redact=False)
 
 
+def _base_broker(ctx: ProvisionContext) -> dict[str, Any]:
+    """The given [broker] settings the kit's configs keep (it sets the URLs, password file
+    and topology itself)."""
+    return {k: v for k, v in ctx.raw.get("broker", {}).items()
+            if k not in ("urls", "password_file", "declare_topology")}
+
+
+# -- builders -------------------------------------------------------------------------------
+
+
+def broker_accounts(ctx: ProvisionContext) -> None:
+    """One broker password per party (kept across `force` runs, so the parties' files stay
+    valid) in its owner-only `broker.password`, and the broker's definitions document."""
+    passwords: dict[str, str] = {}
+    for party in ctx.parties:
+        path = ctx.out / party / _PASSWORD_FILE
+        old = _existing_password(path) if ctx.force else None
+        passwords[party] = old or secrets.token_urlsafe(24)
+        _write(path, passwords[party] + "\n", 0o600)
+    definitions = broker_definitions(ctx.cfg.name, ctx.vhost, ctx.silos, passwords,
+                                     dead_letter_max=ctx.cfg.broker.dead_letter_max,
+                                     dead_letter_ttl_h=ctx.cfg.broker.dead_letter_ttl_h)
+    passwords.clear()
+    broker = _private_dir(ctx.out / "broker")
+    _write(broker / "definitions.json", json.dumps(definitions, indent=2) + "\n", 0o600)
+
+
+def identities(ctx: ProvisionContext) -> None:
+    """Each party's keys: made here (kept across `force` runs) unless it sent its
+    public.json, in which case the kit holds no private key of it."""
+    for party in ctx.parties:
+        keys_dir = ctx.out / party / SECURITY_SECTION["keys_dir"]
+        if party in ctx.given:
+            ctx.public[party] = ctx.given[party]
+            if keys_dir.exists():  # a copy from an earlier run: the party now holds its own
+                shutil.rmtree(keys_dir)
+            continue
+        if ctx.force and (keys_dir / "keyring.json").exists():
+            keyring = Keyring.load(keys_dir)
+            if keyring.party != party:
+                raise ProvisionError(
+                    f"{keys_dir} holds the keys of {keyring.party!r}, not {party!r}; "
+                    "move it away and run again"
+                )
+        else:
+            if keys_dir.exists():
+                shutil.rmtree(keys_dir)
+            keyring = Keyring.create(keys_dir, party)
+        ctx.public[party] = keyring.public()
+        ctx.generated.append(party)
+
+
+def trust_files(ctx: ProvisionContext) -> None:
+    """The coordinator pins every silo's public keys; each silo pins the coordinator's."""
+    trust_file = SECURITY_SECTION["trust_file"]
+    TrustStore(ctx.cfg.name, {s: ctx.public[s] for s in ctx.silos}).save(
+        ctx.out / AGGREGATOR / trust_file
+    )
+    for silo in ctx.silos:
+        TrustStore(ctx.cfg.name, {AGGREGATOR: ctx.public[AGGREGATOR]}).save(
+            ctx.out / silo / trust_file
+        )
+
+
+def tls_certificates(ctx: ProvisionContext) -> None:
+    """With TLS: one CA (kept across `force` runs), the broker's server certificate and
+    rabbitmq.conf, one client certificate per party. Without: no certificate of an earlier
+    `force` run may linger."""
+    broker = ctx.out / "broker"
+    if not ctx.tls:
+        for folder in (broker / "tls", *(ctx.out / p / "tls" for p in ctx.parties)):
+            if folder.is_dir():
+                shutil.rmtree(folder)
+        (broker / "rabbitmq.conf").unlink(missing_ok=True)
+        return
+    ca_dir = _private_dir(ctx.out / "ca")
+    if ctx.force and (ca_dir / "ca.pem").exists() and (ca_dir / "ca.key").exists():
+        ca = CertPair.read(ca_dir / "ca.pem", ca_dir / "ca.key")
+    else:
+        ca = make_ca(f"fedsilo {ctx.cfg.name} CA")
+        ca.write(ca_dir / "ca.pem", ca_dir / "ca.key")
+    hosts = ctx.tls_hosts
+    server = issue(
+        ca,
+        hosts[0],
+        dns_names=[h for h in hosts if not _is_ip(h)],
+        ip_addresses=[h for h in hosts if _is_ip(h)],
+        server=True,
+    )
+    broker_tls = _private_dir(broker / "tls")
+    server.write(broker_tls / "server.pem", broker_tls / "server.key")
+    _write(broker_tls / "ca.pem", ca.cert_pem, 0o644)
+    for party in ctx.parties:
+        party_tls = _private_dir(ctx.out / party / "tls")
+        issue(ca, ctx.users[party], client=True).write(
+            party_tls / "client.pem", party_tls / "client.key"
+        )
+        _write(party_tls / "ca.pem", ca.cert_pem, 0o644)
+    if not {urlsplit(u).hostname for u in ctx.cfg.broker.urls} <= set(hosts):
+        ctx.server_name = hosts[0]
+    _write(broker / "rabbitmq.conf",
+           _rabbitmq_conf(ctx.cfg.name, broker_tls, ctx.cfg.broker.urls), 0o644)
+
+
+def aggregator_kit(ctx: ProvisionContext) -> None:
+    """The coordinator's federation.toml: the given one, pointing at the kit's broker
+    password, TLS files and keys, with the base model's digest if known."""
+    document = {k: v for k, v in ctx.raw.items() if k not in ("broker", "security")}
+    document["broker"] = _broker_section(
+        _base_broker(ctx), ctx.urls_by_party[AGGREGATOR], ctx.tls, ctx.server_name,
+        declare_topology=True,
+    )
+    document["security"] = dict(SECURITY_SECTION)
+    if ctx.digest:
+        document["model_digest"] = ctx.digest
+    _write(
+        ctx.out / AGGREGATOR / "federation.toml",
+        _toml(
+            f"federation.toml of federation {ctx.cfg.name!r}, made by `fedsilo provision` "
+            f"from\n{ctx.config_path.name}. Paths are relative to this file's folder.",
+            document,
+        ),
+        0o644,
+    )
+
+
+def silo_kits(ctx: ProvisionContext) -> None:
+    """Each silo's silo.toml: its id, the base model (if given) and its broker user; the
+    operator adds the data."""
+    for silo in ctx.silos:
+        document = {
+            "silo_id": silo,
+            **({"model": ctx.model, "dtype": ctx.dtype} if ctx.model else {}),
+            "broker": _broker_section(
+                _base_broker(ctx), ctx.urls_by_party[silo], ctx.tls, ctx.server_name,
+                declare_topology=False,
+            ),
+            "security": dict(SECURITY_SECTION),
+        }
+        _write(
+            ctx.out / silo / "silo.toml",
+            _toml(
+                f"silo.toml of {silo!r} in federation {ctx.cfg.name!r}, made by `fedsilo "
+                "provision`.\n"
+                + ("The model is the federation's base model (the aggregator checks its "
+                   "digest). Add a [data]" if ctx.model else
+                   "Add the base model (model = \"...\", the same as every other "
+                   "silo's) and a [data]")
+                + "\nsection pointing at this silo's data before "
+                f"`fedsilo agent start --config silo.toml`.\nThe broker user "
+                f"{ctx.users[silo]!r} may configure only its lock queue: the topology comes "
+                "from the\nbroker's definitions (declare_topology = false). Paths are relative "
+                "to this file.",
+                document,
+            ),
+            0o644,
+        )
+
+
+def readme(ctx: ProvisionContext) -> None:
+    """The kit's README.md: which folder goes to whom, what is secret, the next steps."""
+    _write(ctx.out / "README.md", _readme(ctx.result(), ctx.tls_hosts), 0o644)
+
+
+#: The kit, one concern each, in the order they run (later ones use what earlier ones made).
+BUILDERS: tuple[Builder, ...] = (
+    broker_accounts,
+    identities,
+    trust_files,
+    tls_certificates,
+    aggregator_kit,
+    silo_kits,
+    readme,
+)
+
+
 # -- provision ------------------------------------------------------------------------------
 
 
@@ -414,8 +351,10 @@ def provision(
     force: bool = False,
     model: str | None = None,
     dtype: str = "float32",
+    builders: Sequence[Builder] = BUILDERS,
 ) -> ProvisionResult:
-    """Write the kits for `config_path`'s federation into `out` (see the module docstring).
+    """Write the kits for `config_path`'s federation into `out` (see the module docstring):
+    check the inputs, then run `builders` in order over one context.
 
     `public_keys`: a folder of `<party>.json` (from `fedsilo keys init` at each site); those
     parties get no private keys from here. `tls_hosts`: names and IPs the broker is reached
@@ -426,8 +365,6 @@ def provision(
     `model` (with the silos' `dtype`): the base model; its weights' digest goes into the
     aggregator's federation.toml and the model into every silo.toml."""
     config_path, out = Path(config_path), Path(out)
-    from fedsilo.aggregator.config import FederationConfig
-
     if not config_path.is_file():
         raise ProvisionError(
             f"cannot read the federation config {config_path}: no such file; pass the "
@@ -441,161 +378,29 @@ def provision(
     except OSError as exc:
         raise ProvisionError(f"cannot read {config_path}: {exc.strerror or exc}") from None
     silos = tuple(cfg.silos)
-    _check_silos(silos)
+    check_silos(silos)
     parties = (AGGREGATOR, *silos)
     if isinstance(tls_hosts, str):
         raise TypeError("tls_hosts is a sequence of host names, not a string")
     tls_hosts = tuple(dict.fromkeys(h.strip() for h in tls_hosts if h.strip()))
-    tls = bool(tls_hosts)
-    vhost = vhost or _vhost_of(cfg.broker.urls[0]) or cfg.name
+    vhost = vhost or vhost_of(cfg.broker.urls[0]) or cfg.name
     given = _read_public_keys(public_keys, parties)
     digest = _model_digest(model, dtype, cfg.model_digest) if model else cfg.model_digest
     _prepare_out(out, force)
-
-    users = {p: username(cfg.name, p) for p in parties}
-    # -- broker passwords (kept across `force` runs) and definitions
-    passwords: dict[str, str] = {}
     for party in parties:
         _private_dir(out / party)
-        old = _existing_password(out / party / _PASSWORD_FILE) if force else None
-        passwords[party] = old or secrets.token_urlsafe(24)
-        _write(out / party / _PASSWORD_FILE, passwords[party] + "\n", 0o600)
-    definitions = broker_definitions(cfg.name, vhost, silos, passwords,
-                                     dead_letter_max=cfg.broker.dead_letter_max,
-                                     dead_letter_ttl_h=cfg.broker.dead_letter_ttl_h)
-    passwords.clear()
-    broker = _private_dir(out / "broker")
-    _write(broker / "definitions.json", json.dumps(definitions, indent=2) + "\n", 0o600)
 
-    # -- identities: keys made here unless the party sent its public.json
-    public: dict[str, PartyKeys] = {}
-    generated: list[str] = []
-    for party in parties:
-        keys_dir = out / party / SECURITY_SECTION["keys_dir"]
-        if party in given:
-            public[party] = given[party]
-            if keys_dir.exists():  # a copy from an earlier run: the party now holds its own
-                shutil.rmtree(keys_dir)
-            continue
-        if force and (keys_dir / "keyring.json").exists():
-            keyring = Keyring.load(keys_dir)
-            if keyring.party != party:
-                raise ProvisionError(
-                    f"{keys_dir} holds the keys of {keyring.party!r}, not {party!r}; "
-                    "move it away and run again"
-                )
-        else:
-            if keys_dir.exists():
-                shutil.rmtree(keys_dir)
-            keyring = Keyring.create(keys_dir, party)
-        public[party] = keyring.public()
-        generated.append(party)
-    aggregator_trust = TrustStore(cfg.name, {s: public[s] for s in silos})
-    aggregator_trust.save(out / AGGREGATOR / SECURITY_SECTION["trust_file"])
-    for silo in silos:
-        TrustStore(cfg.name, {AGGREGATOR: public[AGGREGATOR]}).save(
-            out / silo / SECURITY_SECTION["trust_file"]
-        )
-
-    # -- TLS: one CA (kept across `force` runs), the broker's server certificate, clients
-    urls_by_party = {
-        p: tuple(_party_url(u, users[p], vhost, tls) for u in cfg.broker.urls) for p in parties
-    }
-    server_name: str | None = None
-    if tls:
-        ca_dir = _private_dir(out / "ca")
-        if force and (ca_dir / "ca.pem").exists() and (ca_dir / "ca.key").exists():
-            ca = CertPair.read(ca_dir / "ca.pem", ca_dir / "ca.key")
-        else:
-            ca = make_ca(f"fedsilo {cfg.name} CA")
-            ca.write(ca_dir / "ca.pem", ca_dir / "ca.key")
-        server = issue(
-            ca,
-            tls_hosts[0],
-            dns_names=[h for h in tls_hosts if not _is_ip(h)],
-            ip_addresses=[h for h in tls_hosts if _is_ip(h)],
-            server=True,
-        )
-        broker_tls = _private_dir(broker / "tls")
-        server.write(broker_tls / "server.pem", broker_tls / "server.key")
-        _write(broker_tls / "ca.pem", ca.cert_pem, 0o644)
-        for party in parties:
-            party_tls = _private_dir(out / party / "tls")
-            issue(ca, users[party], client=True).write(
-                party_tls / "client.pem", party_tls / "client.key"
-            )
-            _write(party_tls / "ca.pem", ca.cert_pem, 0o644)
-        hosts = {urlsplit(u).hostname for u in cfg.broker.urls}
-        if not hosts <= set(tls_hosts):
-            server_name = tls_hosts[0]
-        _write(broker / "rabbitmq.conf", _rabbitmq_conf(cfg.name, broker_tls, cfg.broker.urls),
-               0o644)
-    else:  # a `force` run without TLS: no certificate of an earlier run may linger
-        for folder in (broker / "tls", *(out / p / "tls" for p in parties)):
-            if folder.is_dir():
-                shutil.rmtree(folder)
-        (broker / "rabbitmq.conf").unlink(missing_ok=True)
-
-    # -- configs
-    base_broker = {k: v for k, v in raw.get("broker", {}).items()
-                   if k not in ("urls", "password_file", "declare_topology")}
-    federation_doc = {k: v for k, v in raw.items() if k not in ("broker", "security")}
-    federation_doc["broker"] = _broker_section(
-        base_broker, urls_by_party[AGGREGATOR], tls, server_name, declare_topology=True
+    users = {p: username(cfg.name, p) for p in parties}
+    ctx = ProvisionContext(
+        config_path=config_path, out=out, cfg=cfg, raw=raw, vhost=vhost,
+        tls_hosts=tls_hosts, given=given, force=force, model=model, dtype=dtype,
+        digest=digest, users=users,
+        urls_by_party={p: tuple(party_url(u, users[p], vhost, bool(tls_hosts))
+                                for u in cfg.broker.urls) for p in parties},
     )
-    federation_doc["security"] = dict(SECURITY_SECTION)
-    if digest:
-        federation_doc["model_digest"] = digest
-    _write(
-        out / AGGREGATOR / "federation.toml",
-        _toml(
-            f"federation.toml of federation {cfg.name!r}, made by `fedsilo provision` from\n"
-            f"{config_path.name}. Paths are relative to this file's folder.",
-            federation_doc,
-        ),
-        0o644,
-    )
-    for silo in silos:
-        silo_doc = {
-            "silo_id": silo,
-            **({"model": model, "dtype": dtype} if model else {}),
-            "broker": _broker_section(
-                base_broker, urls_by_party[silo], tls, server_name, declare_topology=False
-            ),
-            "security": dict(SECURITY_SECTION),
-        }
-        _write(
-            out / silo / "silo.toml",
-            _toml(
-                f"silo.toml of {silo!r} in federation {cfg.name!r}, made by `fedsilo "
-                "provision`.\n"
-                + ("The model is the federation's base model (the aggregator checks its "
-                   "digest). Add a [data]" if model else
-                   "Add the base model (model = \"...\", the same as every other "
-                   "silo's) and a [data]")
-                + "\nsection pointing at this silo's data before "
-                f"`fedsilo agent start --config silo.toml`.\nThe broker user {users[silo]!r} "
-                "may configure only its lock queue: the topology comes from the\nbroker's "
-                "definitions "
-                "(declare_topology = false). Paths are relative to this file.",
-                silo_doc,
-            ),
-            0o644,
-        )
-
-    result = ProvisionResult(
-        out=out,
-        federation=cfg.name,
-        vhost=vhost,
-        parties=parties,
-        usernames=users,
-        urls=urls_by_party[AGGREGATOR],
-        tls=tls,
-        generated_keys=tuple(generated),
-        external_keys=tuple(p for p in parties if p in given),
-    )
-    _write(out / "README.md", _readme(result, tls_hosts), 0o644)
-    return result
+    for build in builders:
+        build(ctx)
+    return ctx.result()
 
 
 def _model_digest(model: str, dtype: str, configured: str) -> str:
