@@ -68,12 +68,13 @@ from fedsilo.aggregator.coordinator import Aggregator
 from fedsilo.aggregator.schedule import Schedule
 from fedsilo.privacy.keys import Keyring, TrustStore
 from fedsilo.privacy.settings import SecuritySettings
-from fedsilo.privacy.validation import Schema, check_tensors
+from fedsilo.privacy.validation import check_tensors
 from fedsilo.sdk import protocol
 from fedsilo.sdk.amole.config import AMoLEConfig
 from fedsilo.sdk.messages import Announce, RoundPlan, Upload
 from fedsilo.sdk.models.loading import LoadedModel, load_model
 from fedsilo.sdk.params import ModuleShape, TensorDict
+from fedsilo.sdk.schema import Schema
 from fedsilo.sdk.strategies import StrategyConfig, get_strategy
 from fedsilo.sdk.training import LocalTrainer
 from fedsilo.sdk.transport.base import Delivery, Inbound, TrafficCounter, Transport

@@ -380,7 +380,8 @@ def provision_command(
     dtype: Annotated[str, typer.Option(help="The silos' dtype for --model.")] = "float32",
 ) -> None:
     """Make one kit per party (broker definitions, keys, trust files, certificates, configs)."""
-    from fedsilo.privacy.provision import import_command, provision
+    from fedsilo.provision.broker import import_command
+    from fedsilo.provision.builders import provision
 
     try:
         result = provision(

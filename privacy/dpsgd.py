@@ -100,7 +100,7 @@ def private_gradients(
 
 
 def dpsgd_release(
-    round: int, steps: int, batch_size: int, num_train: int, cfg: DPSGDConfig
+    server_round: int, steps: int, batch_size: int, num_train: int, cfg: DPSGDConfig
 ) -> Release:
     """The ledger entry for one round's DP-SGD: `steps` steps at rate batch_size/num_train.
 
@@ -121,7 +121,7 @@ def dpsgd_release(
         )
     return Release(
         kind=DP_SGD,
-        round=round,
+        round=server_round,
         noise_multiplier=float(cfg.noise_multiplier),
         sample_rate=batch_size / num_train,
         steps=steps,

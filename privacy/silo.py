@@ -17,7 +17,7 @@ import logging
 import math
 import os
 import weakref
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -31,7 +31,7 @@ from fedsilo.privacy.dp import (
     noise_multiplier_for,
     private_mean,
 )
-from fedsilo.privacy.dpsgd import dpsgd_release
+from fedsilo.privacy.dpsgd import dpsgd_release, private_gradients
 from fedsilo.privacy.ledger import LedgerError, LedgerRecord, PrivacyLedger, Release
 from fedsilo.sdk.files import FolderLock, holds_folder_lock
 from fedsilo.sdk.logs import log_event
@@ -44,7 +44,8 @@ LEDGER_FILE = "privacy-ledger.json"
 @dataclass
 class SiloPrivacy:
     """`generator` draws the noise: OS entropy in deployments (the default); a seeded one
-    only in simulation, where reproducibility matters more than secrecy."""
+    only in simulation, where reproducibility matters more than secrecy. What the trainer
+    calls is fedsilo.sdk.training.TrainingPrivacy."""
 
     config: DPConfig
     ledger: PrivacyLedger
@@ -121,11 +122,11 @@ class SiloPrivacy:
     def protects_training(self) -> bool:
         return self.config.enabled and self.config.sgd.enabled
 
-    def begin_round(self, round: int, total_rounds: int, local_steps: int, batch_size: int,
-                    num_train: int) -> None:
+    def begin_round(self, server_round: int, total_rounds: int, local_steps: int,
+                    batch_size: int, num_train: int) -> None:
         """Calibrate the embedding noise for the rounds still planned (once), so that they
         and the planned DP-SGD steps together spend at most the budget."""
-        self.round = round
+        self.round = server_round
         if not self._announced:
             self._announced = True
             if not self.config.enabled or not math.isfinite(self.config.epsilon):
@@ -140,10 +141,10 @@ class SiloPrivacy:
                           "them); set [dp.sgd] enabled = true to protect them")
         if not self.protects_embeddings or self.noise_multiplier is not None:
             return
-        remaining = max(1, total_rounds - round)
+        remaining = max(1, total_rounds - server_round)
         planned: list[Release] = list(self.ledger.releases)
         if self.protects_training and local_steps > 0:
-            sgd = dpsgd_release(round, local_steps, min(batch_size, num_train), num_train,
+            sgd = dpsgd_release(server_round, local_steps, min(batch_size, num_train), num_train,
                                 self.config.sgd)
             planned += [sgd] * remaining
         self.noise_multiplier = noise_multiplier_for(
@@ -160,6 +161,14 @@ class SiloPrivacy:
         if self.protects_training and steps > 0:
             self._charge(dpsgd_release(self.round, steps, min(batch_size, num_train),
                                        num_train, self.config.sgd))
+
+    def private_gradients(self, params: Sequence[torch.nn.Parameter],
+                          example_losses: Sequence[Callable[[], Tensor]]) -> None:
+        """DP-SGD gradients of one batch (`private_gradients`) with the configured clip and
+        noise, drawn from `generator`; the round's charge was taken by `charge_training`."""
+        sgd = self.config.sgd
+        private_gradients(params, example_losses, clip=sgd.clip,
+                          noise_multiplier=sgd.noise_multiplier, generator=self.generator)
 
     def release_embeddings(self, per_example: Mapping[str, Tensor]) -> dict[str, Tensor]:
         """Clip per example, sum, add noise, divide by the (public) count: charged first."""

@@ -12,27 +12,11 @@ import torch
 from torch import Tensor
 
 from fedsilo.sdk.refusal import Refusal
-
-
-@dataclass(frozen=True)
-class TensorSpec:
-    shape: tuple[int, ...]
-    dtype: torch.dtype
-
-    @classmethod
-    def of(cls, tensor: Tensor) -> TensorSpec:
-        return cls(tuple(tensor.shape), tensor.dtype)
-
-
-Schema = Mapping[str, TensorSpec]
+from fedsilo.sdk.schema import Schema, TensorSpec
 
 
 class InvalidTensors(Refusal, ValueError):
     """Tensors that must not be used."""
-
-
-def schema_of(tensors: Mapping[str, Tensor]) -> dict[str, TensorSpec]:
-    return {name: TensorSpec.of(t) for name, t in tensors.items()}
 
 
 def _names(names: set[str], limit: int = 5) -> str:
@@ -147,10 +131,7 @@ def norm_bound(value: float) -> float | None:
 
 __all__ = [
     "InvalidTensors",
-    "Schema",
-    "TensorSpec",
     "UploadLimits",
     "check_tensors",
     "norm_bound",
-    "schema_of",
 ]

@@ -1,10 +1,9 @@
 """Crash-safe checkpoint files: one safetensors file holding tensors plus JSON metadata.
 
 Why one file written atomically: the aggregator may be killed (SIGKILL) at any instant, and
-on restart it must find either the previous checkpoint or the new one, never a mix. So the
-file is written under a temporary name in the same folder, flushed to disk, renamed over the
-old one (`os.replace` is atomic on POSIX), and the folder is synced so the rename itself
-survives a power cut. No pickle: loading a checkpoint cannot execute code.
+on restart it must find either the previous checkpoint or the new one, never a mix. So it is
+written by the one atomic writer, `fedsilo.sdk.files.write_atomic` (temporary file, fsync,
+rename, folder fsync). No pickle: loading a checkpoint cannot execute code.
 
 Layout: safetensors metadata (a str -> str map) holds `format` = "fedsilo-checkpoint",
 `format_version` = "2", `meta` = the caller's metadata as JSON and `sha256` = a digest of

@@ -12,12 +12,11 @@ import zlib
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 import torch
 from torch import Tensor, nn
 
-from fedsilo.privacy.dpsgd import private_gradients
 from fedsilo.sdk.amole.config import AMoLEConfig
 from fedsilo.sdk.amole.model import (
     TokenSums,
@@ -43,8 +42,39 @@ from fedsilo.sdk.evaluation.scoring import Progress, score_task
 from fedsilo.sdk.messages import RoundPlan, Upload
 from fedsilo.sdk.params import ModuleShape, TensorDict
 
-if TYPE_CHECKING:
-    from fedsilo.privacy.silo import SiloPrivacy
+
+class TrainingPrivacy(Protocol):
+    """What training asks of a silo's differential privacy, declared here so that sdk
+    needs nothing from the privacy package above it (fedsilo.privacy.silo.SiloPrivacy
+    implements it; the agent or the simulation that builds the trainer hands one in)."""
+
+    @property
+    def protects_training(self) -> bool:
+        """Whether released training runs DP-SGD (`private_gradients`)."""
+        ...
+
+    @property
+    def protects_embeddings(self) -> bool:
+        """Whether `embed` releases through `release_embeddings`."""
+        ...
+
+    def begin_round(self, server_round: int, total_rounds: int, local_steps: int,
+                    batch_size: int, num_train: int) -> None:
+        """Called by the silo's loop before each training round's plan runs."""
+        ...
+
+    def charge_training(self, steps: int, batch_size: int, num_train: int) -> None:
+        """Charge a round's DP-SGD before it starts; raises to refuse it."""
+        ...
+
+    def private_gradients(self, params: Sequence[nn.Parameter],
+                          example_losses: Sequence[Callable[[], Tensor]]) -> None:
+        """Set each `p.grad` to the DP-SGD gradient of one batch, one closure per example."""
+        ...
+
+    def release_embeddings(self, per_example: Mapping[str, Tensor]) -> dict[str, Tensor]:
+        """The noised mean of per-example embeddings, charged before it is returned."""
+        ...
 
 
 @dataclass(frozen=True)
@@ -88,10 +118,6 @@ class TrainStats:
     seconds: float
     losses: list[float] = field(default_factory=list)
 
-    @property
-    def mean_loss(self) -> float:
-        return sum(self.losses) / len(self.losses) if self.losses else float("nan")
-
 
 StepCallback = Callable[[int, int, float], None]
 
@@ -133,7 +159,7 @@ class LocalTrainer:
         # Scoring's progress hook, (done, total) sequences: a long test split (greedy
         # decoding) would otherwise look like a hang.
         self.on_eval: Progress | None = None
-        self.privacy: SiloPrivacy | None = None  # differential privacy, set by the agent
+        self.privacy: TrainingPrivacy | None = None  # differential privacy, set by the agent
 
     def _encode(self, example: Example):
         return encode_example(self.tokenizer, example, self.config.max_length)
@@ -195,7 +221,8 @@ class LocalTrainer:
         return {k: v.to(self.device) for k, v in batch.items()}
 
     def train(
-        self, steps: int, lr: float, round: int, stream: str = "train", released: bool = True
+        self, steps: int, lr: float, server_round: int, stream: str = "train",
+        released: bool = True
     ) -> TrainStats:
         """`steps` Adam steps with a fresh optimiser (as the paper): NLL on response tokens
         plus beta * load balance. Batch order and dropout are seeded by (seed, silo, round,
@@ -213,7 +240,7 @@ class LocalTrainer:
         optimizer = torch.optim.Adam(params, lr=lr)
         self.model.train()
         start = time.perf_counter()
-        round_seed = stable_seed(self.seed, self.silo_id, stream, round)
+        round_seed = stable_seed(self.seed, self.silo_id, stream, server_round)
         stream = TrainStream(self._train, self.config.batch_size, self.pad_id, seed=round_seed)
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(round_seed)
@@ -261,10 +288,7 @@ class LocalTrainer:
 
             return closure
 
-        sgd = self.privacy.config.sgd
-        private_gradients(params, [example_loss(i) for i in range(n)], clip=sgd.clip,
-                          noise_multiplier=sgd.noise_multiplier,
-                          generator=self.privacy.generator)
+        self.privacy.private_gradients(params, [example_loss(i) for i in range(n)])
         return torch.stack(losses).mean()
 
     def evaluate(self, split: str = "test", limit: int | None = None) -> float:

@@ -193,12 +193,6 @@ class SimulationResult:
     mtal: float = math.nan
     final_params: dict[str, Any] = field(default_factory=dict)
 
-    def metric_history(self) -> list[dict[str, float]]:
-        return [
-            {s: row.metric for s, row in r.silos.items() if row.metric is not None}
-            for r in self.rounds
-        ]
-
 
 class _Silent:
     def round_started(self, round: int, final: bool) -> None: ...

@@ -57,7 +57,7 @@ def test_every_package_folder_is_declared_in_pyproject() -> None:
     declared = set(tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]
                    ["packages"])
     found = {"fedsilo"} if (ROOT / "fedsilo" / "__init__.py").is_file() else set()
-    for top in ("sdk", "silo_agent", "aggregator", "privacy", "cli"):
+    for top in ("sdk", "silo_agent", "aggregator", "privacy", "simulation", "provision", "cli"):
         for init in (ROOT / top).rglob("__init__.py"):
             rel = init.parent.relative_to(ROOT).parts
             found.add(".".join(("fedsilo", *rel)))

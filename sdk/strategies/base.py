@@ -14,13 +14,13 @@ from typing import TYPE_CHECKING, Any, Literal
 
 from torch import Tensor
 
-from fedsilo.privacy.validation import Schema, schema_of
 from fedsilo.sdk.aggregation.fedavg import TensorMean
 from fedsilo.sdk.aggregation.robust import RULES, Rule, new_mean
 from fedsilo.sdk.aggregation.rsea import Relevance, RelevanceOptions
 from fedsilo.sdk.amole.config import AMoLEConfig
 from fedsilo.sdk.messages import RoundPlan, Upload
 from fedsilo.sdk.params import ModuleShape, TensorDict
+from fedsilo.sdk.schema import Schema, schema_of
 
 if TYPE_CHECKING:
     from fedsilo.sdk.training import LocalTrainer

@@ -12,7 +12,6 @@ from typing import Any, Literal
 import numpy as np
 import torch
 
-from fedsilo.privacy.validation import TensorSpec
 from fedsilo.sdk.aggregation.assignment import (
     AssignmentConstraints,
     random_scores,
@@ -44,6 +43,7 @@ from fedsilo.sdk.params import (
     parse_expert_embedding,
     select_for_assignment,
 )
+from fedsilo.sdk.schema import TensorSpec
 from fedsilo.sdk.strategies.base import (
     AggregationReport,
     ClientStrategy,

@@ -25,7 +25,6 @@ from typing import Any
 
 import torch
 
-from fedsilo.privacy.validation import schema_of
 from fedsilo.sdk.aggregation.clustering import b_distance_matrix, choose_clusters
 from fedsilo.sdk.aggregation.fedavg import RunningMean
 from fedsilo.sdk.amole.config import AMoLEConfig
@@ -39,6 +38,7 @@ from fedsilo.sdk.checkpoint import (
 from fedsilo.sdk.lease.routing import num_slots
 from fedsilo.sdk.messages import RoundPlan, Upload
 from fedsilo.sdk.params import ModuleShape, TensorDict, expert_key, gate_key
+from fedsilo.sdk.schema import schema_of
 from fedsilo.sdk.strategies.base import (
     AggregationReport,
     ClientStrategy,

@@ -9,7 +9,7 @@ definitions provide them, `declare_topology=False`):
                                                                      queues dead-letter here)
 
 Queues are durable quorum queues (classic durable where the broker refuses quorum). The
-provisioning kit (`fedsilo.privacy.provision`) writes the same topology as broker
+provisioning kit (`fedsilo.provision`) writes the same topology as broker
 definitions, from these names.
 """
 

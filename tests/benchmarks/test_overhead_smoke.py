@@ -13,7 +13,7 @@ from types import ModuleType
 import pytest
 import torch
 
-from fedsilo.privacy.validation import TensorSpec
+from fedsilo.sdk.schema import TensorSpec
 
 
 @pytest.fixture(scope="module")

@@ -118,7 +118,7 @@ def test_errors() -> None:
 
 def test_dpsgd_release() -> None:
     cfg = DPSGDConfig(enabled=True, noise_multiplier=1.2, clip=0.5)
-    release = dpsgd_release(round=2, steps=40, batch_size=8, num_train=400, cfg=cfg)
+    release = dpsgd_release(server_round=2, steps=40, batch_size=8, num_train=400, cfg=cfg)
     assert (release.kind, release.round, release.steps) == ("dp-sgd", 2, 40)
     assert (release.noise_multiplier, release.sample_rate, release.clip) == (1.2, 0.02, 0.5)
     with pytest.raises(DPError, match="disabled"):

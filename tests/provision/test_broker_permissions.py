@@ -23,7 +23,8 @@ import pytest
 import torch
 
 from fedsilo.aggregator.config import FederationConfig
-from fedsilo.privacy.provision import ProvisionResult, provision
+from fedsilo.provision.builders import provision
+from fedsilo.provision.context import ProvisionResult
 from fedsilo.sdk.config import load_config
 from fedsilo.sdk.messages import RoundPlan, Upload
 from fedsilo.sdk.transport.amqp import AmqpTransport

@@ -1,5 +1,6 @@
-"""`fedsilo.privacy.provision`: the broker definitions (users, hashes, least-privilege
-permissions, the transport's exact topology) and the kit written to disk.
+"""`fedsilo.provision`: the broker definitions (users, hashes, least-privilege
+permissions, the transport's exact topology: broker.py) and the kit its builders write to
+disk (builders.py).
 
 The same permissions against a real broker: test_broker_permissions.py."""
 
@@ -20,15 +21,15 @@ from pika.adapters.blocking_connection import BlockingChannel
 
 from fedsilo.aggregator.config import FederationConfig
 from fedsilo.privacy.keys import Keyring, PartyKeys, TrustStore
-from fedsilo.privacy.provision import (
+from fedsilo.provision.broker import (
     HASHING_ALGORITHM,
-    ProvisionError,
     aggregator_resources,
     broker_definitions,
     hash_password,
     import_command,
-    provision,
 )
+from fedsilo.provision.builders import provision
+from fedsilo.provision.context import ProvisionError
 from fedsilo.sdk.config import load_config
 from fedsilo.sdk.transport.amqp_connection import AmqpConnection
 from fedsilo.sdk.transport.amqp_topology import (
