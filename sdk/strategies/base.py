@@ -173,15 +173,36 @@ class AggregationReport:
     details: dict[str, float] = field(default_factory=dict)
 
 
-class ServerStrategy(ABC):
-    """Aggregator half. Uploads are folded in one at a time (`accumulate`), so memory
-    does not grow with the number of silos."""
+class Checkpointable(ABC):
+    """State a long-running party saves after every step and restores on restart."""
 
-    def validate(self, num_silos: int) -> None:  # noqa: B027 - optional check
+    @abstractmethod
+    def state_dict(self) -> tuple[TensorDict, dict[str, Any]]:
+        """Everything needed to continue exactly, at any point between calls: tensors under
+        namespaced keys (`params/...`, `sum/...`) and JSON-able metadata (no pickle).
+
+        Why: the aggregator checkpoints after every step and must survive SIGKILL; a
+        resumed run must end with the same parameters as one that never failed. The
+        tensors may alias live state: save them (`save_checkpoint` copies) before the next
+        call."""
+
+    @abstractmethod
+    def load_state_dict(self, tensors: Mapping[str, Tensor], meta: Mapping[str, Any]) -> None:
+        """Restore `state_dict()`'s output into a freshly constructed instance (same
+        constructor arguments; no `initialize` before). Raises CheckpointError if the state
+        was written under other settings."""
+
+
+class ServerStrategy(Checkpointable):
+    """Aggregator half. Uploads are folded in one at a time (`accumulate`), so memory
+    does not grow with the number of silos. `averaging.AveragingServer` implements the
+    bookkeeping every algorithm shares."""
+
+    def validate(self, num_silos: int) -> None:
         """Raise a clear error if the settings cannot work for `num_silos` (before any
         expensive loading happens)."""
 
-    def validate_rounds(self, rounds: int) -> None:  # noqa: B027 - optional check
+    def validate_rounds(self, rounds: int) -> None:
         """Raise a clear error if the settings cannot work for a run of `rounds` rounds."""
 
     @abstractmethod
@@ -189,7 +210,9 @@ class ServerStrategy(ABC):
         """Create the global state for the adapted modules and the round-0 architecture."""
 
     @abstractmethod
-    def configure_round(self, round: int, silo_ids: Sequence[str]) -> dict[str, SiloPlan]:
+    def configure_round(
+        self, server_round: int, silo_ids: Sequence[str]
+    ) -> dict[str, SiloPlan]:
         """What each silo installs this round. `silo_ids` are the round's participants and
         may differ from the previous round's (a silo joined late or left): the strategy
         adapts to exactly them. Deterministic given the state, since a resumed aggregator
@@ -208,35 +231,19 @@ class ServerStrategy(ABC):
         return UploadSchema(schema_of(part.params), {})
 
     @abstractmethod
-    def begin_round(self, round: int) -> None: ...
+    def begin_round(self, server_round: int) -> None: ...
 
     @abstractmethod
     def accumulate(self, upload: Upload) -> None: ...
 
     @abstractmethod
-    def end_round(self, round: int) -> AggregationReport:
+    def end_round(self, server_round: int) -> AggregationReport:
         """Close the round: aggregate the uploads that arrived (a participant may have
         missed the deadline), then decide the next round's architecture."""
 
     @property
     @abstractmethod
     def global_params(self) -> TensorDict: ...
-
-    @abstractmethod
-    def state_dict(self) -> tuple[TensorDict, dict[str, Any]]:
-        """Everything needed to continue exactly, at any point between calls: tensors under
-        namespaced keys (`params/...`, `sum/...`) and JSON-able metadata (no pickle).
-
-        Why: the aggregator checkpoints after every step and must survive SIGKILL; a
-        resumed run must end with the same parameters as one that never failed. The
-        tensors may alias live state: save them (`save_checkpoint` copies) before the next
-        call."""
-
-    @abstractmethod
-    def load_state_dict(self, tensors: Mapping[str, Tensor], meta: Mapping[str, Any]) -> None:
-        """Restore `state_dict()`'s output into a freshly constructed instance (same
-        constructor arguments; no `initialize` before). Raises CheckpointError if the state
-        was written under other settings."""
 
 
 class ClientStrategy(ABC):

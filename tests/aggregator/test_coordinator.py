@@ -3,7 +3,7 @@ import json
 import pytest
 import torch
 
-from fedsilo.aggregator.coordinator import Aggregator, RoundRecord
+from fedsilo.aggregator.coordinator import Aggregator, RoundRecord, Verdict
 from fedsilo.aggregator.schedule import Schedule
 from fedsilo.sdk.amole.config import AMoLEConfig
 from fedsilo.sdk.messages import Upload
@@ -178,3 +178,24 @@ def test_huge_embeddings_are_refused_before_rsea() -> None:
     agg.collect(record, deadline=0.0)
     assert record.ignored == {"norm bound": 1}
     assert "embeddings" in str(offer.problem)
+
+
+@pytest.mark.parametrize("name", ["fedamole", "fedit", "fedit-ft", "fdlora", "fedlease", "local"])
+def test_a_second_upload_of_a_round_is_refused_before_the_strategy(name: str) -> None:
+    """Duplicate detection lives here only: the strategies' `accumulate` never sees a
+    silo twice in a round (moved from each strategy's own duplicate test)."""
+    spec = get_strategy(name)
+    config = StrategyConfig(name=name, num_experts=2, k_c=1, b=1, min_contributors=1)
+    server = spec.server(spec.adapter(AMoLEConfig(r=2, top_k=1)), config, 0)
+    agg = Aggregator(server, MemoryTransport(), Schedule(rounds=3, local_steps=1, lr=0.1))
+    agg.start({"m": ModuleShape(3, 3)}, ["a", "b"])
+    record = agg.publish(0)
+    schema = server.upload_schema("a", server.configure_round(0, ["a", "b"])["a"], False)
+    upload = Upload(0, "a", {k: torch.ones(s.shape) for k, s in schema.params.items()},
+                    {k: torch.ones(s.shape) for k, s in schema.embeddings.items()}, 1)
+    assert agg.offer(record, upload, 1).verdict is Verdict.FOLDED
+    again = agg.offer(record, upload, 1)
+    assert again.verdict is Verdict.DUPLICATE and again.problem is None
+    assert record.ignored == {"duplicate": 1}
+    agg.close(record)
+    assert record.aggregation is not None and record.aggregation.num_uploads == 1

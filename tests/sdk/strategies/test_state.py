@@ -229,17 +229,6 @@ def test_round_with_a_missing_upload_still_aggregates() -> None:
     check_valid(server, ["a", "b", "c"])  # and still gets experts next round
 
 
-def test_duplicate_upload_is_refused() -> None:
-    for name in ("fedamole", "fedit"):
-        server = factory(name)()
-        server.initialize(SHAPES, ROSTER[0])
-        plans = server.configure_round(0, ROSTER[0])
-        server.begin_round(0)
-        server.accumulate(make_upload(0, "a", plans["a"]))
-        with pytest.raises(ValueError, match="already folded"):
-            server.accumulate(make_upload(0, "a", plans["a"]))
-
-
 @pytest.mark.parametrize(
     ("name", "other"),
     [("fedamole", factory("fedamole", k_c=1)), ("fedit", factory("fedit-ft")),
