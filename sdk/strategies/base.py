@@ -10,7 +10,7 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any, Literal, get_args
 
 from torch import Tensor
 
@@ -28,6 +28,13 @@ if TYPE_CHECKING:
 
 #: StrategyConfig fields that do not change results (a resume may use other values).
 SPEED_ONLY = frozenset({"solver_processes"})
+
+# The values a StrategyConfig field allows, named once: its type and its check.
+Assignment = Literal["rsea", "random", "static"]
+Solver = Literal["scip", "flow", "lp"]
+ClientEmbedding = Literal["trained", "received"]
+Weighting = Literal["uniform", "samples"]
+ExpertInit = Literal["own", "mean"]
 
 
 @dataclass(frozen=True)
@@ -63,9 +70,9 @@ class StrategyConfig:
     num_experts: int = 30
     k_c: int = 2
     b: int = 8
-    assignment: Literal["rsea", "random", "static"] = "rsea"
+    assignment: Assignment = "rsea"
     # exact min-cost flow (OR-Tools); "scip" is the paper's MILP, the reference
-    solver: Literal["scip", "flow", "lp"] = "flow"
+    solver: Solver = "flow"
     # worker processes for large programs: 0 one per CPU, 1 none (aggregation.solver_pool)
     solver_processes: int = 0
     # The decisive benchmark's validation choice (benchmarks/README.md, Accuracy); the
@@ -73,15 +80,15 @@ class StrategyConfig:
     relevance: Relevance = "anchor"
     temperature: float = 0.1
     stickiness: float = 0.0
-    client_embedding: Literal["trained", "received"] = "trained"
-    weighting: Literal["uniform", "samples"] = "uniform"
+    client_embedding: ClientEmbedding = "trained"
+    weighting: Weighting = "uniform"
     aggregation: Rule = "mean"
     trim: float = 0.1
     # A tensor fewer silos trained in a round keeps its value (nobody's update verbatim).
     min_contributors: int = 2
     warmup_rounds: int = 2
     max_clusters: int = 8
-    expert_init: Literal["own", "mean"] = "own"
+    expert_init: ExpertInit = "own"
     sync_every: int = 5
     outer_lr: float = 1.0
     outer_momentum: float = 0.5
@@ -91,11 +98,11 @@ class StrategyConfig:
 
     def __post_init__(self) -> None:
         allowed = {
-            "assignment": ("rsea", "random", "static"),
-            "solver": ("scip", "flow", "lp"),
-            "weighting": ("uniform", "samples"),
-            "expert_init": ("own", "mean"),
-            "client_embedding": ("trained", "received"),
+            "assignment": get_args(Assignment),
+            "solver": get_args(Solver),
+            "weighting": get_args(Weighting),
+            "expert_init": get_args(ExpertInit),
+            "client_embedding": get_args(ClientEmbedding),
             "aggregation": RULES,
         }
         for key, values in allowed.items():

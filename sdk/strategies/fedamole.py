@@ -7,7 +7,7 @@ import math
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import replace
-from typing import Any, Literal
+from typing import Any
 
 import numpy as np
 import torch
@@ -47,6 +47,7 @@ from fedsilo.sdk.params import (
 from fedsilo.sdk.strategies.averaging import AveragingServer
 from fedsilo.sdk.strategies.base import (
     AggregationReport,
+    ClientEmbedding,
     ClientStrategy,
     SiloPlan,
     StrategyConfig,
@@ -341,7 +342,7 @@ class FedAMoLEServer(AveragingServer):
 class FedAMoLEClient(ClientStrategy):
     """Install, train, test the locally trained model (the personalised score), embed."""
 
-    def __init__(self, client_embedding: Literal["trained", "received"] = "trained") -> None:
+    def __init__(self, client_embedding: ClientEmbedding = "trained") -> None:
         self.client_embedding = client_embedding
 
     def run_round(self, plan: RoundPlan, trainer: LocalTrainer) -> Upload:
