@@ -7,7 +7,7 @@ key can be overridden by `FEDSILO_<SECTION>__<KEY>` or `--set section.key=value`
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Literal
 
@@ -64,24 +64,15 @@ class RoundsSection:
 
 
 @dataclass(frozen=True)
-class AdapterSection:
-    r: int = 8
-    alpha: float = 16.0
-    dropout: float = 0.05
-    top_k: int = 2
-    target_modules: tuple[str, ...] = ("q_proj", "v_proj")
-    score_scale: Literal["r", "d"] = "r"
-    lb_coef: float = 1e-3
+class AdapterSection(AMoLEConfig):
+    """`[adapter]`: AMoLEConfig's keys (its defaults and checks), less the two the strategy
+    decides (`StrategySpec.adapter`), which are not keys of the section (init=False)."""
 
-    def __post_init__(self) -> None:
-        self.amole()
+    use_router: bool = field(default=True, init=False)
+    layer: Literal["amole", "lease"] = field(default="amole", init=False)
 
     def amole(self) -> AMoLEConfig:
-        return AMoLEConfig(
-            r=self.r, alpha=self.alpha, dropout=self.dropout, top_k=self.top_k,
-            target_modules=tuple(self.target_modules), score_scale=self.score_scale,
-            lb_coef=self.lb_coef,
-        )
+        return AMoLEConfig(**{f.name: getattr(self, f.name) for f in fields(self) if f.init})
 
 
 @dataclass(frozen=True)

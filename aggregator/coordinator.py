@@ -46,6 +46,14 @@ class Verdict(StrEnum):
     INVALID = "invalid"  # not the silo's plan's tensors, NaN/Inf, too large, bad count
 
 
+@dataclass(frozen=True)
+class Offer:
+    """What `Aggregator.offer` did with an upload, and why when it refused it as invalid."""
+
+    verdict: Verdict
+    problem: InvalidTensors | None = None
+
+
 @dataclass
 class RoundRecord:
     """What the aggregator saw in one round; `final` marks the evaluation-only round."""
@@ -106,28 +114,27 @@ class Aggregator:
         self._sent: dict[str, TensorDict] = {}  # the params each plan carried (same rebuild)
         # Accepted uploads of the open round, folded at its close; checkpointed.
         self.held: dict[str, Upload] = {}
-        self.last_rejection: InvalidTensors | None = None
 
     def start(self, shapes: Mapping[str, ModuleShape], silo_ids: Sequence[str]) -> None:
         """Create the global state for the first participants."""
         self.silo_ids = _unique(silo_ids)
         self.strategy.initialize(shapes, self.silo_ids)
 
-    def publish(self, round: int, silo_ids: Sequence[str] | None = None) -> RoundRecord:
-        """Send each participant its plan; round == schedule.rounds is the final evaluation.
-        `silo_ids` changes the participants (a late joiner enters here)."""
+    def publish(self, server_round: int, silo_ids: Sequence[str] | None = None) -> RoundRecord:
+        """Send each participant its plan; server_round == schedule.rounds is the final
+        evaluation. `silo_ids` changes the participants (a late joiner enters here)."""
         if silo_ids is not None:
             self.silo_ids = _unique(silo_ids)
-        final = round == self.schedule.rounds
-        record = RoundRecord(round=round, final=final, opened_at=time.time())
+        final = server_round == self.schedule.rounds
+        record = RoundRecord(round=server_round, final=final, opened_at=time.time())
         parts = (
             self.strategy.configure_final(self.silo_ids) if final
-            else self.strategy.configure_round(round, self.silo_ids)
+            else self.strategy.configure_round(server_round, self.silo_ids)
         )
         for silo, part in parts.items():
             record.assignment[silo] = part.assignment
         if not final:
-            self.strategy.begin_round(round)
+            self.strategy.begin_round(server_round)
         self.held = {}
         self.history.append(record)
         self.send_plans(record, parts)
@@ -155,9 +162,10 @@ class Aggregator:
             )
             record.bytes_down[silo] = self.transport.send_plan(plan)
 
-    def offer(self, record: RoundRecord, upload: Upload, size: int) -> Verdict:
+    def offer(self, record: RoundRecord, upload: Upload, size: int) -> Offer:
         """Fold `upload` into the open round if it belongs there. Idempotent: a redelivered
-        or repeated upload changes nothing (it is reported, not folded)."""
+        or repeated upload changes nothing (it is reported, not folded): this is the one
+        place a second upload of a silo for a round is refused, so strategies never see it."""
         if upload.round != record.round:
             verdict = Verdict.LATE
         elif upload.silo_id not in record.assignment:
@@ -165,27 +173,25 @@ class Aggregator:
         elif upload.silo_id in record.bytes_up:
             verdict = Verdict.DUPLICATE
         elif (problem := self.check(record, upload)) is not None:
-            verdict = Verdict.INVALID
-            self.last_rejection = problem
             record.ignored[problem.reason] = record.ignored.get(problem.reason, 0) + 1
             log_event(
                 log, "upload_invalid", logging.ERROR, silo=upload.silo_id, round=upload.round,
                 reason=problem.reason, detail=problem.detail,
             )
-            return verdict
+            return Offer(Verdict.INVALID, problem)
         else:
             if not record.final:
                 self.held[upload.silo_id] = upload
             record.metrics[upload.silo_id] = dict(upload.metrics)
             record.timings[upload.silo_id] = dict(upload.timings)
             record.bytes_up[upload.silo_id] = size
-            return Verdict.FOLDED
+            return Offer(Verdict.FOLDED)
         record.ignored[verdict.value] = record.ignored.get(verdict.value, 0) + 1
         log_event(
             log, f"upload_{verdict.value}", logging.WARNING, silo=upload.silo_id,
             upload_round=upload.round, open_round=record.round,
         )
-        return verdict
+        return Offer(verdict)
 
     def check(self, record: RoundRecord, upload: Upload) -> InvalidTensors | None:
         """Why `upload` must not be folded in (a sample count out of bounds, wrong tensors
@@ -228,11 +234,11 @@ class Aggregator:
             delivery = self.transport.receive_upload(timeout=timeout)
             if delivery is None:
                 break
-            verdict = None
+            problem = None
             if isinstance(delivery.message, Upload):
-                verdict = self.offer(record, delivery.message, delivery.size)
-            if verdict is Verdict.INVALID and self.last_rejection is not None:
-                delivery.reject(self.last_rejection.reason, self.last_rejection.detail)
+                problem = self.offer(record, delivery.message, delivery.size).problem
+            if problem is not None:
+                delivery.reject(problem.reason, problem.detail)
             else:
                 delivery.ack()
         return record

@@ -287,9 +287,10 @@ class AggregatorService:
                       upload_round=upload.round, phase=self.state.phase)
             return True
         record = self.engine.history[-1]
-        verdict = self.engine.offer(record, upload, delivery.size)
-        if verdict is Verdict.INVALID and self.engine.last_rejection is not None:
-            problem = self.engine.last_rejection
+        offer = self.engine.offer(record, upload, delivery.size)
+        verdict = offer.verdict
+        if offer.problem is not None:
+            problem = offer.problem
             self.state.count(f"rejected: {problem.reason}")
             self.state.last_error = f"upload of {upload.silo_id} rejected: {problem}"
             delivery.reject(problem.reason, problem.detail)

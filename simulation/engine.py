@@ -39,6 +39,7 @@ from fedsilo.sdk.models.loading import LoadedModel, load_model
 from fedsilo.sdk.personalised.config import BaseModelRef
 from fedsilo.sdk.personalised.record import silo_provenance
 from fedsilo.sdk.strategies import ServerStrategy, StrategyConfig, get_strategy
+from fedsilo.sdk.strategies.base import SPEED_ONLY
 from fedsilo.sdk.training import LocalTrainer, TrainingConfig, stable_seed
 from fedsilo.sdk.transport.memory import MemoryTransport
 from fedsilo.silo_agent.agent import SiloAgent
@@ -48,6 +49,12 @@ from fedsilo.simulation.state import (
     completed_round,
     restore_state,
     save_state,
+)
+
+#: The StrategyConfig fields a simulation sets, each a SimulationConfig field of the same
+#: name: all but `name` (the `strategy` field) and those that only change speed.
+STRATEGY_KNOBS = tuple(
+    f.name for f in fields(StrategyConfig) if f.name != "name" and f.name not in SPEED_ONLY
 )
 
 
@@ -73,31 +80,32 @@ class SimulationConfig:
     target_modules: tuple[str, ...] = ("q_proj", "v_proj")
     top_k: int = 2
     lb_coef: float = 1e-3
-    # FedAMoLE expert pool and assignment
+    # Strategy knobs (`STRATEGY_KNOBS`), StrategyConfig's defaults but for the FedAMoLE
+    # expert pool, smaller for the tiny built-in model (StrategyConfig: 30 experts, b 8)
     num_experts: int = 8
-    k_c: int = 2
+    k_c: int = StrategyConfig.k_c
     b: int = 6
-    assignment: str = "rsea"
+    assignment: str = StrategyConfig.assignment
     solver: str = StrategyConfig.solver
     relevance: str = StrategyConfig.relevance
     temperature: float = StrategyConfig.temperature
     stickiness: float = StrategyConfig.stickiness
     client_embedding: str = StrategyConfig.client_embedding
-    weighting: str = "uniform"
+    weighting: str = StrategyConfig.weighting
     aggregation: str = StrategyConfig.aggregation
     trim: float = StrategyConfig.trim
     min_contributors: int = StrategyConfig.min_contributors
     # FedLEASE
-    warmup_rounds: int = 2
-    max_clusters: int = 8
-    expert_init: str = "own"
+    warmup_rounds: int = StrategyConfig.warmup_rounds
+    max_clusters: int = StrategyConfig.max_clusters
+    expert_init: str = StrategyConfig.expert_init
     # FDLoRA
-    sync_every: int = 5
-    outer_lr: float = 1.0
-    outer_momentum: float = 0.5
-    fusion_budget: int = 5
-    fusion_l1: float = 0.05
-    fusion_batches: int = 2
+    sync_every: int = StrategyConfig.sync_every
+    outer_lr: float = StrategyConfig.outer_lr
+    outer_momentum: float = StrategyConfig.outer_momentum
+    fusion_budget: int = StrategyConfig.fusion_budget
+    fusion_l1: float = StrategyConfig.fusion_l1
+    fusion_batches: int = StrategyConfig.fusion_batches
     # data: None = the embedded synthetic multi-task set; "a,b,c": silo i holds the
     # (i mod 3)-th data set
     data: str | None = None
@@ -132,22 +140,10 @@ class SimulationConfig:
         return get_strategy(self.strategy).adapter(base)
 
     def strategy_config(self) -> StrategyConfig:
-        return StrategyConfig(
-            name=self.strategy, num_experts=self.num_experts, k_c=self.k_c, b=self.b,
-            assignment=self.assignment,  # type: ignore[arg-type]
-            solver=self.solver,  # type: ignore[arg-type]
-            relevance=self.relevance,  # type: ignore[arg-type]
-            temperature=self.temperature, stickiness=self.stickiness,
-            client_embedding=self.client_embedding,  # type: ignore[arg-type]
-            weighting=self.weighting,  # type: ignore[arg-type]
-            aggregation=self.aggregation, trim=self.trim,  # type: ignore[arg-type]
-            min_contributors=self.min_contributors,
-            warmup_rounds=self.warmup_rounds, max_clusters=self.max_clusters,
-            expert_init=self.expert_init,  # type: ignore[arg-type]
-            sync_every=self.sync_every, outer_lr=self.outer_lr,
-            outer_momentum=self.outer_momentum, fusion_budget=self.fusion_budget,
-            fusion_l1=self.fusion_l1, fusion_batches=self.fusion_batches,
-        )
+        """The strategy's settings from the flat flags; StrategyConfig checks the values
+        (strings from the command line or config.json) with its own error texts."""
+        knobs: dict[str, Any] = {key: getattr(self, key) for key in STRATEGY_KNOBS}
+        return StrategyConfig(name=self.strategy, **knobs)
 
     def training(self) -> TrainingConfig:
         return TrainingConfig(

@@ -10,7 +10,7 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any, Literal, get_args
 
 from torch import Tensor
 
@@ -28,6 +28,13 @@ if TYPE_CHECKING:
 
 #: StrategyConfig fields that do not change results (a resume may use other values).
 SPEED_ONLY = frozenset({"solver_processes"})
+
+# The values a StrategyConfig field allows, named once: its type and its check.
+Assignment = Literal["rsea", "random", "static"]
+Solver = Literal["scip", "flow", "lp"]
+ClientEmbedding = Literal["trained", "received"]
+Weighting = Literal["uniform", "samples"]
+ExpertInit = Literal["own", "mean"]
 
 
 @dataclass(frozen=True)
@@ -63,9 +70,9 @@ class StrategyConfig:
     num_experts: int = 30
     k_c: int = 2
     b: int = 8
-    assignment: Literal["rsea", "random", "static"] = "rsea"
+    assignment: Assignment = "rsea"
     # exact min-cost flow (OR-Tools); "scip" is the paper's MILP, the reference
-    solver: Literal["scip", "flow", "lp"] = "flow"
+    solver: Solver = "flow"
     # worker processes for large programs: 0 one per CPU, 1 none (aggregation.solver_pool)
     solver_processes: int = 0
     # The decisive benchmark's validation choice (benchmarks/README.md, Accuracy); the
@@ -73,15 +80,15 @@ class StrategyConfig:
     relevance: Relevance = "anchor"
     temperature: float = 0.1
     stickiness: float = 0.0
-    client_embedding: Literal["trained", "received"] = "trained"
-    weighting: Literal["uniform", "samples"] = "uniform"
+    client_embedding: ClientEmbedding = "trained"
+    weighting: Weighting = "uniform"
     aggregation: Rule = "mean"
     trim: float = 0.1
     # A tensor fewer silos trained in a round keeps its value (nobody's update verbatim).
     min_contributors: int = 2
     warmup_rounds: int = 2
     max_clusters: int = 8
-    expert_init: Literal["own", "mean"] = "own"
+    expert_init: ExpertInit = "own"
     sync_every: int = 5
     outer_lr: float = 1.0
     outer_momentum: float = 0.5
@@ -91,11 +98,11 @@ class StrategyConfig:
 
     def __post_init__(self) -> None:
         allowed = {
-            "assignment": ("rsea", "random", "static"),
-            "solver": ("scip", "flow", "lp"),
-            "weighting": ("uniform", "samples"),
-            "expert_init": ("own", "mean"),
-            "client_embedding": ("trained", "received"),
+            "assignment": get_args(Assignment),
+            "solver": get_args(Solver),
+            "weighting": get_args(Weighting),
+            "expert_init": get_args(ExpertInit),
+            "client_embedding": get_args(ClientEmbedding),
             "aggregation": RULES,
         }
         for key, values in allowed.items():
@@ -173,15 +180,36 @@ class AggregationReport:
     details: dict[str, float] = field(default_factory=dict)
 
 
-class ServerStrategy(ABC):
-    """Aggregator half. Uploads are folded in one at a time (`accumulate`), so memory
-    does not grow with the number of silos."""
+class Checkpointable(ABC):
+    """State a long-running party saves after every step and restores on restart."""
 
-    def validate(self, num_silos: int) -> None:  # noqa: B027 - optional check
+    @abstractmethod
+    def state_dict(self) -> tuple[TensorDict, dict[str, Any]]:
+        """Everything needed to continue exactly, at any point between calls: tensors under
+        namespaced keys (`params/...`, `sum/...`) and JSON-able metadata (no pickle).
+
+        Why: the aggregator checkpoints after every step and must survive SIGKILL; a
+        resumed run must end with the same parameters as one that never failed. The
+        tensors may alias live state: save them (`save_checkpoint` copies) before the next
+        call."""
+
+    @abstractmethod
+    def load_state_dict(self, tensors: Mapping[str, Tensor], meta: Mapping[str, Any]) -> None:
+        """Restore `state_dict()`'s output into a freshly constructed instance (same
+        constructor arguments; no `initialize` before). Raises CheckpointError if the state
+        was written under other settings."""
+
+
+class ServerStrategy(Checkpointable):
+    """Aggregator half. Uploads are folded in one at a time (`accumulate`), so memory
+    does not grow with the number of silos. `averaging.AveragingServer` implements the
+    bookkeeping every algorithm shares."""
+
+    def validate(self, num_silos: int) -> None:
         """Raise a clear error if the settings cannot work for `num_silos` (before any
         expensive loading happens)."""
 
-    def validate_rounds(self, rounds: int) -> None:  # noqa: B027 - optional check
+    def validate_rounds(self, rounds: int) -> None:
         """Raise a clear error if the settings cannot work for a run of `rounds` rounds."""
 
     @abstractmethod
@@ -189,7 +217,9 @@ class ServerStrategy(ABC):
         """Create the global state for the adapted modules and the round-0 architecture."""
 
     @abstractmethod
-    def configure_round(self, round: int, silo_ids: Sequence[str]) -> dict[str, SiloPlan]:
+    def configure_round(
+        self, server_round: int, silo_ids: Sequence[str]
+    ) -> dict[str, SiloPlan]:
         """What each silo installs this round. `silo_ids` are the round's participants and
         may differ from the previous round's (a silo joined late or left): the strategy
         adapts to exactly them. Deterministic given the state, since a resumed aggregator
@@ -208,35 +238,19 @@ class ServerStrategy(ABC):
         return UploadSchema(schema_of(part.params), {})
 
     @abstractmethod
-    def begin_round(self, round: int) -> None: ...
+    def begin_round(self, server_round: int) -> None: ...
 
     @abstractmethod
     def accumulate(self, upload: Upload) -> None: ...
 
     @abstractmethod
-    def end_round(self, round: int) -> AggregationReport:
+    def end_round(self, server_round: int) -> AggregationReport:
         """Close the round: aggregate the uploads that arrived (a participant may have
         missed the deadline), then decide the next round's architecture."""
 
     @property
     @abstractmethod
     def global_params(self) -> TensorDict: ...
-
-    @abstractmethod
-    def state_dict(self) -> tuple[TensorDict, dict[str, Any]]:
-        """Everything needed to continue exactly, at any point between calls: tensors under
-        namespaced keys (`params/...`, `sum/...`) and JSON-able metadata (no pickle).
-
-        Why: the aggregator checkpoints after every step and must survive SIGKILL; a
-        resumed run must end with the same parameters as one that never failed. The
-        tensors may alias live state: save them (`save_checkpoint` copies) before the next
-        call."""
-
-    @abstractmethod
-    def load_state_dict(self, tensors: Mapping[str, Tensor], meta: Mapping[str, Any]) -> None:
-        """Restore `state_dict()`'s output into a freshly constructed instance (same
-        constructor arguments; no `initialize` before). Raises CheckpointError if the state
-        was written under other settings."""
 
 
 class ClientStrategy(ABC):

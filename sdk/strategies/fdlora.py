@@ -51,15 +51,14 @@ class FDLoRAServer(FedITServer):
         self.outer = OuterSGD(config.outer_lr, config.outer_momentum,
                               nesterov=config.outer_momentum > 0)
 
-    def end_round(self, round: int) -> AggregationReport:
+    name = "fdlora"
+
+    def end_round(self, server_round: int) -> AggregationReport:
         start = time.perf_counter()
         if self._uploaded:  # nobody answered: no pseudo-gradient, no step
             average = self._sum.result(previous=self._params)
             self._params = self.outer.step(self._params, average)
-        return AggregationReport(round, len(self._uploaded), time.perf_counter() - start)
-
-    def _settings(self) -> dict[str, Any]:
-        return {**super()._settings(), "strategy": "fdlora"}
+        return AggregationReport(server_round, len(self._uploaded), time.perf_counter() - start)
 
     def state_dict(self) -> tuple[TensorDict, dict[str, Any]]:
         tensors, meta = super().state_dict()

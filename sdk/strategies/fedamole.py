@@ -6,8 +6,8 @@ import logging
 import math
 import time
 from collections.abc import Mapping, Sequence
-from dataclasses import asdict, replace
-from typing import Any, Literal
+from dataclasses import replace
+from typing import Any
 
 import numpy as np
 import torch
@@ -44,10 +44,11 @@ from fedsilo.sdk.params import (
     select_for_assignment,
 )
 from fedsilo.sdk.schema import TensorSpec
+from fedsilo.sdk.strategies.averaging import AveragingServer
 from fedsilo.sdk.strategies.base import (
     AggregationReport,
+    ClientEmbedding,
     ClientStrategy,
-    ServerStrategy,
     SiloPlan,
     StrategyConfig,
     StrategySpec,
@@ -59,11 +60,13 @@ from fedsilo.sdk.training import LocalTrainer
 log = logging.getLogger(__name__)
 
 
-class FedAMoLEServer(ServerStrategy):
+class FedAMoLEServer(AveragingServer):
+    """Per-expert FedAvg (the averaging base) plus the expert embeddings RSEA assigns by."""
+
+    name = "fedamole"
+
     def __init__(self, adapter: AMoLEConfig, config: StrategyConfig, seed: int) -> None:
-        self.adapter = adapter
-        self.config = config
-        self.seed = seed
+        super().__init__(adapter, config, seed)
         self.constraints = AssignmentConstraints(
             num_experts=config.num_experts, k_e=adapter.top_k, k_c=config.k_c, b=config.b
         )
@@ -71,25 +74,18 @@ class FedAMoLEServer(ServerStrategy):
         self._solvers = SolverPool(config.solver_processes)
         # The only randomness after initialize; checkpointed, so a resume draws the same.
         self._rng = np.random.default_rng(seed)
-        self._params: TensorDict = {}
         self.shapes: dict[str, ModuleShape] = {}
         self.silo_ids: list[str] = []
         # module -> bool matrix (silos x experts) of the architecture for the coming round
         self.assignment: dict[str, np.ndarray] = {}
         self.expert_embeddings: dict[tuple[str, int], torch.Tensor] = {}
         self.client_embeddings: dict[str, dict[str, torch.Tensor]] = {}
-        self._sum = self.config.parameter_mean()
         self._expert_emb_sum = RunningMean()
-        self._uploaded: list[str] = []  # silos folded into the open round
         self._aggregated = 0  # rounds closed so far
-
-    @property
-    def global_params(self) -> TensorDict:
-        return self._params
 
     def validate(self, num_silos: int) -> None:
         self.constraints.check(num_silos)
-        self.config.check_contributors(num_silos)
+        super().validate(num_silos)
         if self.config.k_c < self.config.min_contributors:
             raise ValueError(
                 f"strategy.k_c = {self.config.k_c} < min_contributors = "
@@ -122,7 +118,9 @@ class FedAMoLEServer(ServerStrategy):
     def _row_assignment(self, row: int) -> dict[str, list[int]]:
         return {m: np.flatnonzero(d[row]).tolist() for m, d in self.assignment.items()}
 
-    def configure_round(self, round: int, silo_ids: Sequence[str]) -> dict[str, SiloPlan]:
+    def configure_round(
+        self, server_round: int, silo_ids: Sequence[str]
+    ) -> dict[str, SiloPlan]:
         """Plans for `silo_ids`; if they are not the current participants (a silo joined
         late, or left), the assignment is first recomputed for exactly them."""
         if len(set(silo_ids)) != len(silo_ids):
@@ -165,20 +163,12 @@ class FedAMoLEServer(ServerStrategy):
             embeddings.update({expert_embedding_key(module, j): spec for j in experts})
         return UploadSchema(schema.params, embeddings)
 
-    def begin_round(self, round: int) -> None:
-        self._sum = self.config.parameter_mean()
-        self._uploaded = []
+    def begin_round(self, server_round: int) -> None:
+        super().begin_round(server_round)
         self._expert_emb_sum = RunningMean()
 
-    def accumulate(self, upload: Upload) -> None:
-        if upload.silo_id in self._uploaded:
-            raise ValueError(
-                f"an upload from {upload.silo_id!r} was already folded into this round; "
-                "a redelivered message must be acknowledged and ignored, not aggregated twice"
-            )
-        weight = float(upload.n_samples) if self.config.weighting == "samples" else 1.0
-        self._sum.add(upload.params, weight)
-        self._uploaded.append(upload.silo_id)
+    def fold(self, upload: Upload) -> None:
+        super().fold(upload)
         experts: TensorDict = {}
         clients: dict[str, torch.Tensor] = {}
         for key, value in upload.embeddings.items():
@@ -189,7 +179,7 @@ class FedAMoLEServer(ServerStrategy):
         self._expert_emb_sum.add(experts)  # eq. 24: uniform over the silos that trained j
         self.client_embeddings[upload.silo_id] = clients
 
-    def end_round(self, round: int) -> AggregationReport:
+    def end_round(self, server_round: int) -> AggregationReport:
         start = time.perf_counter()
         self._params = self._sum.result(previous=self._params)
         for key, value in self._expert_emb_sum.result().items():
@@ -204,7 +194,7 @@ class FedAMoLEServer(ServerStrategy):
         self._aggregated += 1
         end = time.perf_counter()
         return AggregationReport(
-            round=round,
+            round=server_round,
             num_uploads=len(self._uploaded),
             seconds=end - start,
             details={"fedavg_s": mid - start, "assignment_s": end - mid,
@@ -289,15 +279,9 @@ class FedAMoLEServer(ServerStrategy):
             trained=self._trained(module, silo_ids),
         )
 
-    def _settings(self) -> dict[str, Any]:
-        return {
-            "strategy": "fedamole",
-            "seed": self.seed,
-            "config": self.config.settings(),
-            "adapter": asdict(self.adapter),
-            # a resume solves with the same library version, so ties break the same way
-            "solver": solver_version(self.config.solver),
-        }
+    def settings(self) -> dict[str, Any]:
+        # a resume solves with the same library version, so ties break the same way
+        return {**super().settings(), "solver": solver_version(self.config.solver)}
 
     def state_dict(self) -> tuple[TensorDict, dict[str, Any]]:
         sums, sum_meta = self._sum.state_dict()
@@ -314,7 +298,7 @@ class FedAMoLEServer(ServerStrategy):
         client_tensors, client_meta = namespaced_groups("client_emb", self.client_embeddings)
         tensors.update(client_tensors)
         meta: dict[str, Any] = {
-            "settings": self._settings(),
+            "settings": self.settings(),
             "shapes": {m: [s.in_features, s.out_features] for m, s in self.shapes.items()},
             "silo_ids": list(self.silo_ids),
             "params": list(self._params),
@@ -330,7 +314,7 @@ class FedAMoLEServer(ServerStrategy):
         return tensors, meta
 
     def load_state_dict(self, tensors: Mapping[str, torch.Tensor], meta: Mapping[str, Any]) -> None:
-        check_settings(meta, self._settings())
+        check_settings(meta, self.settings())
         self.shapes = {m: ModuleShape(*shape) for m, shape in meta["shapes"].items()}
         self.silo_ids = list(meta["silo_ids"])
         self._params = take_namespace("params", tensors, meta["params"])
@@ -344,10 +328,7 @@ class FedAMoLEServer(ServerStrategy):
             assert parsed is not None
             self.expert_embeddings[parsed] = value
         self.client_embeddings = take_groups("client_emb", tensors, meta["client_emb"])
-        self._sum = self.config.parameter_mean()
-        self._sum.load_state_dict(
-            take_namespace("sum", tensors, self._sum.tensor_names(meta["sum"])), meta["sum"]
-        )
+        self.load_sum(tensors, meta["sum"])
         emb_meta = meta["expert_emb_sum"]
         self._expert_emb_sum = RunningMean()
         self._expert_emb_sum.load_state_dict(
@@ -361,7 +342,7 @@ class FedAMoLEServer(ServerStrategy):
 class FedAMoLEClient(ClientStrategy):
     """Install, train, test the locally trained model (the personalised score), embed."""
 
-    def __init__(self, client_embedding: Literal["trained", "received"] = "trained") -> None:
+    def __init__(self, client_embedding: ClientEmbedding = "trained") -> None:
         self.client_embedding = client_embedding
 
     def run_round(self, plan: RoundPlan, trainer: LocalTrainer) -> Upload:

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Mapping, Sequence
-from dataclasses import asdict, replace
+from dataclasses import replace
 from typing import Any
 
 import torch
@@ -39,10 +39,10 @@ from fedsilo.sdk.lease.routing import num_slots
 from fedsilo.sdk.messages import RoundPlan, Upload
 from fedsilo.sdk.params import ModuleShape, TensorDict, expert_key, gate_key
 from fedsilo.sdk.schema import schema_of
+from fedsilo.sdk.strategies.averaging import AveragingServer
 from fedsilo.sdk.strategies.base import (
     AggregationReport,
     ClientStrategy,
-    ServerStrategy,
     SiloPlan,
     StrategyConfig,
     StrategySpec,
@@ -67,11 +67,13 @@ def rename_expert(tensors: Mapping[str, torch.Tensor], modules: Sequence[str], o
     }
 
 
-class FedLEASEServer(ServerStrategy):
+class FedLEASEServer(AveragingServer):
+    """One LoRA per silo in warm-up, then FedAvg (the averaging base) within each cluster."""
+
+    name = "fedlease"
+
     def __init__(self, adapter: AMoLEConfig, config: StrategyConfig, seed: int) -> None:
-        self.adapter = adapter
-        self.config = config
-        self.seed = seed
+        super().__init__(adapter, config, seed)
         self.shapes: dict[str, ModuleShape] = {}
         self.silo_ids: list[str] = []
         self._init: TensorDict = {}  # the warm-up LoRA every silo starts from
@@ -79,19 +81,17 @@ class FedLEASEServer(ServerStrategy):
         # Warm-up LoRAs uploaded in the open round: folded into `_warm` when it closes, so
         # the round's plans (built from `_warm`) stay the same while uploads arrive.
         self._fresh: dict[str, TensorDict] = {}
-        self._params: TensorDict = {}  # after clustering: experts + cluster routers
+        # `_params`, after clustering: the experts and the cluster routers
         self.labels: dict[str, int] = {}  # silo -> cluster = its own expert
         self.num_clusters = 0  # 0 until the clustering ran
         self.silhouette: dict[int, float] = {}
         self._own_start: dict[str, TensorDict] = {}  # expert_init="own", first round only
-        self._sum = self.config.parameter_mean()
-        self._uploaded: list[str] = []
         self._aggregated = 0
 
     # -- set-up --------------------------------------------------------------------------
 
     def validate(self, num_silos: int) -> None:
-        self.config.check_contributors(num_silos)
+        super().validate(num_silos)
         if self.config.warmup_rounds < 1:
             raise ValueError(
                 f"strategy.warmup_rounds = {self.config.warmup_rounds}: FedLEASE clusters the "
@@ -136,7 +136,9 @@ class FedLEASEServer(ServerStrategy):
 
     # -- plans ---------------------------------------------------------------------------
 
-    def configure_round(self, round: int, silo_ids: Sequence[str]) -> dict[str, SiloPlan]:
+    def configure_round(
+        self, server_round: int, silo_ids: Sequence[str]
+    ) -> dict[str, SiloPlan]:
         if len(set(silo_ids)) != len(silo_ids):
             raise ValueError(f"silo ids must be unique: {list(silo_ids)}")
         self.silo_ids = list(silo_ids)
@@ -188,17 +190,11 @@ class FedLEASEServer(ServerStrategy):
 
     # -- aggregation ---------------------------------------------------------------------
 
-    def begin_round(self, round: int) -> None:
-        self._sum = self.config.parameter_mean()
+    def begin_round(self, server_round: int) -> None:
+        super().begin_round(server_round)
         self._fresh = {}
-        self._uploaded = []
 
-    def accumulate(self, upload: Upload) -> None:
-        if upload.silo_id in self._uploaded:
-            raise ValueError(
-                f"an upload from {upload.silo_id!r} was already folded into this round; "
-                "a redelivered message must be acknowledged and ignored, not aggregated twice"
-            )
+    def fold(self, upload: Upload) -> None:
         if not self.clustered:
             self._fresh[upload.silo_id] = {k: v.detach().clone() for k, v in upload.params.items()}
         else:
@@ -208,11 +204,9 @@ class FedLEASEServer(ServerStrategy):
                  if k.endswith(".router.gate") else k): v
                 for k, v in upload.params.items()
             }
-            weight = float(upload.n_samples) if self.config.weighting == "samples" else 1.0
-            self._sum.add(tensors, weight)  # experts within their cluster, router too
-        self._uploaded.append(upload.silo_id)
+            self._sum.add(tensors, self.weight(upload))  # experts within their cluster, router too
 
-    def end_round(self, round: int) -> AggregationReport:
+    def end_round(self, server_round: int) -> AggregationReport:
         start = time.perf_counter()
         details: dict[str, float] = {}
         if self.clustered:
@@ -224,8 +218,8 @@ class FedLEASEServer(ServerStrategy):
             if self._aggregated + 1 == self.config.warmup_rounds:
                 details = self._cluster()
         self._aggregated += 1
-        return AggregationReport(round, len(self._uploaded), time.perf_counter() - start,
-                                 details)
+        return AggregationReport(server_round, len(self._uploaded),
+                                 time.perf_counter() - start, details)
 
     def _cluster(self) -> dict[str, float]:
         """Cluster the participants that sent a warm-up LoRA; build one expert per cluster
@@ -274,14 +268,6 @@ class FedLEASEServer(ServerStrategy):
 
     # -- checkpoints ---------------------------------------------------------------------
 
-    def _settings(self) -> dict[str, Any]:
-        return {
-            "strategy": "fedlease",
-            "seed": self.seed,
-            "config": self.config.settings(),
-            "adapter": asdict(self.adapter),
-        }
-
     def state_dict(self) -> tuple[TensorDict, dict[str, Any]]:
         sums, sum_meta = self._sum.state_dict()
         tensors: TensorDict = {
@@ -295,7 +281,7 @@ class FedLEASEServer(ServerStrategy):
             group_tensors, group_meta[name] = namespaced_groups(name, group)
             tensors.update(group_tensors)
         meta: dict[str, Any] = {
-            "settings": self._settings(),
+            "settings": self.settings(),
             "shapes": {m: [s.in_features, s.out_features] for m, s in self.shapes.items()},
             "silo_ids": list(self.silo_ids),
             "init": list(self._init),
@@ -311,7 +297,7 @@ class FedLEASEServer(ServerStrategy):
         return tensors, meta
 
     def load_state_dict(self, tensors: Mapping[str, torch.Tensor], meta: Mapping[str, Any]) -> None:
-        check_settings(meta, self._settings())
+        check_settings(meta, self.settings())
         self.shapes = {m: ModuleShape(*shape) for m, shape in meta["shapes"].items()}
         self.silo_ids = list(meta["silo_ids"])
         self._init = take_namespace("init", tensors, meta["init"])
@@ -322,10 +308,7 @@ class FedLEASEServer(ServerStrategy):
         self.labels = {s: int(c) for s, c in meta["labels"].items()}
         self.num_clusters = int(meta["num_clusters"])
         self.silhouette = {int(k): float(v) for k, v in meta["silhouette"].items()}
-        self._sum = self.config.parameter_mean()
-        self._sum.load_state_dict(
-            take_namespace("sum", tensors, self._sum.tensor_names(meta["sum"])), meta["sum"]
-        )
+        self.load_sum(tensors, meta["sum"])
         self._uploaded = list(meta["uploaded"])
         self._aggregated = int(meta["aggregated"])
 

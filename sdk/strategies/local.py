@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import time
 from collections.abc import Mapping, Sequence
-from dataclasses import asdict
 from typing import Any
 
 import torch
@@ -19,40 +18,39 @@ import torch
 from fedsilo.sdk.amole.config import AMoLEConfig
 from fedsilo.sdk.checkpoint import check_settings, namespaced, take_namespace
 from fedsilo.sdk.messages import RoundPlan, Upload
-from fedsilo.sdk.params import ModuleShape, TensorDict
+from fedsilo.sdk.params import TensorDict
 from fedsilo.sdk.strategies.base import (
     AggregationReport,
     ClientStrategy,
-    ServerStrategy,
     SiloPlan,
     StrategyConfig,
     StrategySpec,
     UploadSchema,
 )
-from fedsilo.sdk.strategies.fedit import plain_lora
-from fedsilo.sdk.strategies.init import initial_params
+from fedsilo.sdk.strategies.fedit import FedITServer, plain_lora
 from fedsilo.sdk.training import LocalTrainer
 
 
-class LocalServer(ServerStrategy):
+class LocalServer(FedITServer):
+    """FedIT's server with nothing aggregated: it hands out the initial LoRA once."""
+
+    name = "local"
+
     def __init__(self, adapter: AMoLEConfig, config: StrategyConfig, seed: int) -> None:
-        self.adapter = adapter
-        self.config = config
-        self.seed = seed
-        self._init: TensorDict = {}
+        super().__init__(adapter, config, seed)
         self.started: set[str] = set()  # silos that trained from the init at least once
-        self._uploaded: list[str] = []
 
     @property
     def global_params(self) -> TensorDict:
-        return {}  # there is no global model
+        return {}  # there is no global model; `_params` holds the initial LoRA
 
-    def initialize(self, shapes: Mapping[str, ModuleShape], silo_ids: Sequence[str]) -> None:
-        generator = torch.Generator().manual_seed(self.seed)
-        self._init = initial_params(shapes, self.adapter.r, 0, False, generator)
+    def validate(self, num_silos: int) -> None:
+        """Nothing is aggregated, so any number of silos works."""
 
-    def configure_round(self, round: int, silo_ids: Sequence[str]) -> dict[str, SiloPlan]:
-        return {s: SiloPlan({}, {} if s in self.started else self._init) for s in silo_ids}
+    def configure_round(
+        self, server_round: int, silo_ids: Sequence[str]
+    ) -> dict[str, SiloPlan]:
+        return {s: SiloPlan({}, {} if s in self.started else self._params) for s in silo_ids}
 
     def configure_final(self, silo_ids: Sequence[str]) -> dict[str, SiloPlan]:
         return {s: SiloPlan({}, {}) for s in silo_ids}
@@ -60,34 +58,22 @@ class LocalServer(ServerStrategy):
     def upload_schema(self, silo_id: str, part: SiloPlan, final: bool) -> UploadSchema:
         return UploadSchema({}, {})  # scores only
 
-    def begin_round(self, round: int) -> None:
-        self._uploaded = []
+    def fold(self, upload: Upload) -> None:
+        """Scores only: nothing to add."""
 
-    def accumulate(self, upload: Upload) -> None:
-        if upload.silo_id in self._uploaded:
-            raise ValueError(
-                f"an upload from {upload.silo_id!r} was already folded into this round; "
-                "a redelivered message must be acknowledged and ignored, not aggregated twice"
-            )
-        self._uploaded.append(upload.silo_id)
-
-    def end_round(self, round: int) -> AggregationReport:
+    def end_round(self, server_round: int) -> AggregationReport:
         start = time.perf_counter()
         self.started.update(self._uploaded)
-        return AggregationReport(round, len(self._uploaded), time.perf_counter() - start)
-
-    def _settings(self) -> dict[str, Any]:
-        return {"strategy": "local", "seed": self.seed, "config": self.config.settings(),
-                "adapter": asdict(self.adapter)}
+        return AggregationReport(server_round, len(self._uploaded), time.perf_counter() - start)
 
     def state_dict(self) -> tuple[TensorDict, dict[str, Any]]:
-        meta = {"settings": self._settings(), "init": list(self._init),
+        meta = {"settings": self.settings(), "init": list(self._params),
                 "started": sorted(self.started), "uploaded": list(self._uploaded)}
-        return namespaced("init", self._init), meta
+        return namespaced("init", self._params), meta
 
     def load_state_dict(self, tensors: Mapping[str, torch.Tensor], meta: Mapping[str, Any]) -> None:
-        check_settings(meta, self._settings())
-        self._init = take_namespace("init", tensors, meta["init"])
+        check_settings(meta, self.settings())
+        self._params = take_namespace("init", tensors, meta["init"])
         self.started = set(meta["started"])
         self._uploaded = list(meta["uploaded"])
 

@@ -3,7 +3,7 @@ import json
 import pytest
 import torch
 
-from fedsilo.aggregator.coordinator import Aggregator, RoundRecord
+from fedsilo.aggregator.coordinator import Aggregator, RoundRecord, Verdict
 from fedsilo.aggregator.schedule import Schedule
 from fedsilo.sdk.amole.config import AMoLEConfig
 from fedsilo.sdk.messages import Upload
@@ -26,10 +26,10 @@ def _aggregator(rounds: int = 2, silos: tuple[str, ...] = ("a", "b")
     return agg, transport
 
 
-def _up(round: int, silo: str, value: float) -> Upload:
+def _up(server_round: int, silo: str, value: float) -> Upload:
     params = {"m.shared.A": torch.full((2, 3), value), "m.shared.B": torch.zeros(3, 2)}
     # a score in [0, 1] that still tells the uploads apart
-    return Upload(round, silo, params, {}, 1, metrics={"metric": 1 / (1 + abs(value))})
+    return Upload(server_round, silo, params, {}, 1, metrics={"metric": 1 / (1 + abs(value))})
 
 
 def test_plans_carry_decayed_lr_and_final_round_is_evaluation_only() -> None:
@@ -133,14 +133,14 @@ def test_held_uploads_survive_a_checkpoint_and_fold_after_resume() -> None:
 
 @pytest.mark.parametrize("n_samples", [0, -3, 10**12])
 def test_a_sample_count_out_of_bounds_is_refused(n_samples: int) -> None:
-    agg, transport = _aggregator()
+    agg, _ = _aggregator()
     record = agg.publish(0)
     bad = _up(0, "a", 1.0)
     bad.n_samples = n_samples
-    transport.send_upload(bad)
+    offer = agg.offer(record, bad, 1)
     agg.collect(record, deadline=0.0)
     assert record.ignored == {"sample count": 1} and record.missing == ["a", "b"]
-    assert agg.last_rejection is not None and "n_samples" in str(agg.last_rejection)
+    assert offer.problem is not None and "n_samples" in str(offer.problem)
 
 
 @pytest.mark.parametrize("metrics", [{"metric": float("inf")}, {"test_n": float("nan")},
@@ -152,12 +152,11 @@ def test_a_report_out_of_range_is_refused_and_the_round_goes_on(metrics: dict) -
     record = agg.publish(0)
     bad = _up(0, "a", 1.0)
     bad.metrics = metrics
-    transport.send_upload(bad)
+    offer = agg.offer(record, bad, 1)
     transport.send_upload(_up(0, "b", 3.0))
     agg.collect(record, deadline=0.0)
     assert record.ignored == {"report": 1} and record.missing == ["a"]
-    assert agg.last_rejection is not None and "upload of a for round 0" in str(
-        agg.last_rejection)
+    assert offer.problem is not None and "upload of a for round 0" in str(offer.problem)
     agg.close(record)
     json.dumps(agg.state_dict()[1], allow_nan=False)  # the checkpoint stays plain JSON
 
@@ -175,7 +174,28 @@ def test_huge_embeddings_are_refused_before_rsea() -> None:
     schema = server.upload_schema("a", server.configure_round(0, ["a", "b"])["a"], False)
     emb = {k: torch.full(s.shape, 3e38) for k, s in schema.embeddings.items()}
     params = {k: torch.zeros(s.shape) for k, s in schema.params.items()}
-    transport.send_upload(Upload(0, "a", params, emb, 10))
+    offer = agg.offer(record, Upload(0, "a", params, emb, 10), 1)
     agg.collect(record, deadline=0.0)
     assert record.ignored == {"norm bound": 1}
-    assert "embeddings" in str(agg.last_rejection)
+    assert "embeddings" in str(offer.problem)
+
+
+@pytest.mark.parametrize("name", ["fedamole", "fedit", "fedit-ft", "fdlora", "fedlease", "local"])
+def test_a_second_upload_of_a_round_is_refused_before_the_strategy(name: str) -> None:
+    """Duplicate detection lives here only: the strategies' `accumulate` never sees a
+    silo twice in a round (moved from each strategy's own duplicate test)."""
+    spec = get_strategy(name)
+    config = StrategyConfig(name=name, num_experts=2, k_c=1, b=1, min_contributors=1)
+    server = spec.server(spec.adapter(AMoLEConfig(r=2, top_k=1)), config, 0)
+    agg = Aggregator(server, MemoryTransport(), Schedule(rounds=3, local_steps=1, lr=0.1))
+    agg.start({"m": ModuleShape(3, 3)}, ["a", "b"])
+    record = agg.publish(0)
+    schema = server.upload_schema("a", server.configure_round(0, ["a", "b"])["a"], False)
+    upload = Upload(0, "a", {k: torch.ones(s.shape) for k, s in schema.params.items()},
+                    {k: torch.ones(s.shape) for k, s in schema.embeddings.items()}, 1)
+    assert agg.offer(record, upload, 1).verdict is Verdict.FOLDED
+    again = agg.offer(record, upload, 1)
+    assert again.verdict is Verdict.DUPLICATE and again.problem is None
+    assert record.ignored == {"duplicate": 1}
+    agg.close(record)
+    assert record.aggregation is not None and record.aggregation.num_uploads == 1

@@ -158,3 +158,21 @@ def test_mixed_data_gives_each_silo_its_own_data_set(tmp_path: Path) -> None:
     assert lines[0]["metric"] == "accuracy"
     assert {"rsea_kept", "rsea_spread", "rsea_entropy"} <= set(lines[0]["aggregation"])
     assert set(summary["per_silo"]) == {"silo-0", "silo-1", "silo-2"}
+
+
+def test_simulation_strategy_knobs_are_strategy_configs() -> None:
+    """SimulationConfig's strategy fields are StrategyConfig's (same names and defaults but
+    the smaller FedAMoLE pool), and `strategy_config()` passes every one of them on."""
+    from dataclasses import fields
+
+    from fedsilo.sdk.strategies import StrategyConfig
+    from fedsilo.simulation.engine import STRATEGY_KNOBS, SimulationConfig
+
+    sim, default = SimulationConfig(), StrategyConfig()
+    differ = {k for k in STRATEGY_KNOBS if getattr(sim, k) != getattr(default, k)}
+    assert differ == {"num_experts", "b"}
+    assert {f.name for f in fields(StrategyConfig)} - set(STRATEGY_KNOBS) == {
+        "name", "solver_processes"}
+    built = SimulationConfig(strategy="fdlora", sync_every=3, expert_init="mean").strategy_config()
+    assert built == StrategyConfig(name="fdlora", num_experts=8, b=6, sync_every=3,
+                                   expert_init="mean")

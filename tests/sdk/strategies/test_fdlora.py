@@ -118,17 +118,6 @@ def test_a_round_nobody_answered_takes_no_step() -> None:
     assert server.outer.steps == 1
 
 
-def test_duplicate_upload_raises() -> None:
-    server = make_server()
-    server.initialize(SHAPES, SILOS)
-    plans = server.configure_round(0, SILOS)
-    server.begin_round(0)
-    upload = uploads_for(0, plans["a"].params, ["a"])[0]
-    server.accumulate(upload)
-    with pytest.raises(ValueError, match="already folded"):
-        server.accumulate(upload)
-
-
 @pytest.mark.parametrize("mid_round", [False, True])
 def test_state_dict_round_trip_continues_identically(mid_round: bool, tmp_path: Path) -> None:
     def run(resume_after: int | None) -> FDLoRAServer:

@@ -10,12 +10,15 @@ from pathlib import Path
 import pytest
 import torch
 
+from fedsilo.aggregator.coordinator import Aggregator, Verdict
+from fedsilo.aggregator.schedule import Schedule
 from fedsilo.sdk.amole.config import AMoLEConfig
 from fedsilo.sdk.checkpoint import load_checkpoint, save_checkpoint
 from fedsilo.sdk.messages import Upload
 from fedsilo.sdk.params import ModuleShape, TensorDict, expert_key, gate_key
 from fedsilo.sdk.strategies import SiloPlan, StrategyConfig, get_strategy
 from fedsilo.sdk.strategies.fedlease import FedLEASEServer, cluster_router_key
+from fedsilo.sdk.transport.memory import MemoryTransport
 
 R = 2
 SHAPES = {"l0.q": ModuleShape(6, 8), "l0.v": ModuleShape(6, 4)}
@@ -405,25 +408,26 @@ def test_participant_without_warmup_lora_and_ties_go_to_the_lowest_cluster() -> 
     assert all(plans["x"].assignment[m][0] == 0 for m in MODULES)
 
 
-def test_duplicate_upload_raises_in_warmup_and_after_clustering() -> None:
+def test_duplicate_upload_is_refused_in_warmup_and_after_clustering() -> None:
+    """The engine refuses a silo's second upload of a round (`Aggregator.offer`): in
+    warm-up and after clustering the strategy counts it once."""
     server = make_server()
     server.initialize(SHAPES, SILOS)
     directions = _directions(2)
-    server.configure_round(0, SILOS)
-    server.begin_round(0)
+    engine = Aggregator(server, MemoryTransport(), Schedule(rounds=4, local_steps=1, lr=0.1))
+    record = engine.publish(0, SILOS)
     upload = warm_upload(0, "a", 0, directions)
-    server.accumulate(upload)
-    with pytest.raises(ValueError, match="already folded"):
-        server.accumulate(upload)
+    assert engine.offer(record, upload, 1).verdict is Verdict.FOLDED
+    assert engine.offer(record, upload, 1).verdict is Verdict.DUPLICATE
 
     clustered, _ = _clustered()
+    engine = Aggregator(clustered, MemoryTransport(), Schedule(rounds=4, local_steps=1, lr=0.1))
+    record = engine.publish(2, SILOS)
     plans = clustered.configure_round(2, SILOS)
-    clustered.begin_round(2)
     upload = trained_upload(clustered, 2, "c", plans["c"])
-    clustered.accumulate(upload)
-    with pytest.raises(ValueError, match="already folded"):
-        clustered.accumulate(upload)
-    clustered.end_round(2)
+    assert engine.offer(record, upload, 1).verdict is Verdict.FOLDED
+    assert engine.offer(record, upload, 1).verdict is Verdict.DUPLICATE
+    engine.close(record)
     key = expert_key(MODULES[0], clustered.labels["c"], "A")
     assert torch.equal(clustered.global_params[key], upload.params[key])  # counted once
 
