@@ -171,10 +171,10 @@ class RunHistory:
                  if any(ids for modules in a.values() for ids in modules.values())]
         return max(named) if named else None
 
-    def expert_grid(self, round: int) -> tuple[list[str], int, dict[str, list[list[int]]]]:
+    def expert_grid(self, server_round: int) -> tuple[list[str], int, dict[str, list[list[int]]]]:
         """(silos, number of experts E, {module: silos x E matrix of 0/1}) of `round`: which
         domain experts each silo holds in each adapted module (the paper's Figure 8)."""
-        assignment = self.assignments.get(round, {})
+        assignment = self.assignments.get(server_round, {})
         silos = [s for s in self.silos if s in assignment]
         modules = list(dict.fromkeys(m for s in silos for m in assignment[s]))
         width = 1 + max((i for a in self.assignments.values() for ids in a.values()
@@ -328,12 +328,12 @@ def _assignments(folder: Path) -> dict[int, dict[str, dict[str, list[int]]]]:
     out: dict[int, dict[str, dict[str, list[int]]]] = {}
     for file in sorted(folder.glob("round_*.json")):
         try:
-            round = int(file.stem.removeprefix("round_"))
+            server_round = int(file.stem.removeprefix("round_"))
         except ValueError:
             continue
         data = _json_object(file, "each silo's experts per module, as the run wrote them")
         try:
-            out[round] = {str(s): {str(m): [int(i) for i in ids] for m, ids in mods.items()}
+            out[server_round] = {str(s): {str(m): [int(i) for i in ids] for m, ids in mods.items()}
                           for s, mods in data.items()}
         except (AttributeError, TypeError, ValueError):
             raise RunFolderError(
@@ -350,10 +350,10 @@ def _spend(ledger_path: Path) -> PrivacySpend:
     except LedgerError as exc:
         raise RunFolderError(f"{ledger_path}: {exc}") from None
     by_round = []
-    for round in sorted({r.round for r in ledger.releases}):
-        upto = [r for r in ledger.releases if r.round <= round]
+    for server_round in sorted({r.round for r in ledger.releases}):
+        upto = [r for r in ledger.releases if r.round <= server_round]
         spent = PrivacyLedger(ledger.epsilon, ledger.delta, ledger.accountant, upto).spent()
-        by_round.append((round, spent))
+        by_round.append((server_round, spent))
     return PrivacySpend(ledger.epsilon, ledger.delta, tuple(by_round))
 
 

@@ -22,5 +22,5 @@ class Schedule:
         if not 0 < self.lr_decay <= 1:
             raise ValueError(f"lr_decay must be in (0, 1] (got {self.lr_decay})")
 
-    def lr_at(self, round: int) -> float:
-        return self.lr * self.lr_decay**round
+    def lr_at(self, server_round: int) -> float:
+        return self.lr * self.lr_decay**server_round

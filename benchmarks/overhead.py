@@ -302,8 +302,8 @@ class SealedTransport(Transport):
         start = time.perf_counter()
         data = self.codecs[sender].seal(message)
         kind = type(message).__name__.lower()
-        round = -1 if isinstance(message, Announce) else message.round
-        self.sent[(kind, round, message.silo_id)] = {
+        server_round = -1 if isinstance(message, Announce) else message.round
+        self.sent[(kind, server_round, message.silo_id)] = {
             "raw": raw_bytes(message), "wire": len(data),
             "seal_s": time.perf_counter() - start, "open_s": math.nan,
         }
@@ -400,8 +400,8 @@ def run_config(profile: Profile, method: str, experts: int, loaded: LoadedModel,
     aggregator.start(agents[0].trainer.shapes(), ids)
     rows: list[dict[str, Any]] = []
     rounds: list[dict[str, Any]] = []
-    for round in range(config.rounds + 1):
-        record = aggregator.publish(round)
+    for server_round in range(config.rounds + 1):
+        record = aggregator.publish(server_round)
         peaks: dict[str, float] = {}
         for agent in agents:
             with tracker.segment() as seg:
@@ -409,23 +409,23 @@ def run_config(profile: Profile, method: str, experts: int, loaded: LoadedModel,
             peaks[agent.silo_id] = seg["peak_MB"]
         aggregator.close(aggregator.collect(record))
         if record.missing or transport.rejected:
-            raise RuntimeError(f"round {round}: missing {record.missing}, "
+            raise RuntimeError(f"round {server_round}: missing {record.missing}, "
                                f"rejected {transport.rejected}")
         if record.final:
             continue
         report = record.aggregation
         assert report is not None
         rounds.append({
-            "round": round, "aggregation_s": report.seconds,
+            "round": server_round, "aggregation_s": report.seconds,
             "fedavg_s": report.details.get("fedavg_s", report.seconds),
             "assignment_s": report.details.get("assignment_s", 0.0),
         })
         for silo in ids:
-            up = transport.sent[("upload", round, silo)]
-            down = transport.sent[("roundplan", round, silo)]
+            up = transport.sent[("upload", server_round, silo)]
+            down = transport.sent[("roundplan", server_round, silo)]
             counts = [len(v) for v in record.assignment[silo].values()]
             rows.append({
-                "round": round, "silo": silo,
+                "round": server_round, "silo": silo,
                 "experts_per_module": mean(counts) if counts else 0.0,
                 "wire_up": record.bytes_up[silo], "wire_down": record.bytes_down[silo],
                 "raw_up": up["raw"], "raw_down": down["raw"],

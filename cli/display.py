@@ -48,7 +48,7 @@ class RichObserver:
         self.progress: Progress | None = None
         self.task: int | None = None
 
-    def round_started(self, round: int, final: bool) -> None:
+    def round_started(self, server_round: int, final: bool) -> None:
         self.progress = Progress(
             TextColumn("[bold]{task.description}"), BarColumn(), TextColumn("{task.fields[loss]}"),
             TimeElapsedColumn(), console=self.console, transient=True,

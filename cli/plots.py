@@ -57,9 +57,9 @@ def _figure(width: float, height: float) -> Figure:
     return figure
 
 
-def _round_label(history: RunHistory, round: int) -> str:
-    return "final" if history.total_rounds is not None and round >= history.total_rounds \
-        else str(round)
+def _round_label(history: RunHistory, server_round: int) -> str:
+    return "final" if history.total_rounds is not None and server_round >= history.total_rounds \
+        else str(server_round)
 
 
 def _round_axis(ax: object, history: RunHistory, rounds: Sequence[int]) -> None:
@@ -101,10 +101,10 @@ def _short(module: str) -> str:
 def experts_figure(history: RunHistory) -> Figure | None:
     """Which domain experts each silo holds in each adapted module, at the last round
     that assigned experts (the silos' final architectures; FedAMoLE's Figure 8)."""
-    round = history.experts_round()
-    if round is None:
+    server_round = history.experts_round()
+    if server_round is None:
         return None
-    silos, width, grid = history.expert_grid(round)
+    silos, width, grid = history.expert_grid(server_round)
     modules = list(grid)
     kinds = list(dict.fromkeys(m.rsplit(".", 1)[-1] for m in modules))
     ncols = len(kinds) if len(kinds) <= 4 and len(modules) % len(kinds) == 0 \

@@ -32,9 +32,9 @@ class TrainingProgress:
         self.task: TaskID | None = None
         self.label = silo_id
 
-    def round_started(self, round: int, steps: int) -> None:
+    def round_started(self, server_round: int, steps: int) -> None:
         self.progress.start()
-        self.label = f"{self.silo_id} round {round}"
+        self.label = f"{self.silo_id} round {server_round}"
         self.task = self.progress.add_task(self.label, total=max(steps, 1), loss="")
 
     def train_step(self, step: int, total: int, loss: float) -> None:
@@ -47,14 +47,15 @@ class TrainingProgress:
             self.progress.update(self.task, description=f"{self.label} testing",
                                  total=max(total, 1), completed=done, loss="")
 
-    def round_finished(self, round: int, metrics: dict[str, float]) -> None:
+    def round_finished(self, server_round: int, metrics: dict[str, float]) -> None:
         if self.task is not None:
             self.progress.remove_task(self.task)
             self.task = None
         self.progress.stop()
         shown = "  ".join(f"{k} {v:.0f}" if k.endswith("_n") else f"{k} {v:.4f}"
                           for k, v in metrics.items())
-        self.console.print(f"{self.silo_id}: round {round} done  {shown}".rstrip(), highlight=False)
+        self.console.print(f"{self.silo_id}: round {server_round} done  {shown}".rstrip(),
+                           highlight=False)
 
 
 class TransferProgress:

@@ -151,9 +151,9 @@ class EnvelopeCodec(Codec):
                 sender, self.party, key_id, len(seen), ", ".join(sorted(seen)),
             )
 
-    def advance(self, round: int) -> None:
+    def advance(self, server_round: int) -> None:
         """Messages of rounds before `round` are replays from now on."""
-        self.guard.set_floor(max(0, round))
+        self.guard.set_floor(max(0, server_round))
 
     def state_dict(self) -> dict[str, Any]:
         return {"replay": self.guard.state_dict()}
@@ -172,7 +172,7 @@ def _announce(data: bytes) -> bool:
         return False
 
 
-def _mismatch(kind: str, sender: str, round: int, message: Message, me: str) -> str | None:
+def _mismatch(kind: str, sender: str, server_round: int, message: Message, me: str) -> str | None:
     """The signed envelope and the message inside must tell the same story: a silo may
     only speak for itself, and only the aggregator sends plans."""
     if kind != _kind(message):
@@ -184,8 +184,8 @@ def _mismatch(kind: str, sender: str, round: int, message: Message, me: str) -> 
             return f"a plan for {message.silo_id!r} sealed to {me!r}"
     elif message.silo_id != sender:
         return f"{sender!r} signed a message claiming to come from {message.silo_id!r}"
-    if not isinstance(message, Announce) and max(0, message.round) != round:
-        return f"envelope round {round} but message round {message.round}"
+    if not isinstance(message, Announce) and max(0, message.round) != server_round:
+        return f"envelope round {server_round} but message round {message.round}"
     return None
 
 

@@ -280,12 +280,12 @@ def noise_multiplier_for(
 
 
 def embeddings_release(
-    round: int, *, noise_multiplier: float, clip: float, sample_rate: float = 1.0
+    server_round: int, *, noise_multiplier: float, clip: float, sample_rate: float = 1.0
 ) -> Release:
     """The ledger entry for one round's :func:`private_mean` of the embeddings."""
     return Release(
         kind=EMBEDDINGS,
-        round=round,
+        round=server_round,
         noise_multiplier=float(noise_multiplier),
         sample_rate=float(sample_rate),
         steps=1,

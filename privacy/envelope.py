@@ -268,8 +268,8 @@ def seal(
     payload: bytes,
     *,
     federation: str,
-    type: str,
-    round: int,
+    type: str,  # noqa: A002 - the keywords are the header's field names
+    round: int,  # noqa: A002
     sender: Keyring,
     recipient: PartyKeys,
     now: float | None = None,
@@ -565,12 +565,12 @@ class ReplayGuard:
         self._seen.setdefault(header.round, set()).add((header.sender, header.message_id))
         self._uncommitted.add((header.round, header.sender, header.message_id))
 
-    def set_floor(self, round: int) -> None:
-        """Close every round below `round`: forget their ids and reject them from now on.
+    def set_floor(self, floor: int) -> None:
+        """Close every round below `floor`: forget their ids and reject them from now on.
         The floor never moves down (that would re-open rounds whose ids are forgotten)."""
-        if type(round) is not int or round < 0:
-            raise ValueError(f"floor must be a non-negative integer round, got {round!r}")
-        self._floor = max(self._floor, round)
+        if type(floor) is not int or floor < 0:
+            raise ValueError(f"floor must be a non-negative integer round, got {floor!r}")
+        self._floor = max(self._floor, floor)
         self._seen = {r: ids for r, ids in self._seen.items() if r >= self._floor}
         self._uncommitted = {key for key in self._uncommitted if key[0] >= self._floor}
 

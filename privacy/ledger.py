@@ -260,9 +260,9 @@ class PrivacyLedger:
             h.update(json.dumps(fields, allow_nan=False).encode() + b"\n")
         return h.hexdigest()
 
-    def record(self, round: int | None = None) -> LedgerRecord:
+    def record(self, server_round: int | None = None) -> LedgerRecord:
         """What a checkpoint written now (at `round`) should remember of this ledger."""
-        return LedgerRecord(len(self.releases), self.digest(), self.spent(), round)
+        return LedgerRecord(len(self.releases), self.digest(), self.spent(), server_round)
 
     def check(self, recorded: LedgerRecord, path: Path | None = None) -> int:
         """Refuse (LedgerError) a ledger that does not begin with the `recorded` releases;

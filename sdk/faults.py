@@ -63,8 +63,8 @@ class FaultPlan:
                     "or point@round:poison"
                 ) from None
 
-    def reach(self, point: str, round: int) -> None:
-        action = self._points.get((point, round))
+    def reach(self, point: str, server_round: int) -> None:
+        action = self._points.get((point, server_round))
         if action is None:
             return
         if action.poison:
@@ -72,12 +72,13 @@ class FaultPlan:
         if action.sleep is not None:
             time.sleep(action.sleep)
         elif action.wait_for is not None:
-            log_event(log, "fault_waiting", point=point, round=round, file=str(action.wait_for))
+            log_event(log, "fault_waiting", point=point, round=server_round,
+                      file=str(action.wait_for))
             while not action.wait_for.exists():
                 time.sleep(0.1)
         else:
             os.kill(os.getpid(), signal.SIGKILL)
 
-    def poisons(self, point: str, round: int) -> bool:
-        action = self._points.get((point, round))
+    def poisons(self, point: str, server_round: int) -> bool:
+        action = self._points.get((point, server_round))
         return action is not None and action.poison

@@ -173,7 +173,7 @@ class SimulationConfig:
 class Observer(Protocol):
     """What the CLI (or a test) hears from a running simulation."""
 
-    def round_started(self, round: int, final: bool) -> None: ...
+    def round_started(self, server_round: int, final: bool) -> None: ...
     def silo_started(self, silo_id: str, steps: int) -> None: ...
     def train_step(self, silo_id: str, step: int, total: int, loss: float) -> None: ...
     def eval_step(self, silo_id: str, done: int, total: int) -> None: ...
@@ -191,7 +191,7 @@ class SimulationResult:
 
 
 class _Silent:
-    def round_started(self, round: int, final: bool) -> None: ...
+    def round_started(self, server_round: int, final: bool) -> None: ...
     def silo_started(self, silo_id: str, steps: int) -> None: ...
     def train_step(self, silo_id: str, step: int, total: int, loss: float) -> None: ...
     def eval_step(self, silo_id: str, done: int, total: int) -> None: ...
@@ -320,17 +320,17 @@ def _run(config: SimulationConfig, observer: Observer, run_dir: Path, resume: bo
     with (run_dir / "metrics.jsonl").open("w") as metrics_file:
         for summary in result.rounds:  # what a resumed run had done
             metrics_file.write(json.dumps(summary.to_json()) + "\n")
-        for round in range(0 if done is None else done + 1, config.rounds + 1):
-            final = round == config.rounds
-            observer.round_started(round, final)
-            record = aggregator.publish(round)
-            (run_dir / "assignments" / f"round_{round:03d}.json").write_text(
+        for server_round in range(0 if done is None else done + 1, config.rounds + 1):
+            final = server_round == config.rounds
+            observer.round_started(server_round, final)
+            record = aggregator.publish(server_round)
+            (run_dir / "assignments" / f"round_{server_round:03d}.json").write_text(
                 json.dumps(record.assignment, indent=1)
             )
             for agent in agents:
                 observer.silo_started(agent.silo_id, 0 if final else config.local_steps)
                 agent.poll()
-                faults.reach("silo_done", round)
+                faults.reach("silo_done", server_round)
             aggregator.close(aggregator.collect(record))
             summary = summarise(record, label)
             result.rounds.append(summary)
@@ -338,7 +338,7 @@ def _run(config: SimulationConfig, observer: Observer, run_dir: Path, resume: bo
             metrics_file.flush()
             if not final:  # after the final round, summary.json marks the run complete
                 _save_ledgers(run_dir, agents)
-                save_state(state, config, aggregator, agents, round)
+                save_state(state, config, aggregator, agents, server_round)
             observer.round_finished(summary)
     latest = latest_metrics(result.rounds)
     result.mtal = mtal([latest]) if latest else math.nan

@@ -88,7 +88,7 @@ def settings_json(config: SimulationConfig) -> dict[str, Any]:
 
 
 def save_state(path: Path, config: SimulationConfig, aggregator: Aggregator,
-               agents: Sequence[SiloAgent], round: int) -> None:
+               agents: Sequence[SiloAgent], server_round: int) -> None:
     """Checkpoint the federation after `round` closed (atomic; replaces the last one)."""
     engine_tensors, engine_meta = aggregator.state_dict()
     tensors = namespaced("aggregator", engine_tensors)
@@ -114,7 +114,7 @@ def save_state(path: Path, config: SimulationConfig, aggregator: Aggregator,
     save_checkpoint(path, tensors, {
         "version": STATE_VERSION,
         "fedsilo_version": fedsilo_version(),
-        "round": round,
+        "round": server_round,
         "settings": settings_json(config),
         "engine": engine_meta,
         "adapters": adapters_meta,

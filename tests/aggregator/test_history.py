@@ -19,13 +19,13 @@ from fedsilo.aggregator.history import (
 from fedsilo.aggregator.report import RoundSummary, SiloRow
 
 
-def _line(round: int, scores: dict[str, float | None], up: int = 10, down: int = 20,
+def _line(server_round: int, scores: dict[str, float | None], up: int = 10, down: int = 20,
           final: bool = False) -> str:
     rows = {s: SiloRow(metric=v, experts_min=1, experts_mean=1.5, experts_max=2,
                        bytes_up=up, bytes_down=down, train_s=0.5, test_s=0.1)
             for s, v in scores.items()}
     values = [v for v in scores.values() if v is not None]
-    summary = RoundSummary(round=round, final=final, silos=rows, aggregate_s=0.01,
+    summary = RoundSummary(round=server_round, final=final, silos=rows, aggregate_s=0.01,
                            mta=sum(values) / len(values) if values else None,
                            metric_name="accuracy", round_s=1.0)
     return json.dumps(summary.to_json()) + "\n"

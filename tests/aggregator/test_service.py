@@ -59,11 +59,11 @@ def _announce(silo: str, digest: str = DIGEST, shapes: dict | None = None) -> An
     return Announce(silo, "m", shapes or SHAPES, 10, incarnation=silo, model_digest=digest)
 
 
-def _upload(round: int, silo: str, value: float = 1.0) -> Upload:
+def _upload(server_round: int, silo: str, value: float = 1.0) -> Upload:
     r = 8
     params = {"layer.q_proj.shared.A": torch.full((r, 3), value),
               "layer.q_proj.shared.B": torch.zeros(3, r)}
-    return Upload(round, silo, params, {}, 10, metrics={"metric": value})
+    return Upload(server_round, silo, params, {}, 10, metrics={"metric": value})
 
 
 def _steps(service: AggregatorService, n: int = 10) -> None:

@@ -155,10 +155,10 @@ def test_dead_agent_round_closes_with_quorum_and_it_rejoins(deployment, tmp_path
     folded = deployment.wait_for_event("aggregator", "upload_folded", round=1, silo="silo-0")
     assert folded["missing"]
     fake = {"m.shared.A": torch.zeros(1)}
-    for silo, round in (("silo-0", 1), ("silo-1", 0)):  # signed by the silo it claims
+    for silo, server_round in (("silo-0", 1), ("silo-1", 0)):  # signed by the silo it claims
         sender = AmqpTransport(deployment.broker_url, silo, codec=deployment.codec(silo))
         try:
-            sender.send_upload(Upload(round, silo, fake, {}, 1))
+            sender.send_upload(Upload(server_round, silo, fake, {}, 1))
         finally:
             sender.close()
     deployment.wait_for_event("aggregator", "upload_duplicate", silo="silo-0")

@@ -39,13 +39,14 @@ def parties(tmp_path: Path) -> dict[str, EnvelopeCodec]:
     }
 
 
-def _upload(silo: str = "silo-0", round: int = 1) -> Upload:
-    return Upload(round, silo, {"m.shared.A": torch.randn(2, 3)}, {"m.client": torch.ones(4)}, 7,
+def _upload(silo: str = "silo-0", server_round: int = 1) -> Upload:
+    return Upload(server_round, silo, {"m.shared.A": torch.randn(2, 3)},
+                  {"m.client": torch.ones(4)}, 7,
                   {"accuracy": 0.5}, {"train_s": 1.0})
 
 
-def _plan(silo: str = "silo-0", round: int = 1) -> RoundPlan:
-    return RoundPlan(round, silo, 3, 0.1, 2, {"m": [0, 1]}, {"m.shared.A": torch.ones(2)})
+def _plan(silo: str = "silo-0", server_round: int = 1) -> RoundPlan:
+    return RoundPlan(server_round, silo, 3, 0.1, 2, {"m": [0, 1]}, {"m.shared.A": torch.ones(2)})
 
 
 def test_messages_round_trip_between_the_parties_they_are_for(parties) -> None:
@@ -75,7 +76,7 @@ def test_a_silo_may_only_speak_for_itself(parties, tmp_path: Path) -> None:
 
 def test_replays_are_refused_and_announcements_are_not(parties) -> None:
     aggregator = parties["aggregator"]
-    sealed = parties["silo-0"].seal(_upload(round=1))
+    sealed = parties["silo-0"].seal(_upload(server_round=1))
     aggregator.open(sealed)
     # Until a checkpoint holds its effect, a copy is the broker redelivering it: accepted
     # (the engine folds an upload once); once checkpointed, a copy is a replay.
@@ -86,7 +87,7 @@ def test_replays_are_refused_and_announcements_are_not(parties) -> None:
     assert info.value.reason == "replay"
     aggregator.advance(2)
     with pytest.raises(Rejected) as info:
-        aggregator.open(parties["silo-1"].seal(_upload("silo-1", round=1)))
+        aggregator.open(parties["silo-1"].seal(_upload("silo-1", server_round=1)))
     assert info.value.reason == "replay" and "floor" in info.value.detail
     announce = parties["silo-0"].seal(
         Announce("silo-0", "builtin:tiny", {"m": ModuleShape(4, 4)}, 10, "abc", "d")
@@ -96,7 +97,7 @@ def test_replays_are_refused_and_announcements_are_not(parties) -> None:
 
 
 def test_replay_memory_survives_a_restart(parties, tmp_path: Path) -> None:
-    sealed = parties["silo-0"].seal(_upload(round=3))
+    sealed = parties["silo-0"].seal(_upload(server_round=3))
     parties["aggregator"].open(sealed)
     restarted = SecuritySettings(
         keys_dir=tmp_path / "aggregator", trust_file=tmp_path / "aggregator.json"
@@ -250,12 +251,12 @@ def test_rotation_steps_out_of_order_are_refused_saying_what_to_do(
     # Activated before the aggregator pinned the new key: refused, naming the way out.
     cli.activate()
     with pytest.raises(Rejected) as info:
-        aggregator.open(silo.seal(_upload(round=1)))
+        aggregator.open(silo.seal(_upload(server_round=1)))
     assert info.value.reason == "unknown sender"
     assert f"key {new.key_id!r} is not pinned for party 'silo-0'" in info.value.detail
     assert "add its new public keys to the trust file" in info.value.detail
     _pin(tmp_path, "aggregator", "silo-0")
-    assert aggregator.open(silo.seal(_upload(round=2))).round == 2
+    assert aggregator.open(silo.seal(_upload(server_round=2))).round == 2
 
     # The aggregator retires the key the silo signs with: refused, saying so.
     cli = Keyring.load(tmp_path / "aggregator")
@@ -264,12 +265,12 @@ def test_rotation_steps_out_of_order_are_refused_saying_what_to_do(
     _pin(tmp_path, "silo-0", "aggregator")
     _unpin_retired(tmp_path, "silo-0", "aggregator", agg_old.key_id)  # too early
     with pytest.raises(Rejected) as info:
-        silo.open(aggregator.seal(_plan(round=3)))
+        silo.open(aggregator.seal(_plan(server_round=3)))
     assert info.value.reason == "unknown sender"
     assert f"key {agg_old.key_id!r} of 'aggregator' was retired on" in info.value.detail
     assert "must activate the new key (`fedsilo keys activate`)" in info.value.detail
     cli.activate()
-    assert silo.open(aggregator.seal(_plan(round=4))).round == 4
+    assert silo.open(aggregator.seal(_plan(server_round=4))).round == 4
     assert old.key_id in [k.key_id for k in Keyring.load(tmp_path / "silo-0").public().keys]
 
 

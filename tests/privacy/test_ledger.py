@@ -26,12 +26,14 @@ pytestmark = [
 ]
 
 
-def emb(round: int, sigma: float = 1.0) -> Release:
-    return Release("embeddings", round, noise_multiplier=sigma, sample_rate=1.0, steps=1, clip=1.0)
+def emb(server_round: int, sigma: float = 1.0) -> Release:
+    return Release("embeddings", server_round, noise_multiplier=sigma, sample_rate=1.0, steps=1,
+                   clip=1.0)
 
 
-def sgd(round: int, sigma: float = 1.1, rate: float = 0.02, steps: int = 100) -> Release:
-    return Release("dp-sgd", round, noise_multiplier=sigma, sample_rate=rate, steps=steps, clip=1.0)
+def sgd(server_round: int, sigma: float = 1.1, rate: float = 0.02, steps: int = 100) -> Release:
+    return Release("dp-sgd", server_round, noise_multiplier=sigma, sample_rate=rate, steps=steps,
+                   clip=1.0)
 
 
 def test_known_configuration_matches_opacus_rdp() -> None:

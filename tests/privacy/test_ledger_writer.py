@@ -30,16 +30,16 @@ def _per_example(n: int = 20) -> dict[str, torch.Tensor]:
     return {"m.client": torch.randn(n, 4, generator=torch.Generator().manual_seed(0))}
 
 
-def _release(privacy: SiloPrivacy, round: int) -> None:
-    privacy.begin_round(round, total_rounds=4, local_steps=0, batch_size=1, num_train=20)
+def _release(privacy: SiloPrivacy, server_round: int) -> None:
+    privacy.begin_round(server_round, total_rounds=4, local_steps=0, batch_size=1, num_train=20)
     privacy.release_embeddings(_per_example())
 
 
-def _checkpoint(state: Path, privacy: SiloPrivacy, round: int) -> None:
+def _checkpoint(state: Path, privacy: SiloPrivacy, server_round: int) -> None:
     """What the agent's `_checkpoint` writes about the ledger (its tensors left out)."""
     save_checkpoint(state / CHECKPOINT, {}, {
-        "silo_id": "silo-0", "last_round": round,
-        "privacy": privacy.ledger.record(round).to_json()})
+        "silo_id": "silo-0", "last_round": server_round,
+        "privacy": privacy.ledger.record(server_round).to_json()})
 
 
 def test_two_writers_on_one_state_folder_cannot_both_charge(tmp_path: Path) -> None:

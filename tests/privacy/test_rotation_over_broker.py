@@ -21,12 +21,13 @@ SILO = "silo-0"
 WAIT_S = 10.0  # an upper bound only: receive returns as soon as the message is there
 
 
-def _plan(round: int) -> RoundPlan:
-    return RoundPlan(round, SILO, 1, 0.1, 1, {"m": [0, 1]}, {"m.shared.A": torch.full((4,), 1.0)})
+def _plan(server_round: int) -> RoundPlan:
+    return RoundPlan(server_round, SILO, 1, 0.1, 1, {"m": [0, 1]},
+                     {"m.shared.A": torch.full((4,), 1.0)})
 
 
-def _upload(round: int) -> Upload:
-    return Upload(round, SILO, {"m.shared.A": torch.full((4,), float(round))}, {}, 5)
+def _upload(server_round: int) -> Upload:
+    return Upload(server_round, SILO, {"m.shared.A": torch.full((4,), float(server_round))}, {}, 5)
 
 
 def test_the_aggregator_rotates_while_plans_and_uploads_cross_the_broker(

@@ -27,8 +27,8 @@ def _per_example(n: int = 50) -> dict[str, torch.Tensor]:
 def test_the_planned_rounds_spend_exactly_the_budget(tmp_path: Path) -> None:
     config = DPConfig(epsilon=4.0, delta=1e-5, clip=1.0)
     privacy = SiloPrivacy.open(config, tmp_path, "s")
-    for round in range(5):
-        privacy.begin_round(round, total_rounds=5, local_steps=3, batch_size=2, num_train=50)
+    for server_round in range(5):
+        privacy.begin_round(server_round, total_rounds=5, local_steps=3, batch_size=2, num_train=50)
         out = privacy.release_embeddings(_per_example())
         assert out.keys() == {"m.client", "m.expert.1"} and out["m.client"].shape == (4,)
     spent = privacy.ledger.spent()
@@ -59,8 +59,8 @@ def test_a_restart_keeps_what_was_spent(tmp_path: Path) -> None:
 def test_dp_sgd_and_embeddings_share_one_budget(tmp_path: Path) -> None:
     config = DPConfig(epsilon=8.0, delta=1e-5, sgd=DPSGDConfig(enabled=True, noise_multiplier=1.2))
     privacy = SiloPrivacy.open(config, tmp_path, "s")
-    for round in range(3):
-        privacy.begin_round(round, total_rounds=3, local_steps=5, batch_size=2, num_train=40)
+    for server_round in range(3):
+        privacy.begin_round(server_round, total_rounds=3, local_steps=5, batch_size=2, num_train=40)
         privacy.charge_training(5, 2, 40)
         privacy.release_embeddings(_per_example())
     kinds = [r.kind for r in privacy.ledger.releases]

@@ -57,8 +57,8 @@ def test_limits_are_checked(key: str) -> None:
 
 
 def test_last_training_round_marks_the_final_personalised_score() -> None:
-    def plan(round: int, final: bool = False) -> RoundPlan:
-        return RoundPlan(round, "s", 3, 1e-3, 1, {}, {}, final=final)
+    def plan(server_round: int, final: bool = False) -> RoundPlan:
+        return RoundPlan(server_round, "s", 3, 1e-3, 1, {}, {}, final=final)
 
     assert [plan(r).last_training_round for r in range(3)] == [False, False, True]
     assert not plan(3, final=True).last_training_round

@@ -191,7 +191,7 @@ class FakeTrainer:
     def extract(self) -> TensorDict:
         return {k: v.clone() for k, v in self.current.items()}
 
-    def train(self, steps: int, lr: float, round: int, stream: str = "train",
+    def train(self, steps: int, lr: float, server_round: int, stream: str = "train",
               released: bool = True) -> _Stats:
         self.trained.append((stream, released))
         step = 1.0 if stream == "train" else 10.0
