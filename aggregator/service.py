@@ -32,7 +32,7 @@ from fedsilo.aggregator.config import FederationConfig
 from fedsilo.aggregator.coordinator import Aggregator, RoundRecord, Verdict
 from fedsilo.aggregator.history import ASSIGNMENTS, METRICS, RUN_FORMAT, fedsilo_version
 from fedsilo.aggregator.report import latest_metrics, summarise
-from fedsilo.sdk.amole.model import target_shapes
+from fedsilo.sdk.adapters.model import target_shapes
 from fedsilo.sdk.checkpoint import load_checkpoint, save_checkpoint
 from fedsilo.sdk.evaluation.metrics import METRIC_NAMES, metrics_label, mtal
 from fedsilo.sdk.faults import FaultPlan

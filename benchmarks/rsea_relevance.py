@@ -29,9 +29,11 @@ from stamp import command_line, git_info, machine, now
 
 def measure(model_name: str, data: str | None, silos: int, alpha: float, experts: int,
             seed: int, max_examples: int) -> dict[str, float]:
+    from fedsilo.sdk.adapters.inject import inject_adapters
+    from fedsilo.sdk.adapters.model import set_assignment
     from fedsilo.sdk.aggregation.rsea import relevance, selection_probs
     from fedsilo.sdk.amole.config import AMoLEConfig
-    from fedsilo.sdk.amole.model import compute_embeddings, inject_amole, set_assignment
+    from fedsilo.sdk.amole.model import compute_embeddings
     from fedsilo.sdk.data.tokenize import batches, encode_example
     from fedsilo.sdk.models.loading import load_model
     from fedsilo.simulation.engine import SimulationConfig, build_silo_data
@@ -43,7 +45,7 @@ def measure(model_name: str, data: str | None, silos: int, alpha: float, experts
     loaded = load_model(model_name, seed=seed)
     model, tokenizer = loaded.model, loaded.tokenizer
     adapter = AMoLEConfig()
-    layers = inject_amole(model, adapter)
+    layers = inject_adapters(model, adapter)
     set_assignment(model, {m: list(range(experts)) for m in layers})
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (
         tokenizer.eos_token_id)

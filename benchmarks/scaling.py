@@ -89,6 +89,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from fedsilo.sdk.adapters.inject import inject_adapters
+from fedsilo.sdk.adapters.model import adapter_layers, routing_context, set_assignment
 from fedsilo.sdk.aggregation.assignment import (
     AssignmentConstraints,
     assignment_objective,
@@ -101,14 +103,7 @@ from fedsilo.sdk.aggregation.rsea import (
     selection_probs,
 )
 from fedsilo.sdk.aggregation.solver_pool import SolverPool
-from fedsilo.sdk.amole import (
-    AMoLEConfig,
-    adapter_layers,
-    inject_amole,
-    load_balance,
-    routing_context,
-    set_assignment,
-)
+from fedsilo.sdk.amole import AMoLEConfig, load_balance
 from fedsilo.sdk.messages import Upload
 from fedsilo.sdk.models.loading import load_model
 from fedsilo.sdk.params import ModuleShape, TensorDict
@@ -646,13 +641,13 @@ def build_variants(base: torch.nn.Module, amole_experts: Sequence[int]) -> list[
 
     lora_config = AMoLEConfig(use_router=False)
     lora_model = copy.deepcopy(base)
-    inject_amole(lora_model, lora_config)
+    inject_adapters(lora_model, lora_config)
     variants.append(_make_variant("fedsilo_lora", "fedsilo plain LoRA", lora_model,
                                   fedsilo_loss(lora_model, lora_config)))
     for n in amole_experts:
         config = AMoLEConfig()
         model = copy.deepcopy(base)
-        inject_amole(model, config)
+        inject_adapters(model, config)
         set_assignment(model, {name: list(range(n)) for name in adapter_layers(model)})
         variants.append(_make_variant(f"amole_{n}", f"AMoLE, {n} experts", model,
                                       fedsilo_loss(model, config)))

@@ -17,24 +17,26 @@ from typing import Any, Protocol
 import torch
 from torch import Tensor, nn
 
-from fedsilo.sdk.amole.config import AMoLEConfig
-from fedsilo.sdk.amole.model import (
-    TokenSums,
+from fedsilo.sdk.adapters.inject import inject_adapters
+from fedsilo.sdk.adapters.model import (
     assignment_of,
-    client_sums_from,
-    embedding_sums,
-    embeddings_to_tensors,
     extract_state,
     extract_trainable,
     fused_lora,
-    inject_amole,
-    load_balance,
     load_trainable,
     module_shapes,
-    per_example_embedding_tensors,
-    pooled_embeddings,
     routing_context,
     set_assignment,
+)
+from fedsilo.sdk.amole.config import AMoLEConfig
+from fedsilo.sdk.amole.model import (
+    TokenSums,
+    client_sums_from,
+    embedding_sums,
+    embeddings_to_tensors,
+    load_balance,
+    per_example_embedding_tensors,
+    pooled_embeddings,
 )
 from fedsilo.sdk.data.examples import Example, SiloData
 from fedsilo.sdk.data.tokenize import TrainStream, batches, encode_example
@@ -145,7 +147,7 @@ class LocalTrainer:
         self.config = config or TrainingConfig()
         self.seed = seed
         self.silo_id = silo_id
-        self.layers = inject_amole(model, adapter)
+        self.layers = inject_adapters(model, adapter)
         self.device = next(model.parameters()).device
         self.pad_id = (
             tokenizer.pad_token_id if tokenizer.pad_token_id is not None

@@ -25,7 +25,7 @@ from fedsilo.privacy.dp import DPError, NonFiniteValues
 from fedsilo.privacy.ledger import BudgetExceeded, LedgerError, LedgerRecord
 from fedsilo.privacy.silo import SiloPrivacy
 from fedsilo.privacy.validation import InvalidTensors, check_tensors
-from fedsilo.sdk.amole.model import linear_shapes, load_trainable, set_assignment
+from fedsilo.sdk.adapters.model import linear_shapes, load_trainable, set_assignment
 from fedsilo.sdk.checkpoint import load_checkpoint, namespaced, save_checkpoint
 from fedsilo.sdk.data.examples import SiloData
 from fedsilo.sdk.data.recipe import SiloDataRecipe

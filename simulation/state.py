@@ -26,7 +26,7 @@ from safetensors import safe_open
 from fedsilo.aggregator.coordinator import Aggregator
 from fedsilo.aggregator.history import RunFolderError, check_format, fedsilo_version
 from fedsilo.privacy.ledger import PrivacyLedger
-from fedsilo.sdk.amole.model import load_trainable, set_assignment
+from fedsilo.sdk.adapters.model import load_trainable, set_assignment
 from fedsilo.sdk.checkpoint import (
     CheckpointError,
     load_checkpoint,

@@ -1,26 +1,21 @@
-"""AMoLE: the adaptive mixture-of-LoRA-experts module of FedAMoLE, and model-level helpers."""
+"""AMoLE, the adaptive mixture-of-LoRA-experts module of FedAMoLE: its config, its layer
+(which plugs into `fedsilo.sdk.adapters`), its routing, and what only its router gives:
+the load-balance loss and the RSEA embeddings. The generic adapter helpers are in
+`fedsilo.sdk.adapters`."""
 
-from .config import AMoLEConfig
+from .config import AMoLEConfig, LayerKind
 from .layer import AMoLELinear, EmbeddingAccumulator
 from .model import (
     ModuleEmbedding,
     TokenSums,
-    adapter_layers,
-    assignment_of,
     client_sums_from,
     compute_embeddings,
     compute_embeddings_per_example,
     embedding_sums,
     embeddings_to_tensors,
-    extract_trainable,
-    inject_amole,
     load_balance,
-    load_trainable,
-    module_shapes,
     per_example_embedding_tensors,
     pooled_embeddings,
-    routing_context,
-    set_assignment,
 )
 from .routing import load_balance_loss, route
 
@@ -28,24 +23,17 @@ __all__ = [
     "AMoLEConfig",
     "AMoLELinear",
     "EmbeddingAccumulator",
+    "LayerKind",
     "ModuleEmbedding",
     "TokenSums",
-    "adapter_layers",
-    "assignment_of",
     "client_sums_from",
     "compute_embeddings",
     "compute_embeddings_per_example",
     "embedding_sums",
     "embeddings_to_tensors",
-    "extract_trainable",
-    "inject_amole",
     "load_balance",
     "load_balance_loss",
-    "load_trainable",
-    "module_shapes",
     "per_example_embedding_tensors",
     "pooled_embeddings",
     "route",
-    "routing_context",
-    "set_assignment",
 ]

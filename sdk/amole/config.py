@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal
+from typing import Literal, get_args
+
+LayerKind = Literal["amole", "lease"]
+"""The adapter layer kinds (`fedsilo.sdk.adapters.inject.LAYER_KINDS` builds each)."""
 
 
 @dataclass(frozen=True)
@@ -27,7 +30,7 @@ class AMoLEConfig:
     """Routing logits are divided by sqrt(r) (authors' code, default) or sqrt(d_in) (paper)."""
     lb_coef: float = 1e-3
     """beta: weight of the load-balance loss."""
-    layer: Literal["amole", "lease"] = "amole"
+    layer: LayerKind = "amole"
     """The layer injected: AMoLE's (FedAMoLE, FedIT, FDLoRA) or FedLEASE's (cluster experts,
     adaptive top-M router; r, alpha, dropout and target_modules apply, the rest not)."""
 
@@ -57,8 +60,9 @@ class AMoLEConfig:
                 f"AMoLEConfig.score_scale must be 'r' (divide by sqrt(r)) or 'd' "
                 f"(divide by sqrt(d_in)), got {self.score_scale!r}"
             )
-        if self.layer not in ("amole", "lease"):
-            raise ValueError(f"AMoLEConfig.layer must be 'amole' or 'lease', got {self.layer!r}")
+        if self.layer not in get_args(LayerKind):
+            kinds = " or ".join(repr(kind) for kind in get_args(LayerKind))
+            raise ValueError(f"AMoLEConfig.layer must be {kinds}, got {self.layer!r}")
         if self.lb_coef < 0:
             raise ValueError(f"AMoLEConfig.lb_coef must be >= 0, got {self.lb_coef!r}")
 

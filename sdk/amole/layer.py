@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor, nn
 
-from fedsilo.sdk.adapter_layer import AdapterLayer
+from fedsilo.sdk.adapters.layer import AdapterLayer
 from fedsilo.sdk.params import expert_key, router_key, shared_key
 
 from .config import AMoLEConfig
@@ -48,11 +48,7 @@ class AMoLELinear(AdapterLayer):
     def __init__(
         self, base: nn.Linear, config: AMoLEConfig, expert_ids: Sequence[int] = ()
     ) -> None:
-        super().__init__()
-        if not isinstance(base, nn.Linear):
-            raise TypeError(f"AMoLELinear wraps an nn.Linear, got {type(base).__name__}")
-        self.base = base
-        self.base.requires_grad_(False)
+        super().__init__(base)
         self.config = config
         r, d_in, d_out = config.r, base.in_features, base.out_features
         device = base.weight.device
@@ -140,6 +136,19 @@ class AMoLELinear(AdapterLayer):
             out[expert_key(name, expert_id, "A")] = self.expert_A[pos]
             out[expert_key(name, expert_id, "B")] = self.expert_B[pos]
         return out
+
+    def plain_lora(self) -> tuple[nn.Parameter, nn.Parameter] | None:
+        """The shared expert when the layer has no router (FedIT, FDLoRA: plain LoRA)."""
+        return (self.shared_A, self.shared_B) if self.token_proj is None else None
+
+    def swap_plain_lora(
+        self, a: nn.Parameter, b: nn.Parameter
+    ) -> tuple[nn.Parameter, nn.Parameter]:
+        own = self.plain_lora()
+        if own is None:
+            return super().swap_plain_lora(a, b)
+        self.shared_A, self.shared_B = a, b
+        return own
 
     def _real_token_mask(self, lead_shape: torch.Size, device: torch.device) -> Tensor:
         """token_mask flattened to (N,), or all-True when it is unset or does not fit x.

@@ -4,18 +4,15 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor, nn
 
-from fedsilo.sdk.adapter_layer import AdapterLayer
+from fedsilo.sdk.adapters.layer import AdapterLayer
+from fedsilo.sdk.amole.config import AMoLEConfig
 from fedsilo.sdk.params import expert_key, gate_key
 
 from .routing import adaptive_top_m, num_slots
-
-if TYPE_CHECKING:  # at run time amole imports this module, not the other way round
-    from fedsilo.sdk.amole.config import AMoLEConfig
 
 
 class LeaseLinear(AdapterLayer):
@@ -29,11 +26,7 @@ class LeaseLinear(AdapterLayer):
     """
 
     def __init__(self, base: nn.Linear, config: AMoLEConfig) -> None:
-        super().__init__()
-        if not isinstance(base, nn.Linear):
-            raise TypeError(f"LeaseLinear wraps an nn.Linear, got {type(base).__name__}")
-        self.base = base
-        self.base.requires_grad_(False)
+        super().__init__(base)
         self.config = config
         self.scaling = config.scaling
         self.lora_dropout: nn.Module = (

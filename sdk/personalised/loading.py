@@ -18,7 +18,8 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file
 
-from fedsilo.sdk.amole.model import inject_amole, load_trainable, set_assignment
+from fedsilo.sdk.adapters.inject import inject_adapters
+from fedsilo.sdk.adapters.model import load_trainable, set_assignment
 from fedsilo.sdk.models.digest import weights_digest
 from fedsilo.sdk.models.loading import LoadedModel, ModelLoadError, load_model
 from fedsilo.sdk.params import TensorDict
@@ -54,7 +55,7 @@ def install_personalised(model: torch.nn.Module, config: PersonalisedConfig,
                          tensors: TensorDict) -> None:
     """Put the silo's adapter layers, architecture and tensors into a fresh backbone."""
     try:
-        inject_amole(model, config.adapter)
+        inject_adapters(model, config.adapter)
         set_assignment(model, config.assignment)
         load_trainable(model, tensors, strict=True)
     except ValueError as exc:

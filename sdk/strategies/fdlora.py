@@ -25,9 +25,9 @@ from typing import Any
 
 import torch
 
+from fedsilo.sdk.adapters.model import stacked_lora
 from fedsilo.sdk.aggregation.outer_optimizer import OuterSGD
 from fedsilo.sdk.amole.config import AMoLEConfig
-from fedsilo.sdk.amole.model import stacked_lora
 from fedsilo.sdk.checkpoint import namespaced, take_namespace
 from fedsilo.sdk.fusion import FusionSearch, search_fusion_weights
 from fedsilo.sdk.messages import RoundPlan, Upload

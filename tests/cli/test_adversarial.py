@@ -21,7 +21,7 @@ from fedsilo.privacy.codec import EnvelopeCodec
 from fedsilo.privacy.envelope import seal
 from fedsilo.privacy.keys import Keyring, PartyKeys, TrustStore
 from fedsilo.sdk import protocol
-from fedsilo.sdk.amole.model import linear_shapes, target_shapes
+from fedsilo.sdk.adapters.model import linear_shapes, target_shapes
 from fedsilo.sdk.messages import Upload
 from fedsilo.sdk.models.loading import load_model
 from fedsilo.sdk.strategies import get_strategy
@@ -208,7 +208,7 @@ def test_a_silo_with_valid_keys_cannot_pick_the_model_or_blow_up_the_average(
     then joins properly and sends a round-0 update scaled by 1e30 (finite: it is clipped to
     the round's bound, not averaged in), then goes silent (later rounds close by quorum).
     The honest silos finish; the global model stays finite and near the honest one."""
-    from fedsilo.sdk.amole.model import linear_shapes
+    from fedsilo.sdk.adapters.model import linear_shapes
     from fedsilo.sdk.messages import Announce
     from fedsilo.sdk.transport.amqp import AmqpTransport
 

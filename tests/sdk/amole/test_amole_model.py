@@ -9,25 +9,27 @@ import torch
 from torch import nn
 from transformers import BertConfig, BertModel, LlamaConfig, LlamaForCausalLM
 
+from fedsilo.sdk.adapters.inject import inject_adapters
+from fedsilo.sdk.adapters.model import (
+    adapter_layers,
+    assignment_of,
+    extract_trainable,
+    load_trainable,
+    module_shapes,
+    routing_context,
+    set_assignment,
+)
 from fedsilo.sdk.amole import (
     AMoLEConfig,
     AMoLELinear,
-    adapter_layers,
-    assignment_of,
     client_sums_from,
     compute_embeddings,
     compute_embeddings_per_example,
     embedding_sums,
     embeddings_to_tensors,
-    extract_trainable,
-    inject_amole,
     load_balance,
-    load_trainable,
-    module_shapes,
     per_example_embedding_tensors,
     pooled_embeddings,
-    routing_context,
-    set_assignment,
 )
 from fedsilo.sdk.params import ModuleShape
 
@@ -65,7 +67,7 @@ def _assignment() -> dict[str, list[int]]:
 
 def _routed_llama(config: AMoLEConfig | None = None) -> LlamaForCausalLM:
     model = _llama()
-    inject_amole(model, config or AMoLEConfig(r=4, dropout=0.0))
+    inject_adapters(model, config or AMoLEConfig(r=4, dropout=0.0))
     set_assignment(model, _assignment())
     return model
 
@@ -74,7 +76,7 @@ def test_inject_into_llama_freezes_backbone() -> None:
     model = _llama()
     ids = torch.randint(0, 64, (2, 5))
     before = model(input_ids=ids).logits
-    layers = inject_amole(model, AMoLEConfig(r=4))
+    layers = inject_adapters(model, AMoLEConfig(r=4))
     assert list(layers) == [
         "model.layers.0.self_attn.q_proj",
         "model.layers.0.self_attn.v_proj",
@@ -94,7 +96,7 @@ def test_inject_into_llama_freezes_backbone() -> None:
     assert torch.allclose(model(input_ids=ids).logits, before, atol=1e-6)  # B = 0 at init
     assert module_shapes(model)[Q0] == ModuleShape(in_features=32, out_features=32)
     with pytest.raises(ValueError, match="already"):
-        inject_amole(model, AMoLEConfig(r=4))
+        inject_adapters(model, AMoLEConfig(r=4))
 
 
 def test_inject_into_bert_with_query_value_targets() -> None:
@@ -109,7 +111,7 @@ def test_inject_into_bert_with_query_value_targets() -> None:
             max_position_embeddings=32,
         )
     ).eval()
-    layers = inject_amole(bert, AMoLEConfig(r=4, target_modules=("query", "value")))
+    layers = inject_adapters(bert, AMoLEConfig(r=4, target_modules=("query", "value")))
     assert sorted(layers) == [
         "encoder.layer.0.attention.self.query",
         "encoder.layer.0.attention.self.value",
@@ -128,7 +130,7 @@ def test_inject_into_bert_with_query_value_targets() -> None:
 
 def test_inject_unknown_target_lists_available_names() -> None:
     with pytest.raises(ValueError, match="q_proj") as info:
-        inject_amole(_llama(), AMoLEConfig(target_modules=("nope",)))
+        inject_adapters(_llama(), AMoLEConfig(target_modules=("nope",)))
     assert "nope" in str(info.value)
 
 
@@ -163,7 +165,7 @@ def test_extract_trainable_keys_and_detached_copies() -> None:
 
 def test_extract_without_router_has_only_shared_expert() -> None:
     model = _llama()
-    inject_amole(model, AMoLEConfig(r=4, use_router=False))
+    inject_adapters(model, AMoLEConfig(r=4, use_router=False))
     tensors = extract_trainable(model)
     assert len(tensors) == 8 and all(".shared." in k for k in tensors)
 
@@ -171,14 +173,14 @@ def test_extract_without_router_has_only_shared_expert() -> None:
 def test_extract_load_round_trip_reproduces_outputs() -> None:
     source = _llama()
     backbone = copy.deepcopy(source)
-    inject_amole(source, AMoLEConfig(r=4))
+    inject_adapters(source, AMoLEConfig(r=4))
     set_assignment(source, _assignment())
     _randomise(source)
     tensors = extract_trainable(source)
 
     torch.manual_seed(123)  # different adapter init in the receiving model
     target = backbone
-    inject_amole(target, AMoLEConfig(r=4))
+    inject_adapters(target, AMoLEConfig(r=4))
     set_assignment(target, _assignment())
     ids = torch.randint(0, 64, (2, 7))
     assert not torch.allclose(target(input_ids=ids).logits, source(input_ids=ids).logits)
@@ -237,7 +239,7 @@ def test_load_balance_is_differentiable_and_zero_without_experts() -> None:
     assert adapter_layers(model)[Q0].token_proj.weight.grad is not None
     # only modules with >= 2 experts and a real choice contribute; v_proj of layer 1 has none
     bare = _llama()
-    inject_amole(bare, AMoLEConfig(r=4))
+    inject_adapters(bare, AMoLEConfig(r=4))
     with routing_context(bare, None):
         bare(input_ids=ids)
         zero = load_balance(bare, None)
@@ -259,7 +261,7 @@ class _OneLayer(nn.Module):
 def test_embeddings_equal_hand_mean_over_real_tokens() -> None:
     torch.manual_seed(0)
     model = _OneLayer()
-    inject_amole(model, AMoLEConfig(r=3))
+    inject_adapters(model, AMoLEConfig(r=3))
     set_assignment(model, {"q_proj": [5, 2]})
     model.train()
     layer = model.q_proj
@@ -323,7 +325,7 @@ def test_client_part_from_an_earlier_pass() -> None:
     the pass after training: pooled and per example, and the passes must see the same data."""
     torch.manual_seed(0)
     model = _OneLayer()
-    inject_amole(model, AMoLEConfig(r=3))
+    inject_adapters(model, AMoLEConfig(r=3))
     set_assignment(model, {"q_proj": [1]})
     batches = [{"input_ids": torch.tensor([[1, 2, 3], [4, 5, 0]]),
                 "attention_mask": torch.tensor([[1, 1, 1], [1, 1, 0]])}]
@@ -350,6 +352,6 @@ def test_client_part_from_an_earlier_pass() -> None:
 
 def test_embeddings_need_the_router() -> None:
     model = _llama()
-    inject_amole(model, AMoLEConfig(r=4, use_router=False))
+    inject_adapters(model, AMoLEConfig(r=4, use_router=False))
     with pytest.raises(ValueError, match="use_router=False"):
         compute_embeddings(model, [{"input_ids": torch.zeros(1, 2, dtype=torch.long)}])

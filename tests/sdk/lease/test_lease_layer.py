@@ -8,15 +8,15 @@ import pytest
 import torch
 from torch import nn
 
-from fedsilo.sdk.amole import (
-    AMoLEConfig,
+from fedsilo.sdk.adapters.inject import inject_adapters
+from fedsilo.sdk.adapters.model import (
     adapter_layers,
+    extract_state,
     extract_trainable,
-    inject_amole,
     load_trainable,
     set_assignment,
 )
-from fedsilo.sdk.amole.model import extract_state
+from fedsilo.sdk.amole import AMoLEConfig
 from fedsilo.sdk.lease import LeaseLinear
 from fedsilo.sdk.params import expert_key, gate_key
 
@@ -245,7 +245,7 @@ class _Tiny(nn.Module):
 def _lease_model() -> _Tiny:
     torch.manual_seed(0)
     model = _Tiny().eval()
-    layers = inject_amole(model, CONFIG)
+    layers = inject_adapters(model, CONFIG)
     assert set(layers) == {"q_proj", "v_proj"}
     assert all(isinstance(layer, LeaseLinear) for layer in layers.values())
     set_assignment(model, {"q_proj": [1, 0, 2], "v_proj": [0, 1]})

@@ -8,8 +8,9 @@ import pytest
 import torch
 from torch import nn
 
-from fedsilo.sdk.amole import AMoLEConfig, adapter_layers, inject_amole, load_trainable
-from fedsilo.sdk.amole.model import fused_lora
+from fedsilo.sdk.adapters.inject import inject_adapters
+from fedsilo.sdk.adapters.model import adapter_layers, fused_lora, load_trainable
+from fedsilo.sdk.amole import AMoLEConfig
 from fedsilo.sdk.params import shared_key
 
 D, D_OUT, R = 6, 4, 2
@@ -31,7 +32,7 @@ class _Tiny(nn.Module):
 def _model(config: AMoLEConfig = PLAIN) -> _Tiny:
     torch.manual_seed(0)
     model = _Tiny().eval()
-    inject_amole(model, config)
+    inject_adapters(model, config)
     with torch.no_grad():  # the model's own adapter: non-zero, so replacing it shows
         for layer in adapter_layers(model).values():
             layer.shared_A.normal_()
@@ -156,7 +157,7 @@ def test_router_layer_raises() -> None:
 def test_lease_layer_raises() -> None:
     torch.manual_seed(0)
     model = _Tiny()
-    inject_amole(model, AMoLEConfig(r=R, layer="lease"))
+    inject_adapters(model, AMoLEConfig(r=R, layer="lease"))
     with pytest.raises(ValueError, match="plain LoRA"), fused_lora(model, [_adapter(1)], [1.0]):
         pass
 
