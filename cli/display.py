@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
 from fedsilo.aggregator.report import RoundSummary
+
+if TYPE_CHECKING:
+    from fedsilo.privacy.dp import DPConfig
 
 
 def _mb(n: int) -> str:
@@ -85,9 +90,9 @@ class RichObserver:
         self.console.print(round_table(summary, summary.metric_name))
 
 
-def render_privacy(console: Console, silo_id: str, dp: object, summary: dict) -> None:
+def render_privacy(console: Console, silo_id: str, dp: DPConfig, summary: dict) -> None:
     """`fedsilo agent privacy`: the silo's DP ledger in one table."""
-    enabled = getattr(dp, "enabled", False)
+    enabled = dp.enabled
     table = Table(title=f"privacy ledger of {silo_id}", show_header=False)
     table.add_column("what")
     table.add_column("value", justify="right")

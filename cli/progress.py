@@ -7,6 +7,8 @@ carry the same events and nothing redraws.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from rich.console import Console
 from rich.progress import (
     BarColumn,
@@ -17,6 +19,9 @@ from rich.progress import (
     TimeElapsedColumn,
     TransferSpeedColumn,
 )
+
+if TYPE_CHECKING:
+    from fedsilo.sdk.transport.amqp import TransferProgress as Transfer
 
 
 class TrainingProgress:
@@ -68,14 +73,12 @@ class TransferProgress:
         )
         self.tasks: dict[str, TaskID] = {}
 
-    def __call__(self, event: object) -> None:
-        mid = str(getattr(event, "message_id", ""))
-        done, total = int(getattr(event, "done_bytes", 0)), int(getattr(event, "total_bytes", 0))
+    def __call__(self, event: Transfer) -> None:
+        mid, done, total = event.message_id, event.done_bytes, event.total_bytes
         if mid not in self.tasks:
             if not self.tasks:
                 self.progress.start()
-            direction = getattr(event, "direction", "")
-            self.tasks[mid] = self.progress.add_task(f"{direction} {mid[:8]}", total=total)
+            self.tasks[mid] = self.progress.add_task(f"{event.direction} {mid[:8]}", total=total)
         self.progress.update(self.tasks[mid], completed=done)
         if done >= total:
             self.progress.remove_task(self.tasks.pop(mid))

@@ -17,7 +17,7 @@ import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import torch
 
@@ -44,6 +44,9 @@ from fedsilo.sdk.training import LocalTrainer
 from fedsilo.sdk.transport.base import Delivery, Transport
 from fedsilo.sdk.transport.codec import Codec, PlainCodec
 from fedsilo.sdk.transport.settings import owner_only
+
+if TYPE_CHECKING:
+    from fedsilo.sdk.transport.amqp import TransferProgress
 from fedsilo.silo_agent.agent import ADAPTER_FILE, SiloAgent
 from fedsilo.silo_agent.config import SiloConfig
 
@@ -114,7 +117,7 @@ class AgentService:
         connect: Callable[[], Transport] | None = None,
         observer: AgentObserver | None = None,
         keep_alive_s: float = 5.0,
-        progress: Callable[[Any], None] | None = None,
+        progress: Callable[[TransferProgress], None] | None = None,
     ) -> None:
         self.config = config
         self._progress = progress  # of large transfers, for the broker's transport

@@ -9,11 +9,11 @@ import stat
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 from urllib.parse import quote, urlsplit, urlunsplit
 
 if TYPE_CHECKING:
-    from fedsilo.sdk.transport.amqp import AmqpTransport
+    from fedsilo.sdk.transport.amqp import AmqpTransport, TransferProgress
     from fedsilo.sdk.transport.codec import Codec
 
 log = logging.getLogger(__name__)
@@ -107,7 +107,7 @@ class BrokerSettings:
         self,
         role: str,
         silo_ids: Sequence[str] = (),
-        progress: Callable[[Any], None] | None = None,
+        progress: Callable[[TransferProgress], None] | None = None,
         codec: Codec | None = None,
         exclusive: bool = False,
     ) -> AmqpTransport:

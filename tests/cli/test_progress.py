@@ -1,9 +1,9 @@
 import io
-from types import SimpleNamespace
 
 from rich.console import Console
 
 from fedsilo.cli.progress import TrainingProgress, TransferProgress
+from fedsilo.sdk.transport.amqp import TransferProgress as Transfer
 
 
 def _console() -> tuple[Console, io.StringIO]:
@@ -26,8 +26,9 @@ def test_transfer_progress_opens_and_closes_a_bar_per_message() -> None:
     console, _ = _console()
     progress = TransferProgress(console)
     for done in (10, 20, 30):
-        progress(SimpleNamespace(message_id="m1", direction="send", done_bytes=done,
-                                 total_bytes=30))
+        progress(Transfer(direction="send", name="fedsilo.uploads", message_id="m1",
+                          done_bytes=done, total_bytes=30, chunks_done=done // 10,
+                          chunks_total=3))
         if done < 30:
             assert "m1" in progress.tasks
     assert progress.tasks == {}
