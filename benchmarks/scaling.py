@@ -124,7 +124,9 @@ PARTS = ("rsea", "aggregation", "layer")
 BENCHED_CODE = (
     "sdk/aggregation",
     "sdk/strategies/fedamole.py",
+    "sdk/strategies/averaging.py",
     "sdk/strategies/base.py",
+    "sdk/adapters",
     "sdk/amole",
     "sdk/params.py",
     "sdk/messages.py",

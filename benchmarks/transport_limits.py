@@ -63,7 +63,8 @@ NAME = "transport_limits"
 MB = 1e6
 MIB = 2**20
 BENCHED_CODE = ("sdk/protocol.py", "privacy/envelope.py", "privacy/codec.py",
-                "sdk/transport/amqp.py", "benchmarks/transport_limits.py")
+                "sdk/transport/amqp.py", "sdk/transport/amqp_connection.py",
+                "sdk/transport/amqp_topology.py", "benchmarks/transport_limits.py")
 
 
 def median_rate(nbytes: int, work: Callable[[], Any], repeat: int) -> dict[str, float]:

@@ -16,7 +16,6 @@ import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
-import nevergrad as ng
 import numpy as np
 
 __all__ = ["FusionResult", "FusionSearch", "search_fusion_weights"]
@@ -99,6 +98,8 @@ def search_fusion_weights(
     """
     if not isinstance(seed, int) or isinstance(seed, bool) or not 0 <= seed < 2**32:
         raise ValueError(f"seed must be an int in [0, 2**32), got {seed!r}")
+    import nevergrad as ng  # here, not at the top: 3-4 s of import every process would pay
+
     init = np.asarray(search.init, dtype=np.float64)
     parametrization = ng.p.Array(init=init, lower=search.lower, upper=search.upper)
     parametrization.random_state = np.random.RandomState(seed)
