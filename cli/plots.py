@@ -127,7 +127,7 @@ def experts_figure(history: RunHistory) -> Figure | None:
         ax.grid(which="minor", color="white", linewidth=1)
         ax.tick_params(which="minor", length=0)
     figure.suptitle(f"domain experts held (dark) per module, round "
-                    f"{_round_label(history, round)}: silos x experts", fontsize=10)
+                    f"{_round_label(history, server_round)}: silos x experts", fontsize=10)
     return figure
 
 
