@@ -33,3 +33,21 @@ def test_the_readme_names_the_smollm2_variant_the_loader_uses() -> None:
 
 def test_mtal_is_defined() -> None:
     assert "**MTAL**" in _simulate_section()
+
+
+def test_every_file_the_documents_point_to_exists() -> None:
+    """SECURITY.md and the READMEs back their claims with tests and modules by path: a path
+    that a move left behind would point a reader at nothing."""
+    import re
+
+    root = Path(__file__).resolve().parents[1]
+    pattern = re.compile(
+        r"(?<![\w/.])((?:tests|sdk|privacy|aggregator|silo_agent|simulation|provision|cli|"
+        r"benchmarks)/[\w/]*\.py)")
+    missing = [
+        f"{doc}: {path}"
+        for doc in ("README.md", "SECURITY.md", "benchmarks/README.md")
+        for path in sorted(set(pattern.findall((root / doc).read_text())))
+        if not (root / path).exists()
+    ]
+    assert not missing, "documents point to files that do not exist:\n" + "\n".join(missing)
