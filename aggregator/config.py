@@ -15,7 +15,7 @@ from fedsilo.aggregator.schedule import Schedule
 from fedsilo.privacy.settings import SecuritySettings
 from fedsilo.sdk.amole.config import AMoLEConfig
 from fedsilo.sdk.federation import FederationSetup
-from fedsilo.sdk.strategies import STRATEGIES, StrategyConfig
+from fedsilo.sdk.strategies import STRATEGIES, FedAMoLEConfig, StrategyConfig
 from fedsilo.sdk.training import TrainingConfig
 from fedsilo.sdk.transport.settings import BrokerSettings
 
@@ -92,7 +92,8 @@ class FederationConfig:
     security: SecuritySettings = field(default_factory=SecuritySettings)
     schedule: ScheduleSection = field(default_factory=ScheduleSection)
     rounds: RoundsSection = field(default_factory=RoundsSection)
-    strategy: StrategyConfig = field(default_factory=StrategyConfig)
+    strategy: StrategyConfig = field(default_factory=FedAMoLEConfig)
+    """`[strategy]`: `name` picks the strategy, whose config class gives the other keys."""
     adapter: AdapterSection = field(default_factory=AdapterSection)
     training: TrainingConfig = field(default_factory=TrainingConfig)
 

@@ -41,6 +41,7 @@ from fedsilo.sdk.logs import log_event
 from fedsilo.sdk.messages import Announce, Upload
 from fedsilo.sdk.params import ModuleShape
 from fedsilo.sdk.strategies import get_strategy
+from fedsilo.sdk.strategies.config import flat_knobs
 from fedsilo.sdk.transport.base import Delivery, Transport
 from fedsilo.sdk.transport.codec import Codec, PlainCodec
 from fedsilo.sdk.transport.settings import owner_only
@@ -451,6 +452,13 @@ class AggregatorService:
                 log.debug("ack failed after checkpoint: %s", exc)
         self._write_status()
 
+    def _flat_fingerprint(self) -> str:
+        """The fingerprint of these settings as fedsilo wrote it before each strategy had
+        its own config (`strategies.config.flat_knobs`): such a state folder resumes, and
+        its next checkpoint records the current fingerprint."""
+        setup = {**self.setup.to_json(), "strategy": flat_knobs(self.setup.strategy)}
+        return _fingerprint(setup, self.config.schedule)
+
     def _load(self) -> Callable[[], None] | None:
         """Read the checkpoint (before connecting, so a wrong one fails fast); returns what
         restores the engine once the transport is up."""
@@ -458,7 +466,7 @@ class AggregatorService:
         if not path.exists():
             return None
         tensors, meta = load_checkpoint(path)
-        if meta.get("fingerprint") != self.fingerprint:
+        if meta.get("fingerprint") not in (self.fingerprint, self._flat_fingerprint()):
             raise ValueError(
                 f"{path} belongs to a federation with other settings (strategy, adapter, "
                 "training, seed or schedule changed). Resume with the original "

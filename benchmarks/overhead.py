@@ -75,7 +75,8 @@ from fedsilo.sdk.messages import Announce, RoundPlan, Upload
 from fedsilo.sdk.models.loading import LoadedModel, load_model
 from fedsilo.sdk.params import ModuleShape, TensorDict
 from fedsilo.sdk.schema import Schema
-from fedsilo.sdk.strategies import StrategyConfig, get_strategy
+from fedsilo.sdk.strategies import get_strategy
+from fedsilo.sdk.strategies.config import knob_names
 from fedsilo.sdk.training import LocalTrainer
 from fedsilo.sdk.transport.base import Delivery, Inbound, TrafficCounter, Transport
 from fedsilo.sdk.transport.codec import AGGREGATOR, Codec
@@ -91,7 +92,7 @@ from fedsilo.simulation.engine import (
 NAME = "overhead"
 MB = 1e6
 FEDERATION = "overhead-bench"
-K_C = 2  # silos per expert (the StrategyConfig default)
+K_C = 2  # silos per expert (the FedAMoLEConfig default)
 TARGET_OVERHEAD = 0.02  # wire bytes within 2 % of the raw tensor bytes
 #: What the measured path runs through: uncommitted changes there are stamped on the results.
 BENCHED_CODE = (
@@ -461,8 +462,9 @@ def llama_bytes(method: str, sealed_silos: int, keys_dir: Path, profile: Profile
     spec = get_strategy(method)
     adapter = spec.adapter(AMoLEConfig(r=LLAMA.r, top_k=LLAMA.top_k,
                                        target_modules=("q_proj", "v_proj")))
-    config = StrategyConfig(name=method, num_experts=LLAMA.num_experts, k_c=LLAMA.k_c,
-                            b=LLAMA.b)
+    pool = {"num_experts": LLAMA.num_experts, "k_c": LLAMA.k_c, "b": LLAMA.b}
+    config = spec.config(name=method, **{k: v for k, v in pool.items()
+                                         if k in knob_names(spec.config)})
     server = spec.server(adapter, config, 0)
     ids = silo_ids(LLAMA.silos)
     server.validate(len(ids))

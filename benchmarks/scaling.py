@@ -107,7 +107,7 @@ from fedsilo.sdk.amole import AMoLEConfig, load_balance
 from fedsilo.sdk.messages import Upload
 from fedsilo.sdk.models.loading import load_model
 from fedsilo.sdk.params import ModuleShape, TensorDict
-from fedsilo.sdk.strategies.base import StrategyConfig
+from fedsilo.sdk.strategies.config import FedAMoLEConfig
 from fedsilo.sdk.strategies.fedamole import FedAMoLEServer
 
 HERE = Path(__file__).resolve().parent
@@ -126,6 +126,7 @@ BENCHED_CODE = (
     "sdk/strategies/fedamole.py",
     "sdk/strategies/averaging.py",
     "sdk/strategies/base.py",
+    "sdk/strategies/config.py",
     "sdk/adapters",
     "sdk/amole",
     "sdk/params.py",
@@ -136,12 +137,12 @@ BENCHED_CODE = (
     "benchmarks/stamp.py",
 )
 K_E = 2  # routing top-k = the least number of experts a silo holds
-DEFAULT_K_C = 2  # StrategyConfig's default: k_c never goes below it
+DEFAULT_K_C = 2  # FedAMoLEConfig's default: k_c never goes below it
 DEFAULT_B = 8
 RANK = 8
 TOLERANCE = 1e-6  # relative difference of two solvers' objectives still called equal
 SOLVERS = ("flow", "lp", "scip")  # the exact RSEA solvers; scip is the reference
-DEFAULT_SOLVER = "flow"  # StrategyConfig's
+DEFAULT_SOLVER = "flow"  # FedAMoLEConfig's
 AGG_SOLVER = DEFAULT_SOLVER  # the aggregation part's solver at every silo count
 SCIP_MAX_CELLS = 300_000  # silos x experts above which SCIP is not run (hours per round)
 #: RSEA per round with the default solver: (silos, experts, modules) -> seconds.
@@ -486,7 +487,8 @@ def bench_aggregation_run(
     print(f"[aggregation] C={silos} solver={solver}: E={experts} k_e={K_E} k_c={k_c} b={b}, "
           f"{shapes.name} shapes ({2 * shapes.layers} modules)", flush=True)
     adapter = AMoLEConfig(r=RANK, top_k=K_E)
-    config = StrategyConfig(num_experts=experts, k_c=k_c, b=b, solver="flow", assignment="rsea")
+    config = FedAMoLEConfig(num_experts=experts, k_c=k_c, b=b, solver="flow",
+                            assignment="rsea")
     server = FedAMoLEServer(adapter, config, seed)
     silo_ids = [f"silo-{i:04d}" for i in range(silos)]
     setup_start = time.perf_counter()

@@ -168,20 +168,33 @@ def simulate(
         dp_epsilon=dp_epsilon, dp_clip=dp_clip, warmup_rounds=warmup_rounds,
         max_clusters=max_clusters, sync_every=sync_every,
     )
-    from fedsilo.simulation.state import SimulationInterrupted, completed_round, resume_config
+    from fedsilo.simulation.state import (
+        SimulationInterrupted,
+        completed_round,
+        option_field,
+        resume_config,
+    )
 
+    given = [p for p in ctx.params  # typer may vendor click: its enum, compared by name
+             if getattr(ctx.get_parameter_source(p), "name", "") == "COMMANDLINE"]
     observer = RichObserver(console)
     try:
         if resume is not None:  # the run's own settings; options given must agree with them
-            config = resume_config(resume, config, [
-                p for p in ctx.params
-                if getattr(ctx.get_parameter_source(p), "name", "") == "COMMANDLINE"])
+            config = resume_config(resume, config, given)
             done = completed_round(resume)
             console.print(f"resuming {resume}: " + (
                 "no round was finished, starting at round 0" if done is None
                 else f"rounds up to {done} are done, continuing at round {done + 1}"),
                 markup=False, highlight=False, soft_wrap=True)
         config.strategy_config()
+        flags = {option_field(flag): flag for flag in given}
+        unread = config.unread_knobs(flags)
+        if unread:  # a warning, not a refusal: one command line may serve every strategy
+            console.print(f"note: --strategy {config.strategy} does not read " + ", ".join(
+                f"--{flags[name].replace('_', '-')} (a setting of {' and '.join(owners)})"
+                for name, owners in unread.items()
+            ) + f"; {'it is' if len(unread) == 1 else 'they are'} ignored", style="yellow",
+                markup=False, highlight=False, soft_wrap=True)
         console.print(
             f"[bold]fedsilo simulate[/]: {config.silos} silos, {config.rounds} rounds x "
             f"{config.local_steps} steps, strategy {config.strategy}, model {config.model}, "

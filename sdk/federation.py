@@ -11,7 +11,8 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from fedsilo.sdk.amole.config import AMoLEConfig
-from fedsilo.sdk.strategies import StrategyConfig, get_strategy
+from fedsilo.sdk.strategies import FedAMoLEConfig, StrategyConfig, get_strategy
+from fedsilo.sdk.strategies.config import config_from_values
 from fedsilo.sdk.training import TrainingConfig
 
 
@@ -19,7 +20,7 @@ from fedsilo.sdk.training import TrainingConfig
 class FederationSetup:
     name: str = "fedsilo"
     seed: int = 0
-    strategy: StrategyConfig = field(default_factory=StrategyConfig)
+    strategy: StrategyConfig = field(default_factory=FedAMoLEConfig)
     adapter: AMoLEConfig = field(default_factory=AMoLEConfig)
     training: TrainingConfig = field(default_factory=TrainingConfig)
 
@@ -34,12 +35,14 @@ class FederationSetup:
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> FederationSetup:
-        """Raises ValueError naming the problem when a plan carries settings we cannot use."""
+        """Raises ValueError naming the problem when a plan carries settings we cannot use.
+        Other strategies' knobs are dropped (`strategies.config.own_knobs`), so a setup
+        saved or sent by an older fedsilo reads as the same setup."""
         try:
             return cls(
                 name=str(data["name"]),
                 seed=int(data["seed"]),
-                strategy=StrategyConfig(**data["strategy"]),
+                strategy=config_from_values(data["strategy"]),
                 adapter=AMoLEConfig(**data["adapter"]),
                 training=TrainingConfig(**data["training"]),
             )

@@ -249,7 +249,7 @@ class AgentService:
         setup = FederationSetup.from_json(plan.setup)
         if self.trainer is None:
             self._build(setup, loaded, data)
-        elif self.state.setup != setup.to_json():
+        elif FederationSetup.from_json(self.state.setup) != setup:
             raise ValueError(
                 "the federation's settings changed during the run; the aggregator must keep "
                 "federation.toml unchanged until the run ends (or start a new state_dir)"

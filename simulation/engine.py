@@ -11,7 +11,7 @@ import copy
 import json
 import math
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any, Protocol
@@ -38,8 +38,16 @@ from fedsilo.sdk.models.digest import weights_digest
 from fedsilo.sdk.models.loading import LoadedModel, load_model
 from fedsilo.sdk.personalised.config import BaseModelRef
 from fedsilo.sdk.personalised.record import silo_provenance
-from fedsilo.sdk.strategies import ServerStrategy, StrategyConfig, get_strategy
-from fedsilo.sdk.strategies.base import SPEED_ONLY
+from fedsilo.sdk.strategies import (
+    STRATEGIES,
+    FDLoRAConfig,
+    FedAMoLEConfig,
+    FedLEASEConfig,
+    ServerStrategy,
+    StrategyConfig,
+    get_strategy,
+)
+from fedsilo.sdk.strategies.config import SPEED_ONLY, knob_names
 from fedsilo.sdk.training import LocalTrainer, TrainingConfig, stable_seed
 from fedsilo.sdk.transport.memory import MemoryTransport
 from fedsilo.silo_agent.agent import SiloAgent
@@ -51,11 +59,13 @@ from fedsilo.simulation.state import (
     save_state,
 )
 
-#: The StrategyConfig fields a simulation sets, each a SimulationConfig field of the same
-#: name: all but `name` (the `strategy` field) and those that only change speed.
-STRATEGY_KNOBS = tuple(
-    f.name for f in fields(StrategyConfig) if f.name != "name" and f.name not in SPEED_ONLY
-)
+#: The strategy configs' fields a simulation sets, each a SimulationConfig field of the same
+#: name: every strategy's knobs but `name` (the `strategy` field) and those that only change
+#: speed. A strategy reads its own (`SimulationConfig.strategy_config`).
+STRATEGY_KNOBS = tuple(dict.fromkeys(
+    knob for spec in STRATEGIES.values() for knob in knob_names(spec.config)
+    if knob not in SPEED_ONLY
+))
 
 
 @dataclass(frozen=True)
@@ -80,32 +90,34 @@ class SimulationConfig:
     target_modules: tuple[str, ...] = ("q_proj", "v_proj")
     top_k: int = 2
     lb_coef: float = 1e-3
-    # Strategy knobs (`STRATEGY_KNOBS`), StrategyConfig's defaults but for the FedAMoLE
-    # expert pool, smaller for the tiny built-in model (StrategyConfig: 30 experts, b 8)
-    num_experts: int = 8
-    k_c: int = StrategyConfig.k_c
-    b: int = 6
-    assignment: str = StrategyConfig.assignment
-    solver: str = StrategyConfig.solver
-    relevance: str = StrategyConfig.relevance
-    temperature: float = StrategyConfig.temperature
-    stickiness: float = StrategyConfig.stickiness
-    client_embedding: str = StrategyConfig.client_embedding
+    # Strategy knobs (`STRATEGY_KNOBS`) with their config classes' defaults, but for the
+    # FedAMoLE expert pool, smaller for the tiny built-in model (FedAMoLEConfig: 30, b 8).
+    # Every strategy's
     weighting: str = StrategyConfig.weighting
     aggregation: str = StrategyConfig.aggregation
     trim: float = StrategyConfig.trim
     min_contributors: int = StrategyConfig.min_contributors
+    # FedAMoLE
+    num_experts: int = 8
+    k_c: int = FedAMoLEConfig.k_c
+    b: int = 6
+    assignment: str = FedAMoLEConfig.assignment
+    solver: str = FedAMoLEConfig.solver
+    relevance: str = FedAMoLEConfig.relevance
+    temperature: float = FedAMoLEConfig.temperature
+    stickiness: float = FedAMoLEConfig.stickiness
+    client_embedding: str = FedAMoLEConfig.client_embedding
     # FedLEASE
-    warmup_rounds: int = StrategyConfig.warmup_rounds
-    max_clusters: int = StrategyConfig.max_clusters
-    expert_init: str = StrategyConfig.expert_init
+    warmup_rounds: int = FedLEASEConfig.warmup_rounds
+    max_clusters: int = FedLEASEConfig.max_clusters
+    expert_init: str = FedLEASEConfig.expert_init
     # FDLoRA
-    sync_every: int = StrategyConfig.sync_every
-    outer_lr: float = StrategyConfig.outer_lr
-    outer_momentum: float = StrategyConfig.outer_momentum
-    fusion_budget: int = StrategyConfig.fusion_budget
-    fusion_l1: float = StrategyConfig.fusion_l1
-    fusion_batches: int = StrategyConfig.fusion_batches
+    sync_every: int = FDLoRAConfig.sync_every
+    outer_lr: float = FDLoRAConfig.outer_lr
+    outer_momentum: float = FDLoRAConfig.outer_momentum
+    fusion_budget: int = FDLoRAConfig.fusion_budget
+    fusion_l1: float = FDLoRAConfig.fusion_l1
+    fusion_batches: int = FDLoRAConfig.fusion_batches
     # data: None = the embedded synthetic multi-task set; "a,b,c": silo i holds the
     # (i mod 3)-th data set
     data: str | None = None
@@ -140,10 +152,19 @@ class SimulationConfig:
         return get_strategy(self.strategy).adapter(base)
 
     def strategy_config(self) -> StrategyConfig:
-        """The strategy's settings from the flat flags; StrategyConfig checks the values
-        (strings from the command line or config.json) with its own error texts."""
-        knobs: dict[str, Any] = {key: getattr(self, key) for key in STRATEGY_KNOBS}
-        return StrategyConfig(name=self.strategy, **knobs)
+        """The strategy's own config from the flat flags it reads; the class checks the
+        values (strings from the command line or config.json) with its own error texts."""
+        config_class = get_strategy(self.strategy).config
+        knobs: dict[str, Any] = {key: getattr(self, key) for key in knob_names(config_class)
+                                 if key not in SPEED_ONLY}
+        return config_class(name=self.strategy, **knobs)
+
+    def unread_knobs(self, names: Collection[str]) -> dict[str, list[str]]:
+        """The strategy knobs among `names` that the chosen strategy does not read, each
+        with the strategies that do."""
+        own = set(knob_names(get_strategy(self.strategy).config))
+        return {name: [n for n, spec in STRATEGIES.items() if name in knob_names(spec.config)]
+                for name in names if name in STRATEGY_KNOBS and name not in own}
 
     def training(self) -> TrainingConfig:
         return TrainingConfig(

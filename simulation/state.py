@@ -45,6 +45,7 @@ __all__ = [
     "ResumeError",
     "SimulationInterrupted",
     "completed_round",
+    "option_field",
     "restore_state",
     "resume_config",
     "save_state",
@@ -55,6 +56,11 @@ CHECKPOINT = "simulate.ckpt"
 STATE_VERSION = 1
 # `fedsilo simulate` options whose SimulationConfig field has another name.
 _FIELDS = {"experts": "num_experts", "k_e": "top_k", "out": "out_dir"}
+
+
+def option_field(option: str) -> str:
+    """The SimulationConfig field a `fedsilo simulate` option (its parameter name) sets."""
+    return _FIELDS.get(option, option)
 
 
 class ResumeError(ValueError):
@@ -223,7 +229,7 @@ def resume_config(run_dir: Path, given: SimulationConfig, flags: Iterable[str]) 
         raise ResumeError(f"{config_path} does not hold a run's settings ({exc})") from None
     conflicts = []
     for flag in flags:
-        name = _FIELDS.get(flag, flag)
+        name = option_field(flag)
         if name in known and getattr(given, name) != getattr(recorded, name):
             conflicts.append(f"--{flag.replace('_', '-')} {getattr(given, name)!r} (the run "
                              f"has {getattr(recorded, name)!r})")

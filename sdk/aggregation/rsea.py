@@ -102,7 +102,7 @@ class RelevanceOptions:
     `temperature` divides the scores before the softmax over silos.
     `stickiness` (>= 0) adds stickiness / C to P for the silos that trained the expert in
     the round just closed: it stays with them unless another silo fits better by more.
-    The defaults are the paper's eq. 26; fedsilo's own defaults are `StrategyConfig`'s.
+    The defaults are the paper's eq. 26; fedsilo's own defaults are `FedAMoLEConfig`'s.
     """
 
     mode: Relevance = "paper"

@@ -3,6 +3,7 @@
 from fedsilo.sdk.config.loader import (
     ConfigError,
     NamesOrPaths,
+    TaggedConfig,
     config_keys,
     config_to_dict,
     dump_toml,
@@ -13,6 +14,7 @@ from fedsilo.sdk.config.loader import (
 __all__ = [
     "ConfigError",
     "NamesOrPaths",
+    "TaggedConfig",
     "config_keys",
     "config_to_dict",
     "dump_toml",

@@ -28,6 +28,9 @@ Rules worth knowing (tested in tests/sdk/config/test_loader.py):
 * An environment or ``--set`` value is read as a TOML value when it parses (``30``, ``true``,
   ``["a", "b"]``, ``"x"``); otherwise, or when the parsed value does not fit the field but the
   raw text does (``FEDSILO_NAME=123`` for a str), the raw text is used as a string.
+* A :class:`TaggedConfig` table (``[strategy]``) is filled by the variant its tag key names
+  (``name = "fedlease"``), from whichever source set it: every variant's keys resolve, and a
+  key the chosen variant does not take is refused, naming the variants that take it.
 * Secrets: ``field(metadata={"secret": True})`` is never shown; ``{"secret": "url"}`` masks only
   the password of URLs (``amqp://user:***@host/``). Error messages never echo either.
 """
@@ -44,9 +47,10 @@ import re
 import tomllib
 import types
 import typing
+from abc import ABC, abstractmethod
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
-from typing import Any, Literal, TypeVar, Union, get_args, get_origin
+from typing import Any, ClassVar, Literal, TypeVar, Union, get_args, get_origin
 
 T = TypeVar("T")
 _log = logging.getLogger(__name__)
@@ -63,6 +67,18 @@ class ConfigError(ValueError):
     def __init__(self, problems: str | Sequence[str]) -> None:
         self.problems = [problems] if isinstance(problems, str) else list(problems)
         super().__init__("\n".join(self.problems))
+
+
+class TaggedConfig(ABC):
+    """Base of a dataclass table whose `tag` key picks the subclass that fills it, as
+    `[strategy].name` picks a strategy's own settings."""
+
+    tag: ClassVar[str]
+
+    @classmethod
+    @abstractmethod
+    def variants(cls) -> Mapping[str, type]:
+        """Tag value -> the dataclass that fills the table under it."""
 
 
 class _Bad(Exception):
@@ -130,6 +146,16 @@ def _is_dc(tp: Any) -> bool:
 def _fields(cls: type) -> dict[str, tuple[dataclasses.Field[Any], Any]]:
     hints = typing.get_type_hints(cls)
     return {f.name: (f, hints[f.name]) for f in dataclasses.fields(cls) if f.init}
+
+
+def _keys(table: type) -> dict[str, tuple[dataclasses.Field[Any], Any]]:
+    """The keys a table may hold: its fields, or every variant's for a TaggedConfig."""
+    if not issubclass(table, TaggedConfig):
+        return _fields(table)
+    keys = _fields(table)
+    for variant in table.variants().values():
+        keys |= {k: v for k, v in _fields(variant).items() if k not in keys}
+    return keys
 
 
 def _default(f: dataclasses.Field[Any]) -> Any:
@@ -380,7 +406,7 @@ def _flatten(tp: Any, value: Any, path: tuple[str, ...], origin: _Origin, secret
             problems.extend(f"{origin.label}: {m}" for m in e.msgs)
             out.append((path, _FAILED, origin))
     elif _is_dc(table):
-        flds = _fields(table)
+        flds = _keys(table)
         for k, v in raw.items():
             if k not in flds:
                 problems.append(f"{origin.label}: {_unknown(path, k, flds)}")
@@ -406,7 +432,7 @@ def _resolve(cls: type, parts: Sequence[str], ignore_case: bool
         if table is None:
             return f'"{".".join(path)}" is not a table, so "{".".join((*path, part))}" is no key'
         if _is_dc(table):
-            flds = _fields(table)
+            flds = _keys(table)
             want = part.lower() if ignore_case else part
             name = next((n for n in flds if (n.lower() if ignore_case else n) == want), None)
             if name is None:
@@ -500,6 +526,11 @@ def _build(tp: Any, default: Any, node: _Node, path: tuple[str, ...], secret: Se
 def _build_dc(cls: type, base: Any, node: _Node, path: tuple[str, ...], secret: Secret,
               problems: list[str]) -> Any:
     """The dataclass for one table: ``base`` (its default instance) updated with the tree."""
+    if issubclass(cls, TaggedConfig):
+        cls, base, refused = _variant(cls, base, node, path)
+        if refused:
+            problems.extend(refused)
+            return _FAILED
     changes: dict[str, Any] = {}
     failed = False
     for name, (f, hint) in _fields(cls).items():
@@ -528,6 +559,31 @@ def _build_dc(cls: type, base: Any, node: _Node, path: tuple[str, ...], secret: 
         sources = ", ".join(_blamed(node, path, reason)) or "defaults"
         problems.append(f"{sources}: {where} is invalid: {reason}")
         return _FAILED
+
+
+def _variant(cls: type[TaggedConfig], base: Any, node: _Node, path: tuple[str, ...]
+             ) -> tuple[type, Any, list[str]]:
+    """The variant the tag names (kept as the default's for an unknown tag, which the table's
+    own check or its parent's reports), its default instance, and the keys it refuses."""
+    tagged = node.children.get(cls.tag)
+    if tagged is not None and tagged.value is not _UNSET:
+        tag = tagged.value
+    else:
+        tag = getattr(base, cls.tag) if base is not None else _default(_fields(cls)[cls.tag][0])
+    variants = cls.variants()
+    chosen = variants.get(tag) if isinstance(tag, str) else None
+    if chosen is None:  # not a tag: whoever checks it says so; the other keys wait for it
+        return type(base) if base is not None else cls, base, []
+    own = _fields(chosen)
+    refused = []
+    for key, child in node.children.items():
+        if key in own:
+            continue
+        takers = " or ".join(_render(t) for t, v in variants.items() if key in _fields(v))
+        refused += [f'{label}: "{".".join((*path, key))}" is a setting of {cls.tag} = {takers} '
+                    f"only; [{'.'.join(path)}] with {cls.tag} = {_render(tag)} takes: "
+                    + ", ".join(own) for label in dict.fromkeys(_origins(child))]
+    return chosen, base if type(base) is chosen else None, refused
 
 
 # --- public API -------------------------------------------------------------------------------
@@ -617,19 +673,29 @@ def config_keys(cls: type) -> list[str]:
     """Every settable dotted key with its type and default, e.g. for ``--help`` and docs."""
     lines: list[str] = []
 
-    def walk(tp: Any, default: Any, path: tuple[str, ...], secret: Secret) -> None:
+    def walk(tp: Any, default: Any, path: tuple[str, ...], secret: Secret, note: str = ""
+             ) -> None:
         table = _table_type(tp, {})
         if _is_dc(table):
-            for name, (f, hint) in _fields(table).items():
-                d = getattr(default, name) if isinstance(default, table) else _default(f)
-                walk(hint, d, (*path, name), _secret_of(f, secret))
+            own = type(default) if isinstance(default, table) else table
+            for name, (f, hint) in _fields(own).items():
+                d = getattr(default, name) if isinstance(default, own) else _default(f)
+                walk(hint, d, (*path, name), _secret_of(f, secret), note)
+            if issubclass(table, TaggedConfig):  # the other variants' keys, each once
+                seen = set(_fields(own))
+                for tag, variant in table.variants().items():
+                    for name, (f, hint) in _fields(variant).items():
+                        if name not in seen:
+                            seen.add(name)
+                            walk(hint, _default(f), (*path, name), _secret_of(f, secret),
+                                 f" (with {table.tag} = {_render(tag)})")
             return
         if table is not None and _is_dc(_value_type(table)):
             walk(_value_type(table), _MISSING, (*path, "<name>"), secret)
             return
         shown = ("(required)" if default is _MISSING else "= (unset)" if default is None
                  else f"= {_render(_plain(default, secret, redact=True))}")
-        lines.append(f"{'.'.join(path)}: {_type_name(tp)} {shown}")
+        lines.append(f"{'.'.join(path)}: {_type_name(tp)} {shown}{note}")
 
     walk(cls, _MISSING, (), False)
     return lines

@@ -1,12 +1,18 @@
-"""Strategies: one registry entry per algorithm; loops look them up by name only."""
+"""Strategies: one registry entry per algorithm, each with its own config class; loops look
+them up by name only."""
 
 from fedsilo.sdk.strategies.base import (
     AggregationReport,
     ClientStrategy,
     ServerStrategy,
     SiloPlan,
-    StrategyConfig,
     StrategySpec,
+)
+from fedsilo.sdk.strategies.config import (
+    FDLoRAConfig,
+    FedAMoLEConfig,
+    FedLEASEConfig,
+    StrategyConfig,
 )
 from fedsilo.sdk.strategies.registry import STRATEGIES, get_strategy
 
@@ -14,6 +20,9 @@ __all__ = [
     "STRATEGIES",
     "AggregationReport",
     "ClientStrategy",
+    "FDLoRAConfig",
+    "FedAMoLEConfig",
+    "FedLEASEConfig",
     "ServerStrategy",
     "SiloPlan",
     "StrategyConfig",

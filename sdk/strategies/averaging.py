@@ -15,11 +15,14 @@ from typing import Any
 
 from torch import Tensor
 
+from fedsilo.sdk.aggregation.fedavg import TensorMean
+from fedsilo.sdk.aggregation.robust import new_mean
 from fedsilo.sdk.amole.config import AMoLEConfig
-from fedsilo.sdk.checkpoint import take_namespace
+from fedsilo.sdk.checkpoint import check_settings, take_namespace
 from fedsilo.sdk.messages import Upload
 from fedsilo.sdk.params import TensorDict
-from fedsilo.sdk.strategies.base import ServerStrategy, StrategyConfig
+from fedsilo.sdk.strategies.base import ServerStrategy
+from fedsilo.sdk.strategies.config import StrategyConfig, own_knobs
 
 
 class AveragingServer(ServerStrategy):
@@ -34,7 +37,7 @@ class AveragingServer(ServerStrategy):
         self.config = config
         self.seed = seed
         self._params: TensorDict = {}
-        self._sum = self.config.parameter_mean()
+        self._sum = self.parameter_mean()
         self._uploaded: list[str] = []  # silos folded into the open round
 
     @property
@@ -45,7 +48,7 @@ class AveragingServer(ServerStrategy):
         self.config.check_contributors(num_silos)
 
     def begin_round(self, server_round: int) -> None:
-        self._sum = self.config.parameter_mean()
+        self._sum = self.parameter_mean()
         self._uploaded = []
 
     def accumulate(self, upload: Upload) -> None:
@@ -55,6 +58,10 @@ class AveragingServer(ServerStrategy):
     def fold(self, upload: Upload) -> None:
         """Add one upload to the open round's sums (by default its params, weighted)."""
         self._sum.add(upload.params, self.weight(upload))
+
+    def parameter_mean(self) -> TensorMean:
+        """A fresh accumulator for a round's parameters under `config.aggregation`."""
+        return new_mean(self.config.aggregation, self.config.trim, self.config.min_contributors)
 
     def weight(self, upload: Upload) -> float:
         return float(upload.n_samples) if self.config.weighting == "samples" else 1.0
@@ -68,9 +75,18 @@ class AveragingServer(ServerStrategy):
             "adapter": asdict(self.adapter),
         }
 
+    def check_resumable(self, meta: Mapping[str, Any]) -> None:
+        """Refuse a checkpoint written under other settings (`checkpoint.check_settings`),
+        comparing only this strategy's knobs (`config.own_knobs`)."""
+        saved = meta.get("settings")
+        if isinstance(saved, dict) and isinstance(saved.get("config"), dict):
+            saved = {**saved, "config": own_knobs(type(self.config), saved["config"])}
+            meta = {**meta, "settings": saved}
+        check_settings(meta, self.settings())
+
     def load_sum(self, tensors: Mapping[str, Tensor], meta: Mapping[str, Any]) -> None:
         """Restore the running sums from `self._sum.state_dict()` saved under `sum/`."""
-        self._sum = self.config.parameter_mean()
+        self._sum = self.parameter_mean()
         self._sum.load_state_dict(
             take_namespace("sum", tensors, self._sum.tensor_names(meta)), meta
         )

@@ -2,157 +2,29 @@
 
 The aggregator loop talks to a `ServerStrategy`, the silo loop to a `ClientStrategy`;
 neither loop nor any transport knows which algorithm runs. A `StrategySpec` ties the
-two halves of one algorithm together with the adapter architecture it needs.
+two halves of one algorithm together with its settings (`config`) and the adapter
+architecture it needs.
 """
 
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import asdict, dataclass, field
-from typing import TYPE_CHECKING, Any, Literal, get_args
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
 from torch import Tensor
 
-from fedsilo.sdk.aggregation.fedavg import TensorMean
-from fedsilo.sdk.aggregation.robust import RULES, Rule, new_mean
-from fedsilo.sdk.aggregation.rsea import Relevance, RelevanceOptions
 from fedsilo.sdk.amole.config import AMoLEConfig
 from fedsilo.sdk.messages import RoundPlan, Upload
 from fedsilo.sdk.params import ModuleShape, TensorDict
 from fedsilo.sdk.schema import Schema, schema_of
+from fedsilo.sdk.strategies.config import StrategyConfig
 
 if TYPE_CHECKING:
     from fedsilo.sdk.training import LocalTrainer
 
-
-#: StrategyConfig fields that do not change results (a resume may use other values).
-SPEED_ONLY = frozenset({"solver_processes"})
-
-# The values a StrategyConfig field allows, named once: its type and its check.
-Assignment = Literal["rsea", "random", "static"]
-Solver = Literal["scip", "flow", "lp"]
-ClientEmbedding = Literal["trained", "received"]
-Weighting = Literal["uniform", "samples"]
-ExpertInit = Literal["own", "mean"]
-
-
-@dataclass(frozen=True)
-class StrategyConfig:
-    """Knobs of every strategy; each reads the ones it understands.
-
-    FedAMoLE: `num_experts` per module (E), `k_c` silos per expert, `b` max experts per
-    silo (k_e is the adapter's routing top-k), `assignment` ("rsea"; "random" re-draws
-    every round and "static" keeps round 0's: the paper's ablations), `solver` ("scip",
-    the reference; "flow" or "lp", exact fast paths: see `aggregation.assignment`), in how
-    many `solver_processes` (0: one per CPU, for programs large enough to gain; 1: in the
-    aggregator's process: `aggregation.solver_pool`), how experts
-    score silos (`relevance` "paper" | "standardised" | "trainers" | "anchor", the softmax
-    `temperature`, and `stickiness` towards the silos that trained an expert: see
-    `aggregation.rsea.RelevanceOptions`), and which pass a silo's client embedding comes from
-    (`client_embedding` "trained": after local training, as the paper; "received": with
-    the parameters as received, before training, so every silo embeds with the same
-    shared token projection W_t and the embeddings of different silos are comparable).
-    FedLEASE: `warmup_rounds` (W) of one LoRA per silo before clustering, `max_clusters`
-    (M is chosen in 2..max_clusters by silhouette), `expert_init` of a silo's own expert
-    ("own" warm-up LoRA, the authors' code, or the cluster "mean", the paper).
-    FDLoRA: `sync_every` rounds the personal adapter restarts from the shared one; the
-    outer optimizer (`outer_lr`, `outer_momentum`, Nesterov); the fusion search
-    (`fusion_budget` evaluations, `fusion_l1` penalty, on `fusion_batches` validation
-    batches).
-    All: `weighting` of FedAvg ("uniform", as the paper's code, or "samples"), and the
-    `aggregation` rule of the parameters ("mean", FedAvg; "median" or "trimmed_mean" with
-    `trim` cut from each end, coordinate-wise, robust to a minority of bad silos at one
-    copy per silo of memory and no sample weighting: `aggregation.robust`).
-    """
-
-    name: str = "fedamole"
-    num_experts: int = 30
-    k_c: int = 2
-    b: int = 8
-    assignment: Assignment = "rsea"
-    # exact min-cost flow (OR-Tools); "scip" is the paper's MILP, the reference
-    solver: Solver = "flow"
-    # worker processes for large programs: 0 one per CPU, 1 none (aggregation.solver_pool)
-    solver_processes: int = 0
-    # The decisive benchmark's validation choice (benchmarks/README.md, Accuracy); the
-    # paper's eq. 26 is relevance = "paper", temperature = 1.0.
-    relevance: Relevance = "anchor"
-    temperature: float = 0.1
-    stickiness: float = 0.0
-    client_embedding: ClientEmbedding = "trained"
-    weighting: Weighting = "uniform"
-    aggregation: Rule = "mean"
-    trim: float = 0.1
-    # A tensor fewer silos trained in a round keeps its value (nobody's update verbatim).
-    min_contributors: int = 2
-    warmup_rounds: int = 2
-    max_clusters: int = 8
-    expert_init: ExpertInit = "own"
-    sync_every: int = 5
-    outer_lr: float = 1.0
-    outer_momentum: float = 0.5
-    fusion_budget: int = 5
-    fusion_l1: float = 0.05
-    fusion_batches: int = 2
-
-    def __post_init__(self) -> None:
-        allowed = {
-            "assignment": get_args(Assignment),
-            "solver": get_args(Solver),
-            "weighting": get_args(Weighting),
-            "expert_init": get_args(ExpertInit),
-            "client_embedding": get_args(ClientEmbedding),
-            "aggregation": RULES,
-        }
-        for key, values in allowed.items():
-            if getattr(self, key) not in values:
-                raise ValueError(
-                    f"strategy.{key} = {getattr(self, key)!r} is not allowed; use one of "
-                    + ", ".join(repr(v) for v in values)
-                )
-        at_least = {"warmup_rounds": 1, "max_clusters": 2, "sync_every": 1, "min_contributors": 1,
-                    "fusion_budget": 1, "fusion_batches": 1, "solver_processes": 0}
-        for key, low in at_least.items():
-            value = getattr(self, key)
-            if not isinstance(value, int) or value < low:
-                raise ValueError(f"strategy.{key} = {value!r}: use an integer >= {low}")
-        if not self.outer_lr > 0:
-            raise ValueError(f"strategy.outer_lr = {self.outer_lr!r}: use a number > 0")
-        if not 0 <= self.outer_momentum < 1:
-            raise ValueError(
-                f"strategy.outer_momentum = {self.outer_momentum!r}: use a number in [0, 1)"
-            )
-        try:
-            self.relevance_options()  # checked in one place, named as the config names it
-        except ValueError as exc:
-            raise ValueError(f"strategy.{exc}") from None
-        if not self.fusion_l1 >= 0:
-            raise ValueError(f"strategy.fusion_l1 = {self.fusion_l1!r}: use a number >= 0")
-        if not (isinstance(self.trim, (int, float)) and 0 <= self.trim < 0.5):
-            raise ValueError(f"strategy.trim = {self.trim!r}: use a share in [0, 0.5)")
-
-    def settings(self) -> dict[str, Any]:
-        """What a checkpoint must match to be resumed: every knob but those that change
-        only how fast a round is computed, never its result."""
-        return {k: v for k, v in asdict(self).items() if k not in SPEED_ONLY}
-
-    def parameter_mean(self) -> TensorMean:
-        """A fresh accumulator for a round's parameters under `aggregation`."""
-        return new_mean(self.aggregation, self.trim, self.min_contributors)
-
-    def check_contributors(self, num_silos: int) -> None:
-        """A federation too small for `min_contributors` would never update anything."""
-        if num_silos < self.min_contributors:
-            raise ValueError(
-                f"strategy.min_contributors = {self.min_contributors} but the federation has "
-                f"{num_silos} silo(s): no tensor could ever be updated; add silos or set "
-                "min_contributors = 1 (then a tensor one silo trained is published as it "
-                "trained it)"
-            )
-
-    def relevance_options(self) -> RelevanceOptions:
-        return RelevanceOptions(self.relevance, self.temperature, self.stickiness)
+C = TypeVar("C", bound=StrategyConfig)
 
 
 @dataclass(frozen=True)
@@ -270,12 +142,14 @@ class ClientStrategy(ABC):
 
 
 @dataclass(frozen=True)
-class StrategySpec:
+class StrategySpec(Generic[C]):
     name: str
     description: str
+    config: type[C]
+    """The strategy's own settings (`[strategy]` with this `name`)."""
     adapter: Callable[[AMoLEConfig], AMoLEConfig]
-    server: Callable[[AMoLEConfig, StrategyConfig, int], ServerStrategy]
-    client: Callable[[StrategyConfig], ClientStrategy]
+    server: Callable[[AMoLEConfig, C, int], ServerStrategy]
+    client: Callable[[C], ClientStrategy]
     personalised: Callable[[AMoLEConfig, TensorDict, TensorDict], Personalised] = (
         lambda adapter, tensors, client_state: Personalised(adapter, dict(tensors))
     )

@@ -36,9 +36,9 @@ from fedsilo.sdk.strategies.base import (
     AggregationReport,
     ClientStrategy,
     Personalised,
-    StrategyConfig,
     StrategySpec,
 )
+from fedsilo.sdk.strategies.config import FDLoRAConfig
 from fedsilo.sdk.strategies.fedit import FedITServer, plain_lora
 from fedsilo.sdk.training import LocalTrainer, stable_seed
 
@@ -46,7 +46,9 @@ from fedsilo.sdk.training import LocalTrainer, stable_seed
 class FDLoRAServer(FedITServer):
     """FedIT's server with the mean replaced by an outer optimizer step towards it."""
 
-    def __init__(self, adapter: AMoLEConfig, config: StrategyConfig, seed: int) -> None:
+    config: FDLoRAConfig
+
+    def __init__(self, adapter: AMoLEConfig, config: FDLoRAConfig, seed: int) -> None:
         super().__init__(adapter, config, seed)
         self.outer = OuterSGD(config.outer_lr, config.outer_momentum,
                               nesterov=config.outer_momentum > 0)
@@ -77,7 +79,7 @@ FUSION_KEY = "fusion.weights"  # (w_shared, w_personal) last chosen, in the silo
 
 
 class FDLoRAClient(ClientStrategy):
-    def __init__(self, config: StrategyConfig) -> None:
+    def __init__(self, config: FDLoRAConfig) -> None:
         self.config = config
         self.personal: TensorDict = {}  # never uploaded: see state_dict
         self.fusion_weights: tuple[float, ...] = ()
@@ -160,6 +162,7 @@ def fused_personalised(
 SPEC = StrategySpec(
     name="fdlora",
     description="shared LoRA with a Nesterov outer optimizer, local personal LoRA, fused",
+    config=FDLoRAConfig,
     adapter=plain_lora,
     server=FDLoRAServer,
     client=lambda config: FDLoRAClient(config),

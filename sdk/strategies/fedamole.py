@@ -27,7 +27,6 @@ from fedsilo.sdk.aggregation.rsea import (
 from fedsilo.sdk.aggregation.solver_pool import SolverPool
 from fedsilo.sdk.amole.config import AMoLEConfig
 from fedsilo.sdk.checkpoint import (
-    check_settings,
     namespaced,
     namespaced_groups,
     take_groups,
@@ -47,13 +46,12 @@ from fedsilo.sdk.schema import TensorSpec
 from fedsilo.sdk.strategies.averaging import AveragingServer
 from fedsilo.sdk.strategies.base import (
     AggregationReport,
-    ClientEmbedding,
     ClientStrategy,
     SiloPlan,
-    StrategyConfig,
     StrategySpec,
     UploadSchema,
 )
+from fedsilo.sdk.strategies.config import ClientEmbedding, FedAMoLEConfig
 from fedsilo.sdk.strategies.init import initial_params
 from fedsilo.sdk.training import LocalTrainer
 
@@ -65,7 +63,9 @@ class FedAMoLEServer(AveragingServer):
 
     name = "fedamole"
 
-    def __init__(self, adapter: AMoLEConfig, config: StrategyConfig, seed: int) -> None:
+    config: FedAMoLEConfig
+
+    def __init__(self, adapter: AMoLEConfig, config: FedAMoLEConfig, seed: int) -> None:
         super().__init__(adapter, config, seed)
         self.constraints = AssignmentConstraints(
             num_experts=config.num_experts, k_e=adapter.top_k, k_c=config.k_c, b=config.b
@@ -314,7 +314,7 @@ class FedAMoLEServer(AveragingServer):
         return tensors, meta
 
     def load_state_dict(self, tensors: Mapping[str, torch.Tensor], meta: Mapping[str, Any]) -> None:
-        check_settings(meta, self.settings())
+        self.check_resumable(meta)
         self.shapes = {m: ModuleShape(*shape) for m, shape in meta["shapes"].items()}
         self.silo_ids = list(meta["silo_ids"])
         self._params = take_namespace("params", tensors, meta["params"])
@@ -369,6 +369,7 @@ def _adapter(config: AMoLEConfig) -> AMoLEConfig:
 SPEC = StrategySpec(
     name="fedamole",
     description="AMoLE experts with data-driven per-silo architectures (RSEA)",
+    config=FedAMoLEConfig,
     adapter=_adapter,
     server=FedAMoLEServer,
     client=lambda config: FedAMoLEClient(config.client_embedding),

@@ -17,7 +17,7 @@ from typing import Any
 import torch
 
 from fedsilo.sdk.amole.config import AMoLEConfig
-from fedsilo.sdk.checkpoint import check_settings, namespaced, take_namespace
+from fedsilo.sdk.checkpoint import namespaced, take_namespace
 from fedsilo.sdk.messages import RoundPlan, Upload
 from fedsilo.sdk.params import ModuleShape, TensorDict
 from fedsilo.sdk.strategies.averaging import AveragingServer
@@ -27,6 +27,7 @@ from fedsilo.sdk.strategies.base import (
     SiloPlan,
     StrategySpec,
 )
+from fedsilo.sdk.strategies.config import StrategyConfig
 from fedsilo.sdk.strategies.init import initial_params
 from fedsilo.sdk.training import LocalTrainer
 
@@ -63,7 +64,7 @@ class FedITServer(AveragingServer):
         return tensors, meta
 
     def load_state_dict(self, tensors: Mapping[str, torch.Tensor], meta: Mapping[str, Any]) -> None:
-        check_settings(meta, self.settings())
+        self.check_resumable(meta)
         self._params = take_namespace("params", tensors, meta["params"])
         self.load_sum(tensors, meta["sum"])
         self._uploaded = list(meta["uploaded"])
@@ -105,6 +106,7 @@ def plain_lora(config: AMoLEConfig) -> AMoLEConfig:
 FEDIT = StrategySpec(
     name="fedit",
     description="one LoRA adapter, FedAvg; scored with the global model",
+    config=StrategyConfig,
     adapter=plain_lora,
     server=FedITServer,
     client=lambda config: FedITClient(fine_tune=False),
@@ -113,6 +115,7 @@ FEDIT = StrategySpec(
 FEDIT_FT = StrategySpec(
     name="fedit-ft",
     description="FedIT, scored after local fine-tuning of the global model",
+    config=StrategyConfig,
     adapter=plain_lora,
     server=FedITFTServer,
     client=lambda config: FedITClient(fine_tune=True),

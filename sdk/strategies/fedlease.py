@@ -29,7 +29,6 @@ from fedsilo.sdk.aggregation.clustering import b_distance_matrix, choose_cluster
 from fedsilo.sdk.aggregation.fedavg import RunningMean
 from fedsilo.sdk.amole.config import AMoLEConfig
 from fedsilo.sdk.checkpoint import (
-    check_settings,
     namespaced,
     namespaced_groups,
     take_groups,
@@ -44,10 +43,10 @@ from fedsilo.sdk.strategies.base import (
     AggregationReport,
     ClientStrategy,
     SiloPlan,
-    StrategyConfig,
     StrategySpec,
     UploadSchema,
 )
+from fedsilo.sdk.strategies.config import FedLEASEConfig
 from fedsilo.sdk.strategies.init import kaiming_a
 from fedsilo.sdk.training import LocalTrainer, stable_seed
 
@@ -72,7 +71,9 @@ class FedLEASEServer(AveragingServer):
 
     name = "fedlease"
 
-    def __init__(self, adapter: AMoLEConfig, config: StrategyConfig, seed: int) -> None:
+    config: FedLEASEConfig
+
+    def __init__(self, adapter: AMoLEConfig, config: FedLEASEConfig, seed: int) -> None:
         super().__init__(adapter, config, seed)
         self.shapes: dict[str, ModuleShape] = {}
         self.silo_ids: list[str] = []
@@ -297,7 +298,7 @@ class FedLEASEServer(AveragingServer):
         return tensors, meta
 
     def load_state_dict(self, tensors: Mapping[str, torch.Tensor], meta: Mapping[str, Any]) -> None:
-        check_settings(meta, self.settings())
+        self.check_resumable(meta)
         self.shapes = {m: ModuleShape(*shape) for m, shape in meta["shapes"].items()}
         self.silo_ids = list(meta["silo_ids"])
         self._init = take_namespace("init", tensors, meta["init"])
@@ -334,6 +335,7 @@ def _adapter(config: AMoLEConfig) -> AMoLEConfig:
 SPEC = StrategySpec(
     name="fedlease",
     description="silos clustered by warm-up LoRAs, an expert per cluster, adaptive top-M router",
+    config=FedLEASEConfig,
     adapter=_adapter,
     server=FedLEASEServer,
     client=lambda config: FedLEASEClient(),

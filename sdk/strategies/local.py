@@ -16,17 +16,17 @@ from typing import Any
 import torch
 
 from fedsilo.sdk.amole.config import AMoLEConfig
-from fedsilo.sdk.checkpoint import check_settings, namespaced, take_namespace
+from fedsilo.sdk.checkpoint import namespaced, take_namespace
 from fedsilo.sdk.messages import RoundPlan, Upload
 from fedsilo.sdk.params import TensorDict
 from fedsilo.sdk.strategies.base import (
     AggregationReport,
     ClientStrategy,
     SiloPlan,
-    StrategyConfig,
     StrategySpec,
     UploadSchema,
 )
+from fedsilo.sdk.strategies.config import StrategyConfig
 from fedsilo.sdk.strategies.fedit import FedITServer, plain_lora
 from fedsilo.sdk.training import LocalTrainer
 
@@ -72,7 +72,7 @@ class LocalServer(FedITServer):
         return namespaced("init", self._params), meta
 
     def load_state_dict(self, tensors: Mapping[str, torch.Tensor], meta: Mapping[str, Any]) -> None:
-        check_settings(meta, self.settings())
+        self.check_resumable(meta)
         self._params = take_namespace("init", tensors, meta["init"])
         self.started = set(meta["started"])
         self._uploaded = list(meta["uploaded"])
@@ -92,6 +92,7 @@ class LocalClient(ClientStrategy):
 SPEC = StrategySpec(
     name="local",
     description="each silo alone, nothing aggregated (the no-collaboration baseline)",
+    config=StrategyConfig,
     adapter=plain_lora,
     server=LocalServer,
     client=lambda config: LocalClient(),

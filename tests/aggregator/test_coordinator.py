@@ -8,7 +8,8 @@ from fedsilo.aggregator.schedule import Schedule
 from fedsilo.sdk.amole.config import AMoLEConfig
 from fedsilo.sdk.messages import Upload
 from fedsilo.sdk.params import ModuleShape
-from fedsilo.sdk.strategies import StrategyConfig, get_strategy
+from fedsilo.sdk.strategies import FedAMoLEConfig, StrategyConfig, get_strategy
+from fedsilo.sdk.strategies.config import config_from_values
 from fedsilo.sdk.transport.memory import MemoryTransport
 
 
@@ -163,7 +164,7 @@ def test_a_report_out_of_range_is_refused_and_the_round_goes_on(metrics: dict) -
 
 def test_huge_embeddings_are_refused_before_rsea() -> None:
     spec = get_strategy("fedamole")
-    config = StrategyConfig(num_experts=2, k_c=1, b=1, min_contributors=1)
+    config = FedAMoLEConfig(num_experts=2, k_c=1, b=1, min_contributors=1)
     server = spec.server(spec.adapter(AMoLEConfig(r=2, top_k=1)), config, 0)
     transport = MemoryTransport()
     agg = Aggregator(server, transport, Schedule(rounds=2, local_steps=1, lr=0.1))
@@ -185,7 +186,8 @@ def test_a_second_upload_of_a_round_is_refused_before_the_strategy(name: str) ->
     """Duplicate detection lives here only: the strategies' `accumulate` never sees a
     silo twice in a round (moved from each strategy's own duplicate test)."""
     spec = get_strategy(name)
-    config = StrategyConfig(name=name, num_experts=2, k_c=1, b=1, min_contributors=1)
+    config = config_from_values(
+        {"name": name, "num_experts": 2, "k_c": 1, "b": 1, "min_contributors": 1})
     server = spec.server(spec.adapter(AMoLEConfig(r=2, top_k=1)), config, 0)
     agg = Aggregator(server, MemoryTransport(), Schedule(rounds=3, local_steps=1, lr=0.1))
     agg.start({"m": ModuleShape(3, 3)}, ["a", "b"])

@@ -4,7 +4,9 @@ real broker and real processes: tests/cli/test_deployment.py."""
 
 from __future__ import annotations
 
+import hashlib
 import json
+from dataclasses import asdict
 from pathlib import Path
 
 import pytest
@@ -18,10 +20,11 @@ from fedsilo.aggregator.service import (
     Phase,
     ServiceState,
 )
-from fedsilo.sdk.checkpoint import load_checkpoint
+from fedsilo.sdk.checkpoint import load_checkpoint, save_checkpoint
 from fedsilo.sdk.messages import Announce, Upload
 from fedsilo.sdk.params import ModuleShape
 from fedsilo.sdk.strategies import StrategyConfig
+from fedsilo.sdk.strategies.config import flat_knobs
 from fedsilo.sdk.transport.memory import MemoryTransport
 
 SHAPES = {"layer.q_proj": ModuleShape(3, 3), "layer.k_proj": ModuleShape(3, 3)}
@@ -217,3 +220,29 @@ def test_phase_keeps_its_string_in_checkpoints_and_status(tmp_path: Path) -> Non
     service = _service(_config(tmp_path), MemoryTransport(), Clock())
     assert json.loads(json.dumps(service.status()))["phase"] == "waiting"
     service.close()
+
+
+def test_a_state_folder_of_an_earlier_version_resumes_and_is_rewritten(tmp_path: Path) -> None:
+    """Before each strategy had its own config, the fingerprint covered every strategy's
+    knobs (`strategies.config.flat_knobs`, pinned in tests/sdk/strategies/test_config.py):
+    such a folder resumes with the same federation.toml, and its next checkpoint records
+    the current fingerprint. Other settings are still refused."""
+    transport, clock = MemoryTransport(), Clock()
+    config = _config(tmp_path)
+    service = _service(config, transport, clock)
+    service.close()
+    path = config.state_dir / CHECKPOINT
+    tensors, meta = load_checkpoint(path)
+    setup = {**config.setup().to_json(), "strategy": flat_knobs(config.strategy)}
+    written = json.dumps({"setup": setup, "schedule": asdict(config.schedule)}, sort_keys=True)
+    legacy = hashlib.sha256(written.encode()).hexdigest()[:16]
+    assert legacy != meta["fingerprint"]
+    save_checkpoint(path, tensors, {**meta, "fingerprint": legacy})
+    resumed = _service(config, transport, clock)
+    resumed.close()
+    assert load_checkpoint(path)[1]["fingerprint"] == meta["fingerprint"]
+    save_checkpoint(path, tensors, {**meta, "fingerprint": legacy})
+    changed = FederationConfig(**{**config.__dict__, "strategy": StrategyConfig(
+        name="fedit", min_contributors=1)})
+    with pytest.raises(ValueError, match="other settings"):
+        AggregatorService(changed, connect=lambda: transport, clock=clock).open()

@@ -28,6 +28,19 @@ def test_a_misspelled_key_names_its_table(tmp_path: Path) -> None:
     assert "allowed keys in :" not in result.output
 
 
+def test_another_strategys_key_names_the_strategy_that_takes_it(tmp_path: Path) -> None:
+    path = tmp_path / "federation.toml"
+    path.write_text('silos = ["a"]\n[strategy]\nname = "fedit"\nnum_experts = 4\n')
+    result = runner.invoke(app, ["aggregator", "run", "--config", str(path),
+                                 "--set", "strategy.sync_every=2"])
+    assert result.exit_code == 2
+    assert (f'{path}: "strategy.num_experts" is a setting of name = "fedamole" only; '
+            '[strategy] with name = "fedit" takes: name, weighting, aggregation, trim, '
+            "min_contributors") in result.output
+    assert '--set strategy.sync_every: "strategy.sync_every" is a setting of name = "fdlora"' \
+        in result.output
+
+
 def test_a_missing_config_file_lists_its_tables_and_nothing_else(tmp_path: Path) -> None:
     result = runner.invoke(app, ["aggregator", "run", "--config", str(tmp_path / "nope.toml")])
     assert result.exit_code == 2

@@ -161,18 +161,31 @@ def test_mixed_data_gives_each_silo_its_own_data_set(tmp_path: Path) -> None:
 
 
 def test_simulation_strategy_knobs_are_strategy_configs() -> None:
-    """SimulationConfig's strategy fields are StrategyConfig's (same names and defaults but
-    the smaller FedAMoLE pool), and `strategy_config()` passes every one of them on."""
+    """SimulationConfig's strategy fields are the strategy config classes' (same names and
+    defaults but the smaller FedAMoLE pool), and `strategy_config()` passes the chosen
+    strategy's own on, none of the others."""
     from dataclasses import fields
 
-    from fedsilo.sdk.strategies import StrategyConfig
+    from fedsilo.sdk.strategies import STRATEGIES, FDLoRAConfig, FedAMoLEConfig
     from fedsilo.simulation.engine import STRATEGY_KNOBS, SimulationConfig
 
-    sim, default = SimulationConfig(), StrategyConfig()
-    differ = {k for k in STRATEGY_KNOBS if getattr(sim, k) != getattr(default, k)}
+    sim = SimulationConfig()
+    every = {f.name: f.default for spec in STRATEGIES.values() for f in fields(spec.config)
+             if f.name != "name"}
+    differ = {k for k in STRATEGY_KNOBS if getattr(sim, k) != every[k]}
     assert differ == {"num_experts", "b"}
-    assert {f.name for f in fields(StrategyConfig)} - set(STRATEGY_KNOBS) == {
-        "name", "solver_processes"}
+    assert set(every) - set(STRATEGY_KNOBS) == {"solver_processes"}
     built = SimulationConfig(strategy="fdlora", sync_every=3, expert_init="mean").strategy_config()
-    assert built == StrategyConfig(name="fdlora", num_experts=8, b=6, sync_every=3,
-                                   expert_init="mean")
+    assert built == FDLoRAConfig(sync_every=3)
+    assert SimulationConfig().strategy_config() == FedAMoLEConfig(num_experts=8, b=6)
+
+
+def test_a_flag_the_chosen_strategy_does_not_read_is_named(tmp_path: Path) -> None:
+    """One command line may serve every strategy, so the flags the chosen one ignores are
+    named, not refused."""
+    result = _invoke([*QUICK, "--rounds", "1", "--strategy", "fedit", "--sync-every", "2",
+                      "--out", str(tmp_path)])
+    assert result.exit_code == 0, result.output
+    assert ("note: --strategy fedit does not read --experts (a setting of fedamole), --b (a "
+            "setting of fedamole), --sync-every (a setting of fdlora); they are ignored"
+            ) in " ".join(result.output.split())

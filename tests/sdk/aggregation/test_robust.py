@@ -64,9 +64,9 @@ def test_rules_and_shares_are_checked() -> None:
     with pytest.raises(ValueError, match=r"trim = 0\.5"):
         RobustMean("trimmed_mean", trim=0.5)
     with pytest.raises(ValueError, match=r"strategy\.trim"):
-        StrategyConfig(aggregation="trimmed_mean", trim=-0.1)
+        StrategyConfig(name="fedit", aggregation="trimmed_mean", trim=-0.1)
     with pytest.raises(ValueError, match=r"strategy\.aggregation"):
-        StrategyConfig(aggregation="mode")  # type: ignore[arg-type]
+        StrategyConfig(name="fedit", aggregation="mode")  # type: ignore[arg-type]
 
 
 def test_a_strategy_aggregates_with_the_median_and_checkpoints_it() -> None:

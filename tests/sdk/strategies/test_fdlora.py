@@ -17,7 +17,7 @@ from fedsilo.sdk.amole.config import AMoLEConfig
 from fedsilo.sdk.checkpoint import load_checkpoint, save_checkpoint
 from fedsilo.sdk.messages import RoundPlan, Upload
 from fedsilo.sdk.params import ModuleShape, TensorDict, shared_key
-from fedsilo.sdk.strategies import StrategyConfig, get_strategy
+from fedsilo.sdk.strategies import FDLoRAConfig, StrategyConfig, get_strategy
 from fedsilo.sdk.strategies.fdlora import FUSION_KEY, FDLoRAClient, FDLoRAServer
 from fedsilo.sdk.strategies.fedit import FedITServer
 from fedsilo.simulation import engine as simulation
@@ -30,7 +30,7 @@ def make_server(**kw: object) -> FDLoRAServer:
     spec = get_strategy("fdlora")
     adapter = spec.adapter(AMoLEConfig(r=2, alpha=4))
     assert adapter.use_router is False
-    config = StrategyConfig(**{"name": "fdlora", **kw})  # type: ignore[arg-type]
+    config = FDLoRAConfig(**{"name": "fdlora", **kw})  # type: ignore[arg-type]
     server = spec.server(adapter, config, 0)
     assert isinstance(server, FDLoRAServer)
     return server
@@ -229,7 +229,7 @@ def _run(client: FDLoRAClient, trainer: FakeTrainer, plan: RoundPlan) -> Upload:
 
 
 def test_personal_adapter_resyncs_every_sync_every_rounds_and_is_never_uploaded() -> None:
-    client = FDLoRAClient(StrategyConfig(name="fdlora", sync_every=3, fusion_budget=4))
+    client = FDLoRAClient(FDLoRAConfig(name="fdlora", sync_every=3, fusion_budget=4))
     trainer = FakeTrainer()
     previous: TensorDict = {}
     for rnd in range(7):
@@ -263,7 +263,7 @@ def test_personal_adapter_resyncs_every_sync_every_rounds_and_is_never_uploaded(
 
 
 def test_fusion_weights_are_searched_and_reported() -> None:
-    client = FDLoRAClient(StrategyConfig(name="fdlora", fusion_budget=6, fusion_l1=0.0))
+    client = FDLoRAClient(FDLoRAConfig(name="fdlora", fusion_budget=6, fusion_l1=0.0))
     trainer = FakeTrainer()
     upload = _run(client, trainer, _plan(0))
     evaluated = [w for r, _, w in trainer.fused_with if r == 0]
@@ -275,7 +275,7 @@ def test_fusion_weights_are_searched_and_reported() -> None:
 
 
 def test_client_state_dict_round_trip_continues_identically() -> None:
-    config = StrategyConfig(name="fdlora", sync_every=5, fusion_budget=3)
+    config = FDLoRAConfig(name="fdlora", sync_every=5, fusion_budget=3)
     client, trainer = FDLoRAClient(config), FakeTrainer()
     assert client.state_dict() == {}
     for rnd in range(2):

@@ -13,7 +13,7 @@ from fedsilo.sdk.amole.model import embeddings_to_tensors, pooled_embeddings
 from fedsilo.sdk.messages import RoundPlan
 from fedsilo.sdk.models.loading import load_model
 from fedsilo.sdk.params import client_embedding_key, parse_expert_embedding
-from fedsilo.sdk.strategies import StrategyConfig, get_strategy
+from fedsilo.sdk.strategies import FedAMoLEConfig, get_strategy
 from fedsilo.sdk.strategies.base import ClientStrategy
 from fedsilo.sdk.training import LocalTrainer
 from fedsilo.simulation.engine import SimulationConfig, build_silo_data
@@ -40,7 +40,7 @@ def _now(trainer: LocalTrainer) -> dict[str, torch.Tensor]:
 
 def _client(client_embedding: str) -> ClientStrategy:
     return get_strategy("fedamole").client(
-        StrategyConfig(client_embedding=client_embedding)  # type: ignore[arg-type]
+        FedAMoLEConfig(client_embedding=client_embedding)  # type: ignore[arg-type]
     )
 
 
@@ -82,4 +82,4 @@ def test_with_dp_both_passes_are_one_release(tmp_path: Path) -> None:
 
 def test_unknown_client_embedding_is_refused() -> None:
     with pytest.raises(ValueError, match=r"strategy.client_embedding = 'before'.*'received'"):
-        StrategyConfig(client_embedding="before")  # type: ignore[arg-type]
+        FedAMoLEConfig(client_embedding="before")  # type: ignore[arg-type]

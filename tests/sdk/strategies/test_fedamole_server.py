@@ -12,7 +12,7 @@ from fedsilo.sdk.aggregation.rsea import (
 from fedsilo.sdk.amole.config import AMoLEConfig
 from fedsilo.sdk.messages import Upload
 from fedsilo.sdk.params import ModuleShape, expert_key, shared_key
-from fedsilo.sdk.strategies import StrategyConfig, get_strategy
+from fedsilo.sdk.strategies import FedAMoLEConfig, StrategyConfig, get_strategy
 from fedsilo.sdk.strategies.fedamole import FedAMoLEServer
 
 SHAPES = {"l0.q": ModuleShape(6, 6), "l0.v": ModuleShape(6, 4)}
@@ -21,7 +21,7 @@ SILOS = ["a", "b", "c"]
 
 def _server(top_k: int = 1, **kw: object) -> FedAMoLEServer:
     # k_c = 1: each expert one silo's (min_contributors 1 lets its update through)
-    config = StrategyConfig(**{"num_experts": 3, "k_c": 1, "b": 1,  # type: ignore[arg-type]
+    config = FedAMoLEConfig(**{"num_experts": 3, "k_c": 1, "b": 1,  # type: ignore[arg-type]
                                "min_contributors": 1, **kw})
     server = FedAMoLEServer(AMoLEConfig(r=2, alpha=4, top_k=top_k), config, seed=0)
     server.initialize(SHAPES, SILOS)
@@ -50,7 +50,7 @@ def test_round0_is_feasible_and_plans_carry_only_assigned_experts() -> None:
 
 
 def test_infeasible_settings_are_explained_before_any_work() -> None:
-    config = StrategyConfig(num_experts=2, k_c=1, b=1)
+    config = FedAMoLEConfig(num_experts=2, k_c=1, b=1)
     server = FedAMoLEServer(AMoLEConfig(r=2, top_k=1), config, seed=0)
     with pytest.raises(InfeasibleAssignmentError, match="k_e"):
         server.validate(3)  # C*k_e = 3 > E*k_c = 2
@@ -130,7 +130,7 @@ def test_registry_names_and_clear_error() -> None:
     with pytest.raises(ValueError, match=available):
         get_strategy("nope")
     with pytest.raises(ValueError, match=r"strategy\.assignment"):
-        StrategyConfig(assignment="greedy")  # type: ignore[arg-type]
+        FedAMoLEConfig(assignment="greedy")  # type: ignore[arg-type]
 
 
 def _planted_federation(relevance: str, temperature: float, rounds: int = 6,
@@ -141,7 +141,7 @@ def _planted_federation(relevance: str, temperature: float, rounds: int = 6,
     co-assignment purity after each round and the silos' data sets."""
     silos = [f"s{i}" for i in range(6)]
     groups = ["agnews", "sst2", "snli"] * 2
-    config = StrategyConfig(num_experts=6, k_c=2, b=3, relevance=relevance,  # type: ignore[arg-type]
+    config = FedAMoLEConfig(num_experts=6, k_c=2, b=3, relevance=relevance,  # type: ignore[arg-type]
                             temperature=temperature)
     server = FedAMoLEServer(AMoLEConfig(r=4, alpha=8, top_k=1), config, seed=seed)
     server.initialize(SHAPES, silos)
@@ -191,7 +191,7 @@ def test_paper_relevance_barely_separates_silos_on_a_shared_direction() -> None:
 
 def _run_spread(relevance: str, temperature: float) -> float:
     silos = [f"s{i}" for i in range(6)]
-    config = StrategyConfig(num_experts=6, k_c=2, b=3, relevance=relevance,  # type: ignore[arg-type]
+    config = FedAMoLEConfig(num_experts=6, k_c=2, b=3, relevance=relevance,  # type: ignore[arg-type]
                             temperature=temperature)
     server = FedAMoLEServer(AMoLEConfig(r=4, alpha=8, top_k=1), config, seed=0)
     server.initialize(SHAPES, silos)
@@ -228,7 +228,7 @@ def test_an_expert_one_silo_trained_is_not_published_as_it_trained_it() -> None:
     """k_c = 2, the default min_contributors = 2: silo c does not answer, so the experts it
     shared with a or b were trained by one silo only; they keep their previous value (the
     plan would otherwise hand that silo's exact update to the expert's next holders)."""
-    config = StrategyConfig(num_experts=3, k_c=2, b=2)
+    config = FedAMoLEConfig(num_experts=3, k_c=2, b=2)
     server = FedAMoLEServer(AMoLEConfig(r=2, alpha=4, top_k=1), config, seed=0)
     server.initialize(SHAPES, SILOS)
     before = {k: v.clone() for k, v in server.global_params.items()}
@@ -257,14 +257,14 @@ def test_an_expert_one_silo_trained_is_not_published_as_it_trained_it() -> None:
 
 
 def test_settings_that_could_never_update_an_expert_are_refused() -> None:
-    config = StrategyConfig(num_experts=3, k_c=1, b=1)  # min_contributors 2 > k_c
+    config = FedAMoLEConfig(num_experts=3, k_c=1, b=1)  # min_contributors 2 > k_c
     with pytest.raises(ValueError, match="k_c = 1 < min_contributors = 2"):
         FedAMoLEServer(AMoLEConfig(r=2, top_k=1), config, seed=0).validate(3)
     lone = StrategyConfig(name="fedit")
     with pytest.raises(ValueError, match="federation has 1 silo"):
         get_strategy("fedit").server(AMoLEConfig(r=2), lone, 0).validate(1)
     with pytest.raises(ValueError, match="min_contributors"):
-        StrategyConfig(min_contributors=0)
+        FedAMoLEConfig(min_contributors=0)
 
 
 def test_a_resume_under_another_solver_version_is_refused() -> None:
@@ -290,7 +290,7 @@ def test_worker_processes_give_the_architecture_of_one_process() -> None:
     adapter = AMoLEConfig(r=2, alpha=4, top_k=1)
 
     def run(processes: int) -> tuple[FedAMoLEServer, list[dict[str, np.ndarray]]]:
-        config = StrategyConfig(num_experts=100, k_c=5, b=2, min_contributors=1,
+        config = FedAMoLEConfig(num_experts=100, k_c=5, b=2, min_contributors=1,
                                 solver_processes=processes)
         server = FedAMoLEServer(adapter, config, seed=3)
         server.initialize(SHAPES, silos)
@@ -312,6 +312,6 @@ def test_worker_processes_give_the_architecture_of_one_process() -> None:
         assert all(np.array_equal(a[m], b[m]) for m in SHAPES)
     tensors, meta = pooled.state_dict()
     meta = json.loads(json.dumps(meta))  # as a checkpoint stores it
-    config = StrategyConfig(num_experts=100, k_c=5, b=2, min_contributors=1, solver_processes=1)
+    config = FedAMoLEConfig(num_experts=100, k_c=5, b=2, min_contributors=1, solver_processes=1)
     FedAMoLEServer(adapter, config, seed=3).load_state_dict(tensors, meta)
     pooled._solvers.close()

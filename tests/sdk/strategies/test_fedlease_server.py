@@ -16,7 +16,7 @@ from fedsilo.sdk.amole.config import AMoLEConfig
 from fedsilo.sdk.checkpoint import load_checkpoint, save_checkpoint
 from fedsilo.sdk.messages import Upload
 from fedsilo.sdk.params import ModuleShape, TensorDict, expert_key, gate_key
-from fedsilo.sdk.strategies import SiloPlan, StrategyConfig, get_strategy
+from fedsilo.sdk.strategies import FedLEASEConfig, SiloPlan, get_strategy
 from fedsilo.sdk.strategies.fedlease import FedLEASEServer, cluster_router_key
 from fedsilo.sdk.transport.memory import MemoryTransport
 
@@ -34,7 +34,7 @@ def make_server(**kw: object) -> FedLEASEServer:
     # hand here (min_contributors is tested on its own below)
     settings = {"name": "fedlease", "warmup_rounds": 2, "max_clusters": 5,
                 "min_contributors": 1, **kw}
-    config = StrategyConfig(**settings)  # type: ignore[arg-type]
+    config = FedLEASEConfig(**settings)  # type: ignore[arg-type]
     server = spec.server(adapter, config, 0)
     assert isinstance(server, FedLEASEServer)
     return server

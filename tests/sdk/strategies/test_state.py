@@ -24,7 +24,8 @@ from fedsilo.sdk.params import (
     expert_embedding_key,
     expert_key,
 )
-from fedsilo.sdk.strategies import ServerStrategy, SiloPlan, StrategyConfig, get_strategy
+from fedsilo.sdk.strategies import ServerStrategy, SiloPlan, get_strategy
+from fedsilo.sdk.strategies.config import SPEED_ONLY, config_from_values, flat_knobs
 from fedsilo.sdk.strategies.fedamole import FedAMoLEServer
 
 SHAPES = {"l0.q": ModuleShape(6, 6), "l0.v": ModuleShape(6, 4)}
@@ -49,7 +50,7 @@ def factory(name: str, **kw: object) -> Factory:
     spec = get_strategy(name)
     adapter = spec.adapter(AMoLEConfig(r=R, alpha=4, top_k=2))
     settings = {"name": name, "num_experts": 4, "k_c": 2, "b": 3, **kw}
-    config = StrategyConfig(**settings)  # type: ignore[arg-type]
+    config = config_from_values(settings)
     return lambda: spec.server(adapter, config, 0)
 
 
@@ -239,3 +240,26 @@ def test_state_from_other_settings_is_refused(name: str, other: Factory) -> None
     server.initialize(SHAPES, ROSTER[0])
     with pytest.raises(CheckpointError, match="other strategy settings"):
         other().load_state_dict(*server.state_dict())
+
+
+@pytest.mark.parametrize("name", ["fedamole", "fedlease", "fedit", "fdlora", "local"])
+def test_state_of_an_earlier_version_resumes_unless_the_strategys_own_knobs_differ(
+    name: str,
+) -> None:
+    """Checkpoints written before each strategy had its own config record every strategy's
+    knobs; the others are not compared, this strategy's still are."""
+    server = factory(name)()
+    server.initialize(SHAPES, ROSTER[0])
+    tensors, meta = server.state_dict()
+    meta = json.loads(json.dumps(meta))  # as a checkpoint holds it
+    config = server.config  # type: ignore[attr-defined]
+    flat = {k: v for k, v in flat_knobs(config).items() if k not in SPEED_ONLY}
+    legacy = {**meta, "settings": {**meta["settings"], "config": flat}}
+    assert legacy["settings"]["config"] != meta["settings"]["config"]
+    resumed = factory(name)()
+    resumed.load_state_dict(tensors, legacy)
+    assert_equal_dicts(resumed.global_params, server.global_params)
+    changed = {**legacy, "settings": {**legacy["settings"], "config": {
+        **legacy["settings"]["config"], "min_contributors": 1}}}
+    with pytest.raises(CheckpointError, match=r"'min_contributors': 1.* -> .*'min_cont"):
+        factory(name)().load_state_dict(tensors, changed)
