@@ -1,27 +1,20 @@
-"""Injection, wire tensors, load balance and embeddings on tiny LLaMA / BERT models."""
+"""AMoLE on a tiny LLaMA: the load balance over real tokens and the embeddings RSEA uses."""
 
 from __future__ import annotations
 
-import copy
-
 import pytest
 import torch
+from tiny_llama import Q0, V1, randomise, routed_llama, tiny_llama
 from torch import nn
-from transformers import BertConfig, BertModel, LlamaConfig, LlamaForCausalLM
 
 from fedsilo.sdk.adapters.inject import inject_adapters
 from fedsilo.sdk.adapters.model import (
     adapter_layers,
-    assignment_of,
-    extract_trainable,
-    load_trainable,
-    module_shapes,
     routing_context,
     set_assignment,
 )
 from fedsilo.sdk.amole import (
     AMoLEConfig,
-    AMoLELinear,
     client_sums_from,
     compute_embeddings,
     compute_embeddings_per_example,
@@ -31,184 +24,11 @@ from fedsilo.sdk.amole import (
     per_example_embedding_tensors,
     pooled_embeddings,
 )
-from fedsilo.sdk.params import ModuleShape
-
-Q0 = "model.layers.0.self_attn.q_proj"
-V1 = "model.layers.1.self_attn.v_proj"
-
-
-def _llama() -> LlamaForCausalLM:
-    torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=64,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=4,
-    )
-    return LlamaForCausalLM(config).eval()
-
-
-def _randomise(model: nn.Module) -> None:
-    with torch.no_grad():
-        for param in model.parameters():
-            if param.requires_grad:
-                param.normal_(std=0.2)
-
-
-def _assignment() -> dict[str, list[int]]:
-    return {
-        Q0: [4, 2, 9],
-        "model.layers.0.self_attn.v_proj": [1, 0],
-        "model.layers.1.self_attn.q_proj": [7],
-    }
-
-
-def _routed_llama(config: AMoLEConfig | None = None) -> LlamaForCausalLM:
-    model = _llama()
-    inject_adapters(model, config or AMoLEConfig(r=4, dropout=0.0))
-    set_assignment(model, _assignment())
-    return model
-
-
-def test_inject_into_llama_freezes_backbone() -> None:
-    model = _llama()
-    ids = torch.randint(0, 64, (2, 5))
-    before = model(input_ids=ids).logits
-    layers = inject_adapters(model, AMoLEConfig(r=4))
-    assert list(layers) == [
-        "model.layers.0.self_attn.q_proj",
-        "model.layers.0.self_attn.v_proj",
-        "model.layers.1.self_attn.q_proj",
-        "model.layers.1.self_attn.v_proj",
-    ]
-    assert all(isinstance(layer, AMoLELinear) for layer in layers.values())
-    assert adapter_layers(model) == layers
-    assert not any(layer.training for layer in layers.values())  # keeps the model's eval mode
-    trainable = {name for name, p in model.named_parameters() if p.requires_grad}
-    assert trainable and all(
-        name.rsplit(".", 2)[-2:][0] in {"q_proj", "v_proj", "token_proj"}
-        or name.rsplit(".", 1)[-1] in {"shared_A", "shared_B", "expert_A", "expert_B"}
-        for name in trainable
-    )
-    assert not any(".base." in name or "embed" in name or "mlp" in name for name in trainable)
-    assert torch.allclose(model(input_ids=ids).logits, before, atol=1e-6)  # B = 0 at init
-    assert module_shapes(model)[Q0] == ModuleShape(in_features=32, out_features=32)
-    with pytest.raises(ValueError, match="already"):
-        inject_adapters(model, AMoLEConfig(r=4))
-
-
-def test_inject_into_bert_with_query_value_targets() -> None:
-    torch.manual_seed(0)
-    bert = BertModel(
-        BertConfig(
-            vocab_size=64,
-            hidden_size=32,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            intermediate_size=64,
-            max_position_embeddings=32,
-        )
-    ).eval()
-    layers = inject_adapters(bert, AMoLEConfig(r=4, target_modules=("query", "value")))
-    assert sorted(layers) == [
-        "encoder.layer.0.attention.self.query",
-        "encoder.layer.0.attention.self.value",
-        "encoder.layer.1.attention.self.query",
-        "encoder.layer.1.attention.self.value",
-    ]
-    assert not any(
-        p.requires_grad for n, p in bert.named_parameters() if "query" not in n and "value" not in n
-    )
-    set_assignment(bert, {name: [0, 1] for name in layers})
-    _randomise(bert)
-    out = bert(input_ids=torch.randint(0, 64, (2, 6))).last_hidden_state
-    out.sum().backward()
-    assert layers["encoder.layer.1.attention.self.value"].expert_B.grad is not None
-
-
-def test_inject_unknown_target_lists_available_names() -> None:
-    with pytest.raises(ValueError, match="q_proj") as info:
-        inject_adapters(_llama(), AMoLEConfig(target_modules=("nope",)))
-    assert "nope" in str(info.value)
-
-
-def test_set_assignment_and_assignment_of() -> None:
-    model = _routed_llama()
-    expected = {name: [] for name in adapter_layers(model)} | _assignment()
-    assert assignment_of(model) == expected
-    with pytest.raises(ValueError, match="not AMoLE layers"):
-        set_assignment(model, {"model.layers.9.self_attn.q_proj": [1]})
-
-
-def test_extract_trainable_keys_and_detached_copies() -> None:
-    model = _routed_llama()
-    tensors = extract_trainable(model)
-    assert f"{Q0}.shared.A" in tensors and f"{Q0}.router.W_t" in tensors
-    assert {k for k in tensors if k.startswith(f"{Q0}.expert.")} == {
-        f"{Q0}.expert.{i}.{p}" for i in (4, 2, 9) for p in "AB"
-    }
-    assert not any(k.startswith(f"{V1}.expert.") for k in tensors)
-    n_keys = 4 * 3 + 2 * (3 + 2 + 1)  # shared A/B + W_t per module, A/B per expert
-    assert len(tensors) == n_keys
-    assert tensors[f"{Q0}.expert.2.A"].shape == (4, 32)
-    assert tensors[f"{Q0}.expert.2.B"].shape == (32, 4)
-    assert all(t.device.type == "cpu" and not t.requires_grad for t in tensors.values())
-    layer = adapter_layers(model)[Q0]
-    assert torch.equal(tensors[f"{Q0}.expert.2.A"], layer.expert_A[1])
-    snapshot = tensors[f"{Q0}.expert.2.A"].clone()
-    with torch.no_grad():
-        layer.expert_A.add_(1.0)
-    assert torch.equal(tensors[f"{Q0}.expert.2.A"], snapshot)
-
-
-def test_extract_without_router_has_only_shared_expert() -> None:
-    model = _llama()
-    inject_adapters(model, AMoLEConfig(r=4, use_router=False))
-    tensors = extract_trainable(model)
-    assert len(tensors) == 8 and all(".shared." in k for k in tensors)
-
-
-def test_extract_load_round_trip_reproduces_outputs() -> None:
-    source = _llama()
-    backbone = copy.deepcopy(source)
-    inject_adapters(source, AMoLEConfig(r=4))
-    set_assignment(source, _assignment())
-    _randomise(source)
-    tensors = extract_trainable(source)
-
-    torch.manual_seed(123)  # different adapter init in the receiving model
-    target = backbone
-    inject_adapters(target, AMoLEConfig(r=4))
-    set_assignment(target, _assignment())
-    ids = torch.randint(0, 64, (2, 7))
-    assert not torch.allclose(target(input_ids=ids).logits, source(input_ids=ids).logits)
-    load_trainable(target, tensors)
-    assert torch.equal(target(input_ids=ids).logits, source(input_ids=ids).logits)
-
-
-def test_load_trainable_errors_name_the_key() -> None:
-    model = _routed_llama()
-    tensors = extract_trainable(model)
-    bad = dict(tensors)
-    bad[f"{V1}.expert.3.A"] = torch.zeros(4, 32)
-    with pytest.raises(ValueError, match=r"expert 3 is not assigned"):
-        load_trainable(model, bad)
-    missing = dict(tensors)
-    del missing[f"{Q0}.router.W_t"]
-    with pytest.raises(ValueError, match=r"router\.W_t"):
-        load_trainable(model, missing)
-    load_trainable(model, missing, strict=False)
-    wrong = dict(tensors)
-    wrong[f"{Q0}.shared.B"] = torch.zeros(4, 32)
-    with pytest.raises(ValueError, match=r"shared\.B.*expected shape \(32, 4\), got \(4, 32\)"):
-        load_trainable(model, wrong)
 
 
 def test_routing_context_load_balance_ignores_right_padding() -> None:
-    model = _routed_llama()
-    _randomise(model)
+    model = routed_llama()
+    randomise(model)
     ids = torch.randint(1, 64, (1, 6))
     with routing_context(model, torch.ones(1, 6)):
         model(input_ids=ids)
@@ -229,8 +49,8 @@ def test_routing_context_load_balance_ignores_right_padding() -> None:
 
 
 def test_load_balance_is_differentiable_and_zero_without_experts() -> None:
-    model = _routed_llama()
-    _randomise(model)
+    model = routed_llama()
+    randomise(model)
     ids = torch.randint(0, 64, (2, 4))
     with routing_context(model, torch.ones(2, 4)):
         model(input_ids=ids)
@@ -238,7 +58,7 @@ def test_load_balance_is_differentiable_and_zero_without_experts() -> None:
     loss.backward()
     assert adapter_layers(model)[Q0].token_proj.weight.grad is not None
     # only modules with >= 2 experts and a real choice contribute; v_proj of layer 1 has none
-    bare = _llama()
+    bare = tiny_llama()
     inject_adapters(bare, AMoLEConfig(r=4))
     with routing_context(bare, None):
         bare(input_ids=ids)
@@ -293,8 +113,8 @@ def test_embeddings_equal_hand_mean_over_real_tokens() -> None:
 
 
 def test_embeddings_unchanged_by_padding_and_batching() -> None:
-    model = _routed_llama()
-    _randomise(model)
+    model = routed_llama()
+    randomise(model)
     a, b = torch.randint(1, 64, (1, 5)), torch.randint(1, 64, (1, 3))
     separate = [
         {"input_ids": a, "attention_mask": torch.ones(1, 5, dtype=torch.long)},
@@ -351,7 +171,7 @@ def test_client_part_from_an_earlier_pass() -> None:
 
 
 def test_embeddings_need_the_router() -> None:
-    model = _llama()
+    model = tiny_llama()
     inject_adapters(model, AMoLEConfig(r=4, use_router=False))
     with pytest.raises(ValueError, match="use_router=False"):
         compute_embeddings(model, [{"input_ids": torch.zeros(1, 2, dtype=torch.long)}])
