@@ -17,7 +17,7 @@ from fedsilo.cli.keys import keys_app, provision_command, trust_app
 from fedsilo.cli.output import PROGRESS_MODES, ServiceOutput
 from fedsilo.cli.personalised import evaluate_command, export_command, generate_command
 from fedsilo.cli.report import report_command
-from fedsilo.simulation.engine import SimulationConfig, run_simulation
+from fedsilo.simulation.config import SimulationConfig
 
 app = typer.Typer(
     name="fedsilo",
@@ -168,6 +168,7 @@ def simulate(
         dp_epsilon=dp_epsilon, dp_clip=dp_clip, warmup_rounds=warmup_rounds,
         max_clusters=max_clusters, sync_every=sync_every,
     )
+    from fedsilo.simulation.engine import run_simulation
     from fedsilo.simulation.state import (
         SimulationInterrupted,
         completed_round,

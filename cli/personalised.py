@@ -18,8 +18,6 @@ import typer
 from rich.console import Console
 from rich.markup import escape
 
-from fedsilo.sdk.personalised import PersonalisedError
-
 SourceArgument = Annotated[Path, typer.Argument(
     help="A `fedsilo simulate` run folder (runs/<name>) or a silo agent's state_dir.")]
 SiloOption = Annotated[str | None, typer.Option(
@@ -42,6 +40,7 @@ def _errors(console: Console) -> Iterator[None]:
     """Bad input of any kind: one line saying what and what to do, exit code 2."""
     from fedsilo.sdk.config import ConfigError
     from fedsilo.sdk.data.examples import DataError
+    from fedsilo.sdk.personalised import PersonalisedError
 
     try:
         yield
@@ -67,7 +66,7 @@ def legacy_defaults(adapter: Path, silo: str, agent_config: Path | None) -> dict
 
 
 def _run_defaults(path: Path, silo: str) -> dict[str, Any]:
-    from fedsilo.sdk.personalised.config import BaseModelRef
+    from fedsilo.sdk.personalised.config import BaseModelRef, PersonalisedError
     from fedsilo.simulation.engine import SimulationConfig, silo_ids
 
     try:
@@ -154,6 +153,8 @@ def export_command(
 
 
 def _fields(pairs: list[str] | None) -> dict[str, str]:
+    from fedsilo.sdk.personalised import PersonalisedError
+
     out = {}
     for pair in pairs or []:
         key, sep, value = pair.partition("=")

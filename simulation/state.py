@@ -38,7 +38,7 @@ from fedsilo.sdk.checkpoint import (
 from fedsilo.silo_agent.agent import SiloAgent
 
 if TYPE_CHECKING:
-    from fedsilo.simulation.engine import SimulationConfig
+    from fedsilo.simulation.config import SimulationConfig
 
 __all__ = [
     "CHECKPOINT",
@@ -180,7 +180,7 @@ def resume_config(run_dir: Path, given: SimulationConfig, flags: Iterable[str]) 
     """The settings `run_dir` was started with, after checking it can be continued:
     a simulate run folder, of this fedsilo version, not complete, and no flag in `flags`
     (the options given with --resume) asking for another value than it recorded."""
-    from fedsilo.simulation.engine import SimulationConfig
+    from fedsilo.simulation.config import SimulationConfig
 
     run_dir = Path(run_dir)
     config_path = run_dir / "config.json"

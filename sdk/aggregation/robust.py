@@ -14,16 +14,14 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping
-from typing import Any, Literal
+from typing import Any
 
 import torch
 from torch import Tensor
 
 from ..params import TensorDict
 from .fedavg import RunningMean, TensorMean, parse_dtype
-
-Rule = Literal["mean", "median", "trimmed_mean"]
-RULES: tuple[str, ...] = ("mean", "median", "trimmed_mean")
+from .rules import RULES, Rule
 
 __all__ = ["RULES", "RobustMean", "Rule", "new_mean"]
 

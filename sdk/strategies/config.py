@@ -14,8 +14,8 @@ from collections.abc import Mapping
 from dataclasses import MISSING, asdict, dataclass, fields
 from typing import Any, ClassVar, Literal, get_args
 
-from fedsilo.sdk.aggregation.robust import RULES, Rule
-from fedsilo.sdk.aggregation.rsea import Relevance, RelevanceOptions
+from fedsilo.sdk.aggregation.relevance import Relevance, RelevanceOptions
+from fedsilo.sdk.aggregation.rules import RULES, Rule
 from fedsilo.sdk.config import TaggedConfig
 
 #: Fields that do not change results (a resume may use other values).

@@ -167,7 +167,7 @@ def test_simulation_strategy_knobs_are_strategy_configs() -> None:
     from dataclasses import fields
 
     from fedsilo.sdk.strategies import STRATEGIES, FDLoRAConfig, FedAMoLEConfig
-    from fedsilo.simulation.engine import STRATEGY_KNOBS, SimulationConfig
+    from fedsilo.simulation.config import STRATEGY_KNOBS, SimulationConfig
 
     sim = SimulationConfig()
     every = {f.name: f.default for spec in STRATEGIES.values() for f in fields(spec.config)
